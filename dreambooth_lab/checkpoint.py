@@ -1,0 +1,93 @@
+"""Training checkpoints in safetensors + JSON only (nothing is ever unpickled).
+
+A checkpoint holds what a resumed run needs and nothing it can derive: the LoRA parameters, the
+optimizer state, the LR-scheduler state and the step. Randomness needs no saving because every
+step draws from generators seeded by (seed, step) — see train.step_seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into tensors (for safetensors) and the rest (for JSON)."""
+    tensors, scalars = {}, {}
+    for pid, slots in state["state"].items():
+        for name, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}/{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{pid}/{name}"] = value
+    return tensors, {"scalars": scalars, "param_groups": state["param_groups"]}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, name = key.split("/", 1)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save(folder: Path, step: int, params: dict[str, torch.Tensor], optimizer, lr_scheduler, keep: int) -> Path:
+    """Write checkpoints/step-NNNNNN atomically (temp folder + rename), keep the newest `keep`."""
+    root = Path(folder) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=root))
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in params.items()}, str(tmp / "lora_params.safetensors"))
+        tensors, meta = flatten_optimizer_state(optimizer.state_dict())
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(meta))
+        (tmp / "scheduler.json").write_text(json.dumps(lr_scheduler.state_dict(), default=_jsonable))
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+        final = root / f"step-{step:06d}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _jsonable(value):
+    return None if callable(value) else str(value)
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (half-written temp folders are ignored)."""
+    root = Path(folder) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def load(path: Path, params: dict[str, torch.Tensor], optimizer, lr_scheduler) -> int:
+    """Restore params, optimizer and scheduler in place; return the step to continue from."""
+    saved = load_file(str(path / "lora_params.safetensors"))
+    missing = set(params) ^ set(saved)
+    if missing:
+        raise RuntimeError(f"checkpoint {path} does not match this config's LoRA (differs in {sorted(missing)[:3]}...)")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name].to(p.device, p.dtype))
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    meta = json.loads((path / "optimizer.json").read_text())
+    optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta))
+    lr_scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    return int(json.loads((path / "state.json").read_text())["step"])

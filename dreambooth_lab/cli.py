@@ -1,0 +1,96 @@
+"""`python -m dreambooth_lab train|sample|compare|demo` — argument parsing only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from . import config as config_mod
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise config_mod.ConfigError(f"--set {pair!r}: write it as section.key=value, e.g. train.steps=800")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dreambooth_lab", description="DreamBooth LoRA workbench")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a LoRA; writes runs/<name>-<timestamp>/")
+    t.add_argument("--config", help="YAML config (missing keys take the defaults)")
+    t.add_argument("--model", help="hub id, local diffusers folder, or 'tiny'")
+    t.add_argument("--data", help="folder of instance photos")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=800")
+    t.add_argument("--new-run", action="store_true", help="do not resume an unfinished run of the same config")
+
+    s = sub.add_parser("sample", help="seed grid and test prompts of a run")
+    s.add_argument("run_dir")
+    s.add_argument("--seeds", type=int, nargs="+")
+    s.add_argument("--prompt", help='base prompt template, e.g. "A {token} {class} on the beach"')
+    s.add_argument("--scale-unet", type=float)
+    s.add_argument("--scale-text-encoder", type=float)
+    s.add_argument("--guidance", type=float)
+    s.add_argument("--steps", type=int)
+
+    c = sub.add_parser("compare", help="dataset-versus-generation sheet of a run's latest samples")
+    c.add_argument("run_dir")
+    c.add_argument("--samples", help="samples folder (default: the latest)")
+
+    d = sub.add_parser("demo", help="train, sample and compare on the sample subject")
+    d.add_argument("--model", default="tiny", help="'tiny' (offline, CPU) or a hub id for a GPU box")
+    d.add_argument("--output-dir", default="runs")
+    d.add_argument("--steps", type=int)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from .train import train
+
+            cfg = config_mod.load(args.config) if args.config else config_mod.Config()
+            extra = _overrides(args.set)
+            if args.model:
+                extra["model.name"] = args.model
+            if args.data:
+                extra["data.instance_dir"] = args.data
+            cfg = config_mod.with_overrides(cfg, extra)
+            result = train(cfg, resume=None if args.new_run else "auto")
+            print(f"run folder: {result.run_dir}\nLoRA:       {result.lora_path}")
+        elif args.command == "sample":
+            from .report import sample_run
+
+            out = sample_run(args.run_dir, seeds=args.seeds, prompt=args.prompt, lora_scale_unet=args.scale_unet,
+                             lora_scale_text_encoder=args.scale_text_encoder, guidance=args.guidance, steps=args.steps)
+            print(f"images:       {out.folder}\nseed grid:    {out.seed_grid}\nprompt suite: {out.prompt_suite}")
+        elif args.command == "compare":
+            from .report import compare_run
+
+            print(f"comparison sheet: {compare_run(args.run_dir, args.samples)}")
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            r = run_demo(model=args.model, output_dir=args.output_dir, steps=args.steps)
+            print("\n".join([
+                f"run folder:   {r.run.run_dir}",
+                f"LoRA:         {r.run.lora_path}",
+                f"loss curve:   {Path(r.run.run_dir) / 'loss.png'}",
+                f"seed grid:    {r.seed_grid}",
+                f"test prompts: {r.prompt_suite}",
+                f"comparison:   {r.compare}",
+                f"instance loss on fixed noise: {r.run.eval_loss_before:.4f} -> {r.run.eval_loss_after:.4f}",
+            ]))
+    except (config_mod.ConfigError, FileNotFoundError, PermissionError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,344 @@
+"""One dataclass tree for every knob: notebooks, YAML files and the CLI all fill it.
+
+Validation lives here once. Every error names the field by its dotted path (``optim.lr_unet``)
+and says what to do, and a key that does not exist suggests the closest real one, so a typo in
+a YAML file fails loudly instead of silently doing nothing.
+
+Defaults follow the reference study (rare token ``sks``, class ``dog``, batch 1, seed 42,
+lr 3e-4 / 1e-4, LoRA scales 0.4 / 0.4, guidance 6.4).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TINY_MODEL = "tiny"
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SAMPLERS = ("dpmsolver++", "ddim", "euler", "euler_a", "pndm", "ddpm")
+TEST_PROMPTS = (
+    "A {token} {class} in red t-shirts",
+    "A {token} {class} in the style of van gogh",
+    "A {token} {class} in the forest",
+    "A {token} {class} driving car",
+)
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    # "tiny" builds the offline SD-shaped test model; anything else goes to from_pretrained
+    # unchanged (a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5 or a local folder).
+    name: str = DEFAULT_MODEL
+    revision: str | None = None
+    variant: str | None = None  # e.g. "fp16" to download the half-size weights
+    dtype: str = "auto"  # auto = float16 on CUDA, float32 on CPU; or float32/float16/bfloat16
+    safety_checker: bool = False  # research use: the checker blacks out false positives
+
+
+@dataclass
+class DataConfig:
+    instance_dir: str = "datasets/sample_subject"
+    token: str = "sks"
+    class_name: str = "dog"
+    instance_prompt: str = "a photo of {token} {class}"
+    class_prompt: str = "a photo of {class}"
+    resolution: int | None = None  # None = 512 for real models, 64 for the tiny one
+    center_crop: bool = True  # False = random crop
+    random_flip: bool = False
+
+
+@dataclass
+class PriorConfig:
+    enabled: bool = True
+    num_class_images: int = 100
+    loss_weight: float = 1.0
+    cache_dir: str | None = None  # None = <user cache>/dreambooth_lab/class_images
+    sampler: str = "dpmsolver++"
+    steps: int = 25
+    guidance: float = 7.5
+    seed: int = 0
+    batch_size: int = 4
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 4
+    alpha: float | None = None  # None = rank (scaling 1.0)
+    dropout: float = 0.0
+    unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    text_encoder_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
+    lr_unet: float = 3e-4
+    lr_text_encoder: float = 1e-4
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant"  # any name diffusers.optimization.get_scheduler knows
+    lr_warmup_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1300
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    train_text_encoder: bool = False
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    seed: int = 42
+    output_dir: str = "runs"
+    name: str | None = None  # None = "<token>-<class>"
+    checkpoint_every: int = 500
+    checkpoints_to_keep: int = 2
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = "A {token} {class}"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    test_prompts: list[str] = field(default_factory=lambda: list(TEST_PROMPTS))
+    negative_prompt: str = ""
+    guidance: float = 6.4
+    steps: int = 30
+    sampler: str = "dpmsolver++"
+    lora_scale_unet: float = 0.4
+    lora_scale_text_encoder: float = 0.4
+    batch_size: int = 4
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def is_tiny(self) -> bool:
+        return self.model.name == TINY_MODEL
+
+    @property
+    def resolution(self) -> int:
+        if self.data.resolution is not None:
+            return self.data.resolution
+        return 64 if self.is_tiny else 512
+
+    @property
+    def run_name(self) -> str:
+        return self.train.name or f"{self.data.token}-{self.data.class_name}"
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.lora.alpha if self.lora.alpha is not None else self.lora.rank)
+
+    def fill(self, template: str) -> str:
+        """Put the rare token and the class into a prompt template."""
+        return fill_prompt(template, self.data.token, self.data.class_name)
+
+    # ---- conversion -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolved(self) -> "Config":
+        """A copy with every 'auto' value made explicit: what a run directory records."""
+        cfg = copy.deepcopy(self)
+        cfg.data.resolution = self.resolution
+        cfg.train.name = self.run_name
+        if cfg.lora.alpha is None:
+            cfg.lora.alpha = float(cfg.lora.rank)
+        return cfg
+
+    def hash(self) -> str:
+        """Hash of the resolved config; two runs with equal hashes train the same thing."""
+        blob = json.dumps(self.resolved().to_dict(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def validate(self) -> "Config":
+        errors = validation_errors(self)
+        if errors:
+            raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+        return self
+
+
+def fill_prompt(template: str, token: str, class_name: str) -> str:
+    # str.format would choke on a literal brace in a user's prompt; replace the two fields only.
+    return template.replace("{token}", token).replace("{class}", class_name)
+
+
+# ---- validation -----------------------------------------------------------------------------
+
+def validation_errors(cfg: Config) -> list[str]:
+    e: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            e.append(msg)
+
+    need(bool(cfg.model.name.strip()), "model.name is empty: use 'tiny' or a hub id / local folder")
+    need(cfg.model.dtype in ("auto", "float32", "float16", "bfloat16"),
+         f"model.dtype={cfg.model.dtype!r}: use auto, float32, float16 or bfloat16")
+    need(bool(cfg.data.instance_dir), "data.instance_dir is empty: point it at a folder of photos")
+    tok = cfg.data.token
+    need(bool(tok.strip()) and not any(c.isspace() for c in tok),
+         f"data.token={tok!r}: the rare token must be one word without spaces, e.g. 'sks'")
+    need(bool(cfg.data.class_name.strip()), "data.class_name is empty: name the subject's class, e.g. 'dog'")
+    need("{token}" in cfg.data.instance_prompt,
+         f"data.instance_prompt={cfg.data.instance_prompt!r} lacks '{{token}}': the rare token must appear in it")
+    need(cfg.data.resolution is None or (cfg.data.resolution >= 8 and cfg.data.resolution % 8 == 0),
+         f"data.resolution={cfg.data.resolution}: use a positive multiple of 8 (512 for SD1.x), or null for auto")
+    if cfg.prior.enabled:
+        need(cfg.prior.num_class_images > 0,
+             f"prior.num_class_images={cfg.prior.num_class_images}: prior preservation needs class "
+             "images (e.g. 100–200), or set prior.enabled: false")
+        need(cfg.prior.loss_weight >= 0, f"prior.loss_weight={cfg.prior.loss_weight}: use a value >= 0 (1.0 in the paper)")
+    need(cfg.prior.steps > 0, f"prior.steps={cfg.prior.steps}: use a positive number of sampler steps (25)")
+    need(cfg.prior.batch_size > 0, f"prior.batch_size={cfg.prior.batch_size}: use a positive batch size")
+    for name in ("prior.sampler", "sample.sampler"):
+        value = _get(cfg, name)
+        need(value in SAMPLERS, f"{name}={value!r}: use one of {', '.join(SAMPLERS)}")
+    need(cfg.lora.rank > 0, f"lora.rank={cfg.lora.rank}: use a positive rank (4–64)")
+    need(cfg.lora.alpha is None or cfg.lora.alpha > 0, f"lora.alpha={cfg.lora.alpha}: use a positive alpha or null (= rank)")
+    need(0 <= cfg.lora.dropout < 1, f"lora.dropout={cfg.lora.dropout}: use a value in [0, 1)")
+    need(bool(cfg.lora.unet_targets), "lora.unet_targets is empty: name the UNet modules to adapt (to_q, to_k, ...)")
+    need(cfg.optim.optimizer in ("adamw", "adamw8bit"), f"optim.optimizer={cfg.optim.optimizer!r}: use adamw or adamw8bit")
+    need(cfg.optim.lr_unet > 0, f"optim.lr_unet={cfg.optim.lr_unet}: use a positive learning rate (3e-4 for LoRA)")
+    need(cfg.optim.lr_text_encoder > 0,
+         f"optim.lr_text_encoder={cfg.optim.lr_text_encoder}: use a positive learning rate (1e-4)")
+    need(cfg.optim.max_grad_norm > 0, f"optim.max_grad_norm={cfg.optim.max_grad_norm}: use a positive norm (1.0)")
+    need(cfg.optim.lr_warmup_steps >= 0, f"optim.lr_warmup_steps={cfg.optim.lr_warmup_steps}: use 0 or more")
+    need(cfg.train.steps > 0, f"train.steps={cfg.train.steps}: use a positive number of steps")
+    need(cfg.train.batch_size > 0, f"train.batch_size={cfg.train.batch_size}: use a positive batch size (1)")
+    need(cfg.train.gradient_accumulation_steps > 0,
+         f"train.gradient_accumulation_steps={cfg.train.gradient_accumulation_steps}: use 1 or more")
+    need(cfg.train.mixed_precision in ("no", "fp16", "bf16"),
+         f"train.mixed_precision={cfg.train.mixed_precision!r}: use no, fp16 or bf16")
+    need(cfg.train.checkpoint_every > 0, f"train.checkpoint_every={cfg.train.checkpoint_every}: use a positive step count")
+    need(cfg.train.checkpoints_to_keep > 0, f"train.checkpoints_to_keep={cfg.train.checkpoints_to_keep}: keep at least 1")
+    need(cfg.sample.steps > 0, f"sample.steps={cfg.sample.steps}: use a positive number of steps")
+    need(bool(cfg.sample.seeds), "sample.seeds is empty: give at least one seed")
+    for i, s in enumerate(cfg.sample.seeds):
+        need(0 <= int(s) < 2**63, f"sample.seeds[{i}]={s}: seeds must be in [0, 2**63)")
+    need(cfg.sample.batch_size > 0, f"sample.batch_size={cfg.sample.batch_size}: use a positive batch size")
+    for name in ("sample.lora_scale_unet", "sample.lora_scale_text_encoder"):
+        value = _get(cfg, name)
+        need(0 <= value <= 2, f"{name}={value}: use a scale in [0, 2] (0 = base model, 1 = as trained)")
+    return e
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ---- dict / YAML ----------------------------------------------------------------------------
+
+def from_dict(data: dict[str, Any] | None, base: Config | None = None) -> Config:
+    """Build a Config from nested dicts, checking every key and type; unknown keys are errors."""
+    cfg = copy.deepcopy(base) if base is not None else Config()
+    _fill(cfg, data or {}, prefix="")
+    return cfg
+
+
+def _fill(obj: Any, data: Any, prefix: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" — did you mean '{prefix}{close[0]}'?" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown config key '{path}'{hint}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _fill(current, value, prefix=f"{path}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], path))
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """Check a YAML value against the field's type; ints are accepted where floats are due."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # PyYAML reads "3e-4" (no dot) as a string; accept it as the number it is
+            return float(value)
+        except ValueError:
+            pass
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{path}: expected {getattr(hint, '__name__', hint)}, got {value!r} ({type(value).__name__})")
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Apply dotted overrides such as {"train.steps": 10}; same checks as YAML keys."""
+    nested: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        node = nested
+        parts = dotted.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return from_dict(nested, base=cfg)

@@ -1,0 +1,61 @@
+"""LoRA adapters on the UNet and text encoder (peft), and the diffusers-format LoRA file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import files
+from .config import Config
+from .sample import LORA_FILE
+
+
+def add_adapters(cfg: Config, unet, text_encoder) -> list[torch.nn.Parameter]:
+    """Freeze the base weights, add LoRA, return the trainable parameters (kept in fp32)."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    common = dict(r=cfg.lora.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora.dropout,
+                  init_lora_weights="gaussian")
+    unet.add_adapter(LoraConfig(target_modules=list(cfg.lora.unet_targets), **common))
+    if cfg.train.train_text_encoder:
+        text_encoder.add_adapter(LoraConfig(target_modules=list(cfg.lora.text_encoder_targets), **common))
+    params = trainable(unet) + (trainable(text_encoder) if cfg.train.train_text_encoder else [])
+    for p in params:  # mixed precision keeps the base in fp16 but the LoRA master weights in fp32
+        p.data = p.data.float()
+    return params
+
+
+def trainable(module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def lora_state_dicts(unet, text_encoder, with_text_encoder: bool) -> tuple[dict, dict | None]:
+    """The adapters' weights with diffusers key names (what load_lora_weights reads)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    unet_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    te_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder)) if with_text_encoder else None
+    return unet_sd, te_sd
+
+
+def save_lora(folder: str | Path, unet, text_encoder, with_text_encoder: bool) -> Path:
+    """Write <folder>/pytorch_lora_weights.safetensors atomically (diffusers LoRA format)."""
+    from diffusers import StableDiffusionPipeline
+
+    unet_sd, te_sd = lora_state_dicts(unet, text_encoder, with_text_encoder)
+    unet_sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in unet_sd.items()}
+    if te_sd is not None:
+        te_sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in te_sd.items()}
+    target = Path(folder) / LORA_FILE
+
+    def write(tmp: Path) -> None:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp.parent, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
+            weight_name=tmp.name, safe_serialization=True,
+        )
+
+    return files.atomic_write(target, write)

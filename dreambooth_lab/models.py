@@ -1,0 +1,253 @@
+"""Load the base pipeline: a hub id or local folder through from_pretrained, or the tiny one.
+
+The tiny pipeline is Stable Diffusion 1.x in shape — UNet2DConditionModel with cross-attention,
+AutoencoderKL with an 8x downscale, CLIPTextModel, a DDPM scheduler config and a CLIPTokenizer
+with the real 49,408-token CLIP BPE vocabulary — only with small widths. It is built once from
+configs with fixed seeds, saved in the diffusers folder layout, and then loaded back through
+``StableDiffusionPipeline.from_pretrained`` exactly like a downloaded model.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .config import TINY_MODEL, ModelConfig
+
+# Bump when the tiny architecture or its weights change: the cache folder and class-image cache
+# keys include it, so stale copies are never reused.
+TINY_VERSION = "tiny-sd1-v1"
+CLIP_VOCAB_SIZE = 49408
+
+
+def cache_root() -> Path:
+    """User cache folder (``DREAMBOOTH_LAB_CACHE`` or ``~/.cache/dreambooth_lab``)."""
+    env = os.environ.get("DREAMBOOTH_LAB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dreambooth_lab"
+
+
+def model_key(name: str) -> str:
+    """What identifies a base model in cache keys and sidecars."""
+    if name == TINY_MODEL:
+        return TINY_VERSION
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser().resolve())
+    return name
+
+
+# ---- the real CLIP BPE vocabulary -----------------------------------------------------------
+
+def find_clip_bpe_file() -> Path:
+    """The CLIP BPE merges file shipped in the open-clip-torch wheel (not imported, only read)."""
+    try:
+        dist = importlib.metadata.distribution("open-clip-torch")
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise FileNotFoundError(
+            "The tiny model needs CLIP's BPE vocabulary, shipped by open-clip-torch. Install it "
+            "without its dependencies: pip install --no-deps open-clip-torch"
+        ) from exc
+    for f in dist.files or []:
+        if f.name == "bpe_simple_vocab_16e6.txt.gz":
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    raise FileNotFoundError("open-clip-torch is installed but bpe_simple_vocab_16e6.txt.gz is missing; reinstall it")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level alphabet: every byte mapped to a printable unicode character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def clip_vocab_and_merges(bpe_gz: Path) -> tuple[dict[str, int], list[str]]:
+    """Derive CLIP's vocab.json and merges.txt from the BPE file, as CLIP's own tokenizer does.
+
+    Vocabulary = 256 byte characters, the same with the end-of-word marker, one entry per merge
+    (the first 49152 - 256 - 2 merges), then the two special tokens: 49,408 entries.
+    """
+    lines = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    alphabet = list(bytes_to_unicode().values())
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    vocab += ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def write_clip_tokenizer(folder: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab_and_merges(find_clip_bpe_file())
+    assert len(vocab) == CLIP_VOCAB_SIZE, len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
+    tok.save_pretrained(folder)
+
+
+# ---- the tiny SD-shaped pipeline ------------------------------------------------------------
+
+def _tiny_components():
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,  # 64 px / 8
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
+    torch.manual_seed(1)
+    vae = AutoencoderKL(  # four blocks: the same 8x downscale as SD's VAE
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    torch.manual_seed(2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            hidden_act="quick_gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    scheduler = DDPMScheduler(  # SD1.x's training noise schedule
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type="epsilon",
+        steps_offset=1,
+    )
+    return unet, vae, text_encoder, scheduler
+
+
+def build_tiny_pipeline(folder: Path) -> Path:
+    """Build the tiny pipeline and save it in the diffusers layout (atomically) under folder."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
+    try:
+        write_clip_tokenizer(tmp / "_tok")
+        tokenizer = CLIPTokenizer.from_pretrained(tmp / "_tok")
+        unet, vae, text_encoder, scheduler = _tiny_components()
+        pipe = StableDiffusionPipeline(
+            unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
+        try:
+            os.replace(tmp / "pipe", folder)
+        except OSError:  # another process finished first: theirs is identical
+            if not (folder / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def tiny_model_dir() -> Path:
+    """Folder of the tiny pipeline in the user cache, built on first use."""
+    return build_tiny_pipeline(cache_root() / "models" / TINY_VERSION)
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def pretrained_path(name: str) -> str:
+    """What from_pretrained receives: the tiny folder, or the user's string unchanged."""
+    if name == TINY_MODEL:
+        return str(tiny_model_dir())
+    local = Path(name).expanduser()
+    if (name.startswith((".", "/", "~")) or local.exists()) and not (local / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"model.name={name!r} looks like a local folder but {local / 'model_index.json'} does not exist: "
+            "point it at a diffusers pipeline folder (saved with save_pretrained) or use a hub id"
+        )
+    return str(local) if local.exists() else name
+
+
+def load_pipeline(cfg: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    """Load a StableDiffusionPipeline with from_pretrained: hub id, local folder or 'tiny'."""
+    from diffusers import StableDiffusionPipeline
+
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or resolve_dtype(cfg.dtype, device)
+    kwargs = dict(dtype=dtype, use_safetensors=True)  # never unpickle downloaded weights
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    if cfg.variant:
+        kwargs["variant"] = cfg.variant
+    if not cfg.safety_checker:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(pretrained_path(cfg.name), **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(name: str):
+    """Only the model's tokenizer (cheap: for token checks before loading anything big)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(pretrained_path(name), subfolder="tokenizer")

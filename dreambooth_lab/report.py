@@ -1,0 +1,113 @@
+"""Look at a finished run: seed grid, test-prompt suite, dataset-versus-generation sheet.
+
+Each call writes into a new folder ``<run>/samples/samples-<timestamp>/``: every image with its
+JSON sidecar, and the sheets as PNGs with their parameters written under the pictures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from . import config as config_mod
+from . import files
+from .data import ImageSet
+from .metrics import nearest
+from .sample import LORA_FILE, ImageSpec, generate, load_lora, read_sidecar, save_with_sidecars
+
+SAMPLES = "samples"
+
+
+def load_run_config(run_dir: str | Path) -> config_mod.Config:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml): pass a folder under runs/")
+    return config_mod.load(path)
+
+
+def open_run(run_dir: str | Path, device=None):
+    """Base pipeline of a run with its LoRA loaded (reuse it across calls: loading is the slow part)."""
+    from .models import load_pipeline
+
+    cfg = load_run_config(run_dir)
+    pipe = load_pipeline(cfg.model, device=device)
+    load_lora(pipe, Path(run_dir) / LORA_FILE)
+    return pipe
+
+
+@dataclass
+class Samples:
+    folder: Path
+    images: list[Path]
+    seed_grid: Path
+    prompt_suite: Path
+
+
+def sample_run(run_dir: str | Path, *, pipe=None, seeds: list[int] | None = None, prompt: str | None = None,
+               test_prompts: list[str] | None = None, lora_scale_unet: float | None = None,
+               lora_scale_text_encoder: float | None = None, guidance: float | None = None,
+               steps: int | None = None, progress: bool = True) -> Samples:
+    """Seed grid of the base prompt and the test prompts × the same seeds; None = the run's config."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    s = cfg.sample
+    seeds = list(seeds if seeds is not None else s.seeds)
+    prompts = [prompt or s.prompt] + list(test_prompts if test_prompts is not None else s.test_prompts)
+    common = dict(negative_prompt=s.negative_prompt, guidance=guidance if guidance is not None else s.guidance,
+                  steps=steps or s.steps, sampler=s.sampler, width=cfg.resolution, height=cfg.resolution,
+                  lora_scale_unet=s.lora_scale_unet if lora_scale_unet is None else lora_scale_unet,
+                  lora_scale_text_encoder=(s.lora_scale_text_encoder if lora_scale_text_encoder is None
+                                           else lora_scale_text_encoder),
+                  model=cfg.model.name, lora=str((run_dir / LORA_FILE).resolve()), run=str(run_dir.resolve()))
+    specs = [ImageSpec(prompt=cfg.fill(p), seed=seed, **common) for p in prompts for seed in seeds]
+    pipe = pipe or open_run(run_dir)
+    images = generate(pipe, specs, batch_size=s.batch_size, progress=progress)
+    folder = files.new_dir(run_dir / SAMPLES, "samples")
+    paths = save_with_sidecars(images, specs, folder, "img")
+    params = {k: v for k, v in common.items() if k not in ("model", "lora", "run", "width", "height")}
+    params.update(run=run_dir.name, model=cfg.model.name, size=cfg.resolution)
+    n = len(seeds)
+    grid = _sheet(folder / "seed_grid.png", images[:n], specs[:n], f'"{specs[0].prompt}" × {n} seeds', params, n)
+    suite = _sheet(folder / "prompt_suite.png", images, specs, "test prompts × seeds (rows: prompts)", params, n)
+    return Samples(folder, paths, grid, suite)
+
+
+def _sheet(path: Path, images, specs, title: str, params: dict, ncols: int) -> Path:
+    from .viz import image_grid
+
+    return image_grid(images, [f"{sp.prompt}\nseed {sp.seed}" for sp in specs], path, title=title,
+                      params=params, ncols=ncols)
+
+
+def latest_samples(run_dir: str | Path) -> Path:
+    folders = sorted(p for p in (Path(run_dir) / SAMPLES).glob("samples-*") if p.is_dir())
+    if not folders:
+        raise FileNotFoundError(f"{run_dir} has no samples yet: run `sample` first")
+    return folders[-1]
+
+
+def compare_run(run_dir: str | Path, samples_folder: str | Path | None = None) -> Path:
+    """Each generated image beside its most similar training photo, with the similarity."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    folder = Path(samples_folder) if samples_folder else latest_samples(run_dir)
+    generated = sorted(folder.glob("img-*.png"))
+    if not generated:
+        raise FileNotFoundError(f"{folder} holds no generated images (img-*.png)")
+    train = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution)
+    train_imgs = [train.example(i, center_crop=True, flip=False) for i in range(len(train))]
+    train_pils = [Image.fromarray(((t.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8"))
+                  for t in train_imgs]
+    gen_pils = [Image.open(p).convert("RGB") for p in generated]
+    pairs = []
+    for path, im, (j, score) in zip(generated, gen_pils, nearest(gen_pils, train_pils)):
+        spec = read_sidecar(path)
+        pairs.append((im, f"{spec.prompt} (seed {spec.seed})", train_pils[j], train.paths[j].name, score))
+    from .viz import dataset_vs_generation
+
+    params = {"run": run_dir.name, "similarity": "pixel cosine 32x32", "dataset": cfg.data.instance_dir,
+              "max_similarity": max(p[4] for p in pairs)}
+    return dataset_vs_generation(pairs, folder / "compare.png", title="generation vs nearest training photo",
+                                 params=params)

@@ -1,0 +1,168 @@
+"""Generation: samplers, seeds, LoRA scales per component, and images saved with sidecars.
+
+Every image gets its own ``torch.Generator`` seeded with its seed (on the CPU, so a seed means
+the same starting noise on any device), which makes an image independent of which batch it
+was generated in. Every PNG is written beside a JSON sidecar holding everything needed to make
+it again: ``regenerate(sidecar)``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import files
+from .config import TINY_MODEL, ModelConfig
+
+ADAPTER = "dreambooth"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def make_scheduler(name: str, config: dict):
+    """A diffusers scheduler by short name, built from the pipeline's scheduler config."""
+    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler, PNDMScheduler)
+
+    table = {
+        "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+        "ddim": (DDIMScheduler, {}),
+        "euler": (EulerDiscreteScheduler, {}),
+        "euler_a": (EulerAncestralDiscreteScheduler, {}),
+        "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+        "ddpm": (DDPMScheduler, {}),
+    }
+    if name not in table:
+        raise ValueError(f"sampler {name!r} is unknown: use one of {', '.join(table)}")
+    cls, extra = table[name]
+    return cls.from_config(config, **extra)
+
+
+def generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image; seeds up to 2**63 - 1."""
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+@dataclass
+class ImageSpec:
+    """Everything that decides one picture; written as its sidecar."""
+
+    prompt: str
+    seed: int
+    negative_prompt: str = ""
+    guidance: float = 6.4
+    steps: int = 30
+    sampler: str = "dpmsolver++"
+    width: int = 512
+    height: int = 512
+    lora_scale_unet: float = 0.0
+    lora_scale_text_encoder: float = 0.0
+    model: str = TINY_MODEL
+    lora: str | None = None  # path of the LoRA file, None for the base model
+    run: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- LoRA on a pipeline ----------------------------------------------------------------------
+
+def load_lora(pipe, lora_path: str | Path) -> None:
+    """Load a diffusers-format LoRA file (safetensors only) into pipe as the 'dreambooth' adapter."""
+    path = Path(lora_path)
+    if path.is_dir():
+        path = path / LORA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist: pass a run folder or its {LORA_FILE}")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: only .safetensors LoRA files are loaded (pickle files can run code)")
+    if ADAPTER in (pipe.get_list_adapters().get("unet") or []):
+        pipe.delete_adapters(ADAPTER)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER)
+
+
+def set_lora_scales(pipe, unet: float, text_encoder: float) -> None:
+    """Scale the UNet and text-encoder LoRA separately (0 = base model, 1 = as trained)."""
+    loaded = pipe.get_list_adapters()
+    if ADAPTER not in (loaded.get("unet") or []):
+        raise RuntimeError("no LoRA is loaded: call load_lora(pipe, run_dir) first")
+    weights = {"unet": float(unet)}
+    if ADAPTER in (loaded.get("text_encoder") or []):
+        weights["text_encoder"] = float(text_encoder)
+    pipe.set_adapters([ADAPTER], adapter_weights=[weights])
+
+
+def has_text_encoder_lora(pipe) -> bool:
+    return ADAPTER in (pipe.get_list_adapters().get("text_encoder") or [])
+
+
+# ---- generation ------------------------------------------------------------------------------
+
+def generate(pipe, specs: Sequence[ImageSpec], batch_size: int = 4, progress: bool = True) -> list:
+    """Generate one PIL image per spec, batching specs that share every setting but the seed."""
+    out: list = [None] * len(specs)
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(specs):
+        key = (s.negative_prompt, s.guidance, s.steps, s.sampler, s.width, s.height,
+               s.lora_scale_unet, s.lora_scale_text_encoder)
+        groups.setdefault(key, []).append(i)
+    bar = tqdm(total=len(specs), desc="generating", unit="img", disable=not progress)
+    for (neg, guidance, steps, sampler, w, h, su, ste), idx in groups.items():
+        pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+        if has_text_encoder_lora(pipe) or ADAPTER in (pipe.get_list_adapters().get("unet") or []):
+            set_lora_scales(pipe, su, ste)
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start : start + batch_size]
+            result = pipe(
+                prompt=[specs[i].prompt for i in chunk],
+                negative_prompt=[neg] * len(chunk) if neg else None,
+                generator=generators([specs[i].seed for i in chunk]),
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                width=w,
+                height=h,
+            )
+            for i, image in zip(chunk, result.images):
+                out[i] = image
+            bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def save_with_sidecars(images: Sequence, specs: Sequence[ImageSpec], folder: str | Path, stem: str) -> list[Path]:
+    """Write <stem>-<k>-seed<seed>.png and a .json sidecar beside each; returns the PNG paths."""
+    folder = Path(folder)
+    paths = []
+    for k, (image, spec) in enumerate(zip(images, specs)):
+        png = folder / f"{stem}-{k:02d}-seed{spec.seed}.png"
+        if png.exists():
+            raise FileExistsError(f"{png} exists already: images are never overwritten")
+        files.save_image(png, image)
+        files.write_json(png.with_suffix(".json"), asdict(spec))
+        paths.append(png)
+    return paths
+
+
+def read_sidecar(path: str | Path) -> ImageSpec:
+    path = Path(path)
+    data = json.loads((path if path.suffix == ".json" else path.with_suffix(".json")).read_text())
+    return ImageSpec(**data)
+
+
+def pipeline_for(spec: ImageSpec, device=None):
+    """Load the base model of a spec and, when it names one, its LoRA."""
+    from .models import load_pipeline
+
+    pipe = load_pipeline(ModelConfig(name=spec.model), device=device)
+    if spec.lora:
+        load_lora(pipe, spec.lora)
+    return pipe
+
+
+def regenerate(sidecar: str | Path, pipe=None, device=None):
+    """Make the image described by a sidecar again (same sidecar => same image)."""
+    spec = read_sidecar(sidecar)
+    pipe = pipe or pipeline_for(spec, device=device)
+    return generate(pipe, [spec], batch_size=1, progress=False)[0]

@@ -1,0 +1,117 @@
+"""Matplotlib sheets people look at: image grids, loss curves, dataset-versus-generation.
+
+Every sheet carries its parameters as text under the pictures, so a PNG found months later still
+says what made it. Figures are built with the object API (no pyplot state, no GUI backend).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from . import files
+
+
+def format_params(params: dict | None, width: int = 110) -> str:
+    """'key=value' pairs wrapped into lines of at most `width` characters (pure)."""
+    if not params:
+        return ""
+    lines, line = [], ""
+    for k, v in params.items():
+        if isinstance(v, float):
+            v = f"{v:g}"
+        item = f"{k}={v}"
+        if line and len(line) + 2 + len(item) > width:
+            lines.append(line)
+            line = item
+        else:
+            line = f"{line}, {item}" if line else item
+    if line:
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _footer(fig: Figure, params: dict | None) -> None:
+    text = format_params(params)
+    if text:
+        fig.text(0.01, 0.0, text, ha="left", va="top", fontsize=7, family="monospace", wrap=True)
+
+
+def image_grid(images: Sequence, captions: Sequence[str], path: str | Path, *, title: str = "",
+               params: dict | None = None, ncols: int | None = None, cell: float = 2.4) -> Path:
+    """A grid of images with a caption under each; rows fill left to right."""
+    n = len(images)
+    ncols = ncols or min(n, 4)
+    nrows = max(1, -(-n // ncols))
+    fig = Figure(figsize=(cell * ncols, cell * nrows + 0.6))
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, im, cap in zip(axes, images, captions):
+        ax.imshow(np.asarray(im))
+        ax.set_title(cap, fontsize=7, wrap=True)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    _footer(fig, params)
+    return files.save_figure(path, fig)
+
+
+def plot_loss_curve(history: Sequence[dict], path: str | Path, *, title: str = "", params: dict | None = None,
+                    smooth: int = 20) -> Path:
+    """Loss, instance loss and prior loss per step, raw and as a moving average."""
+    fig = Figure(figsize=(7, 3.6))
+    ax = fig.subplots()
+    steps = [r["step"] for r in history]
+    for key, color in (("loss", "tab:blue"), ("instance_loss", "tab:orange"), ("prior_loss", "tab:green")):
+        ys = [r.get(key) for r in history]
+        if not ys or any(y is None for y in ys):
+            continue
+        ax.plot(steps, ys, color=color, alpha=0.25, lw=0.8)
+        ax.plot(steps, moving_average(ys, smooth), color=color, lw=1.6, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE")
+    ax.grid(alpha=0.3)
+    if history:
+        ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    _footer(fig, params)
+    return files.save_figure(path, fig)
+
+
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over up to `window` values (pure; same length as the input)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def dataset_vs_generation(pairs: Sequence[tuple], path: str | Path, *, title: str = "",
+                          params: dict | None = None, per_row: int = 4, cell: float = 2.2) -> Path:
+    """Each generation beside its nearest training photo and their similarity, `per_row` pairs a row.
+
+    pairs: (generated image, caption, nearest training image, training file name, similarity).
+    """
+    n = len(pairs)
+    per_row = max(1, min(per_row, n))
+    nrows = -(-n // per_row)
+    fig = Figure(figsize=(cell * 2 * per_row, cell * nrows + 0.8))
+    axes = fig.subplots(nrows, 2 * per_row, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for k, (gen, caption, train_img, train_name, score) in enumerate(pairs):
+        a, b = axes[k // per_row, 2 * (k % per_row)], axes[k // per_row, 2 * (k % per_row) + 1]
+        a.imshow(np.asarray(gen))
+        a.set_title(caption, fontsize=6, wrap=True)
+        b.imshow(np.asarray(train_img))
+        b.set_title(f"nearest: {train_name}\nsimilarity {score:.3f}", fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    _footer(fig, params)
+    return files.save_figure(path, fig)

@@ -1,0 +1,58 @@
+"""Shared fixtures: one tiny pipeline per session, in a private cache; run folders in tmp."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Keep the suite hermetic: the tiny model and class images go to a fresh cache, never ~/.cache.
+os.environ.setdefault("DREAMBOOTH_LAB_CACHE", tempfile.mkdtemp(prefix="dreambooth-lab-test-cache-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from dreambooth_lab.config import Config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_SUBJECT = REPO / "datasets" / "sample_subject"
+
+
+def tiny_config(tmp_path: Path, **overrides) -> Config:
+    """A few-step config on the tiny model and the sample subject."""
+    from dreambooth_lab.config import with_overrides
+
+    cfg = Config()
+    cfg.model.name = "tiny"
+    cfg.data.instance_dir = str(SAMPLE_SUBJECT)
+    cfg.train.output_dir = str(tmp_path / "runs")
+    cfg.train.steps = 6
+    cfg.train.checkpoint_every = 1000
+    cfg.optim.lr_unet = 1e-3
+    cfg.optim.lr_text_encoder = 1e-3
+    cfg.prior.num_class_images = 4
+    cfg.prior.steps = 4
+    cfg.prior.cache_dir = str(tmp_path / "class_cache")
+    cfg.sample.steps = 4
+    cfg.sample.seeds = [0, 1]
+    cfg.sample.test_prompts = ["A {token} {class} in the forest"]
+    return with_overrides(cfg, overrides) if overrides else cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from dreambooth_lab.config import ModelConfig
+    from dreambooth_lab.models import load_pipeline
+
+    return load_pipeline(ModelConfig(name="tiny"), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A short run with UNet and text-encoder LoRA, shared by the sampling tests."""
+    from dreambooth_lab.train import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = tiny_config(tmp, **{"train.steps": 12, "train.train_text_encoder": True, "optim.lr_unet": 3e-3,
+                              "optim.lr_text_encoder": 3e-3})
+    return train(cfg, resume=None, progress=False)

@@ -1,0 +1,73 @@
+import json
+
+import pytest
+
+from dreambooth_lab import models
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return models.load_tokenizer("tiny")
+
+
+def test_vocabulary_is_clips_49408_tokens(tmp_path):
+    vocab, merges = models.clip_vocab_and_merges(models.find_clip_bpe_file())
+    assert len(vocab) == 49408
+    assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
+    assert sorted(vocab.values()) == list(range(49408))
+    # every merged pair is itself in the vocabulary, as BPE requires
+    assert all("".join(m.split()) in vocab for m in merges[:2000])
+
+
+@pytest.mark.parametrize("word", ["sks", "hta", "oue", "http"])
+def test_study_tokens_are_single_tokens(tokenizer, word):
+    assert tokenizer.tokenize(word) == [word + "</w>"]
+
+
+def test_random_string_splits(tokenizer):
+    assert len(tokenizer.tokenize("xqzv")) > 1
+
+
+def test_prompt_is_wrapped_in_start_and_end(tokenizer):
+    ids = tokenizer("a photo of sks dog").input_ids
+    assert ids[0] == 49406 and ids[-1] == 49407 and len(ids) == 7
+
+
+def test_tiny_pipeline_is_sd_shaped(tiny_pipe):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    assert isinstance(tiny_pipe, StableDiffusionPipeline)
+    assert isinstance(tiny_pipe.unet, UNet2DConditionModel)
+    assert isinstance(tiny_pipe.vae, AutoencoderKL) and tiny_pipe.vae_scale_factor == 8
+    assert isinstance(tiny_pipe.text_encoder, CLIPTextModel)
+    assert isinstance(tiny_pipe.tokenizer, CLIPTokenizer) and len(tiny_pipe.tokenizer) == 49408
+    assert tiny_pipe.unet.config.cross_attention_dim == tiny_pipe.text_encoder.config.hidden_size
+    assert tiny_pipe.scheduler.config.prediction_type == "epsilon"
+
+
+def test_tiny_build_is_deterministic_and_saved_as_safetensors(tmp_path):
+    a = models.build_tiny_pipeline(tmp_path / "a")
+    b = models.build_tiny_pipeline(tmp_path / "b")
+    for sub in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                "text_encoder/model.safetensors"):
+        assert (a / sub).read_bytes() == (b / sub).read_bytes()
+    assert not list(a.rglob("*.bin")) and not list(a.rglob("*.pt"))
+    assert json.loads((a / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_missing_local_folder_is_named():
+    with pytest.raises(FileNotFoundError, match="no_such_model"):
+        models.pretrained_path("./no_such_model")
+
+
+def test_hub_ids_pass_through_unchanged():
+    assert models.pretrained_path("stable-diffusion-v1-5/stable-diffusion-v1-5") == \
+        "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def test_dtype_auto_is_fp32_on_cpu():
+    import torch
+
+    assert models.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert models.resolve_dtype("auto", torch.device("cuda")) == torch.float16
