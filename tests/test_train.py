@@ -1,0 +1,151 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from dreambooth_lab import checkpoint, prior
+from dreambooth_lab.train import dreambooth_loss, read_metrics, step_seed, train, training_target
+
+
+# ---- pure helpers ----------------------------------------------------------------------------
+
+def test_loss_splits_instance_and_prior_rows():
+    pred = torch.zeros(4, 1)
+    target = torch.tensor([[1.0], [1.0], [2.0], [2.0]])
+    loss, inst, prior_loss = dreambooth_loss(pred, target, n_instance=2, prior_weight=0.5)
+    assert inst.item() == 1.0 and prior_loss.item() == 4.0 and loss.item() == 3.0
+    loss, inst, prior_loss = dreambooth_loss(pred[:2], target[:2], n_instance=2, prior_weight=0.5)
+    assert prior_loss is None and loss.item() == 1.0
+
+
+def test_target_follows_the_scheduler_prediction_type():
+    from diffusers import DDPMScheduler
+
+    lat, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    eps = DDPMScheduler(prediction_type="epsilon")
+    assert torch.equal(training_target(eps.config, lat, noise, t, eps), noise)
+    v = DDPMScheduler(prediction_type="v_prediction")
+    assert torch.allclose(training_target(v.config, lat, noise, t, v), v.get_velocity(lat, noise, t))
+    with pytest.raises(ValueError, match="sample"):
+        s = DDPMScheduler(prediction_type="sample")
+        training_target(s.config, lat, noise, t, s)
+
+
+def test_step_seeds_differ_per_step_and_micro_step():
+    seeds = {step_seed(42, s, m) for s in range(50) for m in range(3)}
+    assert len(seeds) == 150 and all(0 <= s < 2**63 for s in seeds)
+
+
+# ---- training on the tiny model --------------------------------------------------------------
+
+def test_training_with_prior_lowers_the_instance_loss(tmp_path):
+    cfg = tiny_config(tmp_path, **{"train.steps": 30, "optim.lr_unet": 3e-3})
+    result = train(cfg, resume=None, progress=False)
+    assert result.eval_loss_after < result.eval_loss_before
+    rows = read_metrics(result.run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert all(r["prior_loss"] is not None and r["instance_loss"] > 0 for r in rows)
+    assert {"loss", "instance_loss", "prior_loss", "lr", "seconds"} <= set(rows[0])
+    run = result.run_dir
+    for name in ("config.yaml", "metrics.jsonl", "pytorch_lora_weights.safetensors", "loss.png", "summary.json"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["class_images_generated"] == 4
+
+
+def test_prior_weight_zero_runs_without_class_images(tmp_path):
+    cfg = tiny_config(tmp_path, **{"prior.loss_weight": 0.0, "train.steps": 3})
+    result = train(cfg, resume=None, progress=False)
+    assert result.class_images_generated == 0
+    assert not (tmp_path / "class_cache").exists()
+    assert all(r["prior_loss"] is None for r in read_metrics(result.run_dir))
+
+
+def test_same_config_and_seed_write_identical_lora_bytes(tmp_path):
+    cfg = tiny_config(tmp_path, **{"train.steps": 4, "train.train_text_encoder": True})
+    a = train(cfg, resume=None, progress=False)
+    b = train(cfg, resume=None, progress=False)
+    assert a.run_dir != b.run_dir  # a run never overwrites another
+    assert a.lora_path.read_bytes() == b.lora_path.read_bytes()
+    c = train(tiny_config(tmp_path, **{"train.steps": 4, "train.train_text_encoder": True, "train.seed": 7}),
+              resume=None, progress=False)
+    assert c.lora_path.read_bytes() != a.lora_path.read_bytes()
+
+
+def test_lora_file_loads_in_diffusers_with_both_components(tmp_path, tiny_pipe):
+    result = train(tiny_config(tmp_path, **{"train.steps": 2, "train.train_text_encoder": True}),
+                   resume=None, progress=False)
+    keys = load_file(str(result.lora_path)).keys()
+    assert any(k.startswith("unet.") for k in keys) and any(k.startswith("text_encoder.") for k in keys)
+    tiny_pipe.load_lora_weights(str(result.run_dir), weight_name=result.lora_path.name, adapter_name="check")
+    try:
+        assert "check" in tiny_pipe.get_list_adapters()["text_encoder"]
+    finally:
+        tiny_pipe.delete_adapters("check")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_from_checkpoint_gives_the_uninterrupted_lora(tmp_path):
+    over = {"train.steps": 8, "train.checkpoint_every": 3, "train.train_text_encoder": True}
+    full = train(tiny_config(tmp_path / "a", **over), resume=None, progress=False)
+
+    cfg = tiny_config(tmp_path / "b", **over)
+
+    def stop_at_7(record):
+        if record["step"] == 7:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, resume="auto", progress=False, on_step=stop_at_7)
+    runs = list((tmp_path / "b" / "runs").iterdir())
+    assert len(runs) == 1 and [p.name for p in checkpoint.list_checkpoints(runs[0])] == ["step-000003", "step-000006"]
+    resumed = train(cfg, resume="auto", progress=False)
+    assert resumed.run_dir == runs[0] and resumed.resumed_from == 6
+    assert resumed.lora_path.read_bytes() == full.lora_path.read_bytes()
+    assert [r["step"] for r in read_metrics(resumed.run_dir)] == list(range(1, 9))  # no duplicated lines
+
+
+def test_gradient_accumulation_and_8bit_adam_run(tmp_path):
+    cfg = tiny_config(tmp_path, **{"train.steps": 2, "train.gradient_accumulation_steps": 2,
+                                   "optim.optimizer": "adamw8bit", "train.gradient_checkpointing": True,
+                                   "data.random_flip": True, "data.center_crop": False})
+    result = train(cfg, resume=None, progress=False)
+    assert len(read_metrics(result.run_dir)) == 2 and result.lora_path.is_file()
+
+
+def test_bad_photo_folder_fails_before_loading_the_model(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "broken.jpg").write_bytes(b"nope")
+    cfg = tiny_config(tmp_path, **{"data.instance_dir": str(tmp_path / "photos")})
+    with pytest.raises(ValueError, match="broken.jpg"):
+        train(cfg, resume=None, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+# ---- class-image cache -----------------------------------------------------------------------
+
+def test_class_image_cache_is_reused_and_topped_up(tmp_path, tiny_pipe):
+    calls = []
+
+    def factory():
+        calls.append(1)
+        return tiny_pipe
+
+    cfg = tiny_config(tmp_path, **{"prior.num_class_images": 3})
+    first = prior.ensure_class_images(cfg, factory, progress=False)
+    assert first.generated == 3 and len(first.paths) == 3
+    again = prior.ensure_class_images(cfg, factory, progress=False)
+    assert again.generated == 0 and again.paths == first.paths and len(calls) == 1
+    before = [p.read_bytes() for p in first.paths]
+    more = prior.ensure_class_images(tiny_config(tmp_path, **{"prior.num_class_images": 5}), factory, progress=False)
+    assert more.generated == 2 and [p.read_bytes() for p in more.paths[:3]] == before
+    # A different class prompt is a different key, hence a different folder.
+    other = prior.cache_folder(tiny_config(tmp_path, **{"data.class_name": "cat"}))[0]
+    assert other != first.folder
+    manifest = json.loads((first.folder / "manifest.json").read_text())
+    assert manifest["key"]["prompt"] == "a photo of dog" and len(manifest["images"]) == 5
