@@ -46,7 +46,7 @@ def image_grid(images: Sequence, captions: Sequence[str], path: str | Path, *, t
     n = len(images)
     ncols = ncols or min(n, 4)
     nrows = max(1, -(-n // ncols))
-    fig = Figure(figsize=(cell * ncols, cell * nrows + 0.6))
+    fig = Figure(figsize=(cell * ncols, cell * nrows + 0.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     for ax in axes:
         ax.axis("off")
@@ -101,7 +101,7 @@ def dataset_vs_generation(pairs: Sequence[tuple], path: str | Path, *, title: st
     n = len(pairs)
     per_row = max(1, min(per_row, n))
     nrows = -(-n // per_row)
-    fig = Figure(figsize=(cell * 2 * per_row, cell * nrows + 0.8))
+    fig = Figure(figsize=(cell * 2 * per_row, cell * nrows + 0.8), layout="constrained")
     axes = fig.subplots(nrows, 2 * per_row, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")

@@ -149,3 +149,11 @@ def test_class_image_cache_is_reused_and_topped_up(tmp_path, tiny_pipe):
     assert other != first.folder
     manifest = json.loads((first.folder / "manifest.json").read_text())
     assert manifest["key"]["prompt"] == "a photo of dog" and len(manifest["images"]) == 5
+
+
+def test_bf16_mixed_precision_keeps_lora_in_fp32(tmp_path):
+    cfg = tiny_config(tmp_path, **{"train.steps": 2, "train.mixed_precision": "bf16", "train.train_text_encoder": True})
+    result = train(cfg, resume=None, progress=False)
+    tensors = load_file(str(result.lora_path))
+    assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
+    assert all(torch.isfinite(t).all() for t in tensors.values())
