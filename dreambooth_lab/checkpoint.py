@@ -22,22 +22,40 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict into tensors (for safetensors) and the rest (for JSON)."""
+    """Split an optimizer state_dict into tensors (for safetensors) and the rest (for JSON).
+
+    Nested dicts (bitsandbytes keeps its quantisation state in one) are walked with '/' paths.
+    """
     tensors, scalars = {}, {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            tensors[prefix] = value.detach().to("cpu").contiguous()
+        elif isinstance(value, dict):
+            scalars[prefix + "/"] = {}  # marks an (possibly empty) dict
+            for k, v in value.items():
+                walk(f"{prefix}/{k}", v)
+        else:
+            scalars[prefix] = value
+
     for pid, slots in state["state"].items():
-        for name, value in slots.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{pid}/{name}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars[f"{pid}/{name}"] = value
+        walk(str(pid), slots)
     return tensors, {"scalars": scalars, "param_groups": state["param_groups"]}
 
 
 def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        pid, name = key.split("/", 1)
-        state.setdefault(int(pid), {})[name] = value
+    root: dict = {}
+    items = list(meta["scalars"].items()) + list(tensors.items())
+    for key, value in items:
+        parts = key.rstrip("/").split("/")
+        node = root
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        if key.endswith("/"):
+            node.setdefault(parts[-1], {})
+        else:
+            node[parts[-1]] = value
+    state = {int(pid): slots for pid, slots in root.items()}
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

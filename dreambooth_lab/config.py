@@ -175,8 +175,14 @@ class Config:
         return cfg
 
     def hash(self) -> str:
-        """Hash of the resolved config; two runs with equal hashes train the same thing."""
-        blob = json.dumps(self.resolved().to_dict(), sort_keys=True)
+        """Hash of what decides the training; two runs with equal hashes train the same LoRA.
+
+        The sample section is left out: changing LoRA scales or seeds for pictures does not make
+        a finished run stale.
+        """
+        data = self.resolved().to_dict()
+        data.pop("sample")
+        blob = json.dumps(data, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def validate(self) -> "Config":

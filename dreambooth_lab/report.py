@@ -12,9 +12,11 @@ from pathlib import Path
 from PIL import Image
 
 from . import config as config_mod
+from .config import SampleConfig
 from . import files
 from .data import ImageSet
 from .metrics import nearest
+from .viz import dataset_vs_generation, image_grid, tensor_to_pil
 from .sample import LORA_FILE, ImageSpec, generate, load_lora, read_sidecar, save_with_sidecars
 
 SAMPLES = "samples"
@@ -48,11 +50,15 @@ class Samples:
 def sample_run(run_dir: str | Path, *, pipe=None, seeds: list[int] | None = None, prompt: str | None = None,
                test_prompts: list[str] | None = None, lora_scale_unet: float | None = None,
                lora_scale_text_encoder: float | None = None, guidance: float | None = None,
-               steps: int | None = None, progress: bool = True) -> Samples:
-    """Seed grid of the base prompt and the test prompts × the same seeds; None = the run's config."""
+               steps: int | None = None, settings: SampleConfig | None = None, progress: bool = True) -> Samples:
+    """Seed grid of the base prompt and the test prompts × the same seeds.
+
+    Values left as None come from `settings` (e.g. the notebook's current form) or else from the
+    run's own config.
+    """
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    s = cfg.sample
+    s = settings or cfg.sample
     seeds = list(seeds if seeds is not None else s.seeds)
     prompts = [prompt or s.prompt] + list(test_prompts if test_prompts is not None else s.test_prompts)
     common = dict(negative_prompt=s.negative_prompt, guidance=guidance if guidance is not None else s.guidance,
@@ -75,8 +81,6 @@ def sample_run(run_dir: str | Path, *, pipe=None, seeds: list[int] | None = None
 
 
 def _sheet(path: Path, images, specs, title: str, params: dict, ncols: int) -> Path:
-    from .viz import image_grid
-
     return image_grid(images, [f"{sp.prompt}\nseed {sp.seed}" for sp in specs], path, title=title,
                       params=params, ncols=ncols)
 
@@ -97,16 +101,12 @@ def compare_run(run_dir: str | Path, samples_folder: str | Path | None = None) -
     if not generated:
         raise FileNotFoundError(f"{folder} holds no generated images (img-*.png)")
     train = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution)
-    train_imgs = [train.example(i, center_crop=True, flip=False) for i in range(len(train))]
-    train_pils = [Image.fromarray(((t.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8"))
-                  for t in train_imgs]
+    train_pils = [tensor_to_pil(train.example(i, center_crop=True, flip=False)) for i in range(len(train))]
     gen_pils = [Image.open(p).convert("RGB") for p in generated]
     pairs = []
     for path, im, (j, score) in zip(generated, gen_pils, nearest(gen_pils, train_pils)):
         spec = read_sidecar(path)
         pairs.append((im, f"{spec.prompt} (seed {spec.seed})", train_pils[j], train.paths[j].name, score))
-    from .viz import dataset_vs_generation
-
     params = {"run": run_dir.name, "similarity": "pixel cosine 32x32", "dataset": cfg.data.instance_dir,
               "max_similarity": max(p[4] for p in pairs)}
     return dataset_vs_generation(pairs, folder / "compare.png", title="generation vs nearest training photo",

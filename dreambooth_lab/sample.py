@@ -111,7 +111,7 @@ def generate(pipe, specs: Sequence[ImageSpec], batch_size: int = 4, progress: bo
     bar = tqdm(total=len(specs), desc="generating", unit="img", disable=not progress)
     for (neg, guidance, steps, sampler, w, h, su, ste), idx in groups.items():
         pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
-        if has_text_encoder_lora(pipe) or ADAPTER in (pipe.get_list_adapters().get("unet") or []):
+        if ADAPTER in (pipe.get_list_adapters().get("unet") or []):  # a base pipeline has no scales
             set_lora_scales(pipe, su, ste)
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]

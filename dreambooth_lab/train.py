@@ -147,23 +147,47 @@ class Trainer:
         return sum(losses) / len(losses)
 
 
-def find_resumable(cfg: Config) -> Path | None:
-    """The newest unfinished run of this exact config that has a checkpoint, if any."""
+def runs_of(cfg: Config) -> list[Path]:
+    """Run folders of this exact training config (same hash), newest first."""
+    from .config import ConfigError, load
+
     out = Path(cfg.train.output_dir).expanduser()
     if not out.is_dir():
-        return None
-    want = cfg.hash()
+        return []
+    want, found = cfg.hash(), []
     for run in sorted(out.glob(f"{cfg.run_name}-*"), reverse=True):
-        if (run / SUMMARY).exists() or not checkpoint.list_checkpoints(run) or not (run / "config.yaml").is_file():
-            continue
-        from .config import load
-
         try:
-            if load(run / "config.yaml").hash() == want:
-                return run
-        except Exception:
+            if (run / "config.yaml").is_file() and load(run / "config.yaml").hash() == want:
+                found.append(run)
+        except (ConfigError, OSError):  # a folder from another version or a hand-edited config
             continue
+    return found
+
+
+def find_resumable(cfg: Config) -> Path | None:
+    """The newest unfinished run of this config that has a checkpoint, if any."""
+    for run in runs_of(cfg):
+        if not (run / SUMMARY).exists() and checkpoint.list_checkpoints(run):
+            return run
     return None
+
+
+def find_finished(cfg: Config) -> Path | None:
+    for run in runs_of(cfg):
+        if (run / SUMMARY).exists() and (run / LORA_FILE).exists():
+            return run
+    return None
+
+
+def load_result(run_dir: str | Path) -> RunResult:
+    """The RunResult of a finished run, read back from its folder."""
+    run_dir = Path(run_dir)
+    s = json.loads((run_dir / SUMMARY).read_text())
+    history = read_metrics(run_dir)
+    return RunResult(run_dir=run_dir, lora_path=run_dir / LORA_FILE, steps=s["steps"], final_loss=s["final_loss"],
+                     eval_loss_before=s["eval_instance_loss_before"], eval_loss_after=s["eval_instance_loss_after"],
+                     class_images_generated=s["class_images_generated"], resumed_from=s["resumed_from"],
+                     seconds=s["seconds"], history=history)
 
 
 def read_metrics(run_dir: Path, up_to_step: int | None = None) -> list[dict]:
@@ -174,23 +198,33 @@ def read_metrics(run_dir: Path, up_to_step: int | None = None) -> list[dict]:
     return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
 
 
-def train(cfg: Config, *, resume: str | Path | None = "auto", progress: bool = True,
+def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bool = False, progress: bool = True,
           on_step: Callable[[dict], None] | None = None) -> RunResult:
     """Train a DreamBooth LoRA; returns where everything went.
 
     resume="auto" continues the newest unfinished run of the same config from its latest
     checkpoint (a Colab disconnect costs at most checkpoint_every steps); a path resumes that
-    run; None always starts a new run folder.
+    run; None always starts a new run folder. reuse_finished=True returns a finished run of the
+    same config instead of training it again (what a notebook's re-run wants).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
     cfg = cfg.resolved().validate()
+    if reuse_finished and (done := find_finished(cfg)) is not None:
+        if progress:
+            print(f"already trained: {done} (pass reuse_finished=False to train again)")
+        return load_result(done)
     t0 = time.time()
     # Fail on bad photos before spending minutes loading a model.
     instance = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution)
 
+    # Accelerate keeps one process-wide state; a notebook that trains twice with another
+    # precision would be refused, so drop the previous run's (the process group stays).
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision,
                       gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision, torch.float32)

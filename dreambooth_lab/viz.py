@@ -11,8 +11,15 @@ from typing import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from PIL import Image
 
 from . import files
+
+
+def tensor_to_pil(t) -> Image.Image:
+    """A CHW tensor in [-1, 1] (what the data pipeline makes) back to an RGB image (pure)."""
+    arr = ((t.detach().cpu().permute(1, 2, 0).numpy() + 1.0) * 127.5).round().clip(0, 255).astype("uint8")
+    return Image.fromarray(arr)
 
 
 def format_params(params: dict | None, width: int = 110) -> str:

@@ -26,6 +26,8 @@ def test_yaml_round_trip(tmp_path):
     assert back == cfg
     assert back.hash() == cfg.hash()
     assert C.with_overrides(back, {"train.steps": 7}).hash() != cfg.hash()
+    # what pictures are made from a run does not change what the run trained
+    assert C.with_overrides(back, {"sample.lora_scale_unet": 0.9}).hash() == cfg.hash()
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):

@@ -90,8 +90,10 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_from_checkpoint_gives_the_uninterrupted_lora(tmp_path):
-    over = {"train.steps": 8, "train.checkpoint_every": 3, "train.train_text_encoder": True}
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_resume_from_checkpoint_gives_the_uninterrupted_lora(tmp_path, optimizer):
+    over = {"train.steps": 8, "train.checkpoint_every": 3, "train.train_text_encoder": True,
+            "optim.optimizer": optimizer, "lora.rank": 16}  # rank 16: tensors big enough for 8-bit state
     full = train(tiny_config(tmp_path / "a", **over), resume=None, progress=False)
 
     cfg = tiny_config(tmp_path / "b", **over)
@@ -125,6 +127,28 @@ def test_bad_photo_folder_fails_before_loading_the_model(tmp_path):
     with pytest.raises(ValueError, match="broken.jpg"):
         train(cfg, resume=None, progress=False)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("make", [torch.optim.AdamW, "bnb"])
+def test_optimizer_state_round_trips_through_safetensors_and_json(make):
+    import bitsandbytes as bnb
+
+    make = bnb.optim.AdamW8bit if make == "bnb" else make
+    big, small = torch.nn.Parameter(torch.randn(96, 96)), torch.nn.Parameter(torch.randn(3))
+    opt = make([big, small], lr=1e-3)
+    (big.sum() + small.sum()).backward()
+    opt.step()
+    state = opt.state_dict()
+    tensors, meta = checkpoint.flatten_optimizer_state(state)
+    back = checkpoint.unflatten_optimizer_state(tensors, json.loads(json.dumps(meta)))
+
+    def same(a, b):
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+    assert same(state["state"], back["state"])
+    assert json.loads(json.dumps(meta["param_groups"])) == json.loads(json.dumps(state["param_groups"]))
 
 
 # ---- class-image cache -----------------------------------------------------------------------
