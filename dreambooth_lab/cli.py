@@ -1,4 +1,4 @@
-"""`python -m dreambooth_lab train|sample|compare|demo` — argument parsing only."""
+"""`python -m dreambooth_lab train|sample|compare|tokens|demo` — argument parsing only."""
 
 from __future__ import annotations
 
@@ -45,11 +45,41 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run_dir")
     c.add_argument("--samples", help="samples folder (default: the latest)")
 
+    k = sub.add_parser("tokens", help="rare-token tools on the model's own tokenizer")
+    k.add_argument("--model", default="tiny",
+                   help="whose tokenizer/text encoder ('tiny' has SD1.x's CLIP vocabulary; a hub id for neighbours)")
+    ksub = k.add_subparsers(dest="tokens_command", required=True)
+    ka = ksub.add_parser("analyze", help="pieces, merge rank, English frequency and warnings per token")
+    ka.add_argument("tokens", nargs="+")
+    ka.add_argument("--class", dest="class_name", default="dog")
+    ks = ksub.add_parser("suggest", help="rare single-token identifiers, reproducible under a seed")
+    ks.add_argument("-n", type=int, default=10)
+    ks.add_argument("--max-chars", type=int, default=3)
+    ks.add_argument("--seed", type=int, default=0)
+    kn = ksub.add_parser("neighbours", help="nearest vocabulary entries by input embedding")
+    kn.add_argument("tokens", nargs="+")
+    kn.add_argument("-k", type=int, default=10)
+
     d = sub.add_parser("demo", help="train, sample and compare on the sample subject")
     d.add_argument("--model", default="tiny", help="'tiny' (offline, CPU) or a hub id for a GPU box")
     d.add_argument("--output-dir", default="runs")
     d.add_argument("--steps", type=int)
     return p
+
+
+def run_tokens(args) -> str:
+    from . import tokens
+    from .models import load_tokenizer
+
+    tok = load_tokenizer(args.model)
+    if args.tokens_command == "analyze":
+        return tokens.format_table(tokens.analyze(args.tokens, tok, class_name=args.class_name))
+    if args.tokens_command == "suggest":
+        return tokens.format_suggestions(tokens.suggest(tok, args.n, max_chars=args.max_chars, seed=args.seed))
+    from .models import load_text_encoder
+
+    encoder = load_text_encoder(args.model)
+    return "\n".join(tokens.format_neighbours(t, tokens.neighbours(t, encoder, tok, args.k)) for t in args.tokens)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             from .report import compare_run
 
             print(f"comparison sheet: {compare_run(args.run_dir, args.samples)}")
+        elif args.command == "tokens":
+            print(run_tokens(args))
         elif args.command == "demo":
             from .demo import run_demo
 

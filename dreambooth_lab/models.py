@@ -251,3 +251,10 @@ def load_tokenizer(name: str):
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(pretrained_path(name), subfolder="tokenizer")
+
+
+def load_text_encoder(name: str):
+    """Only the model's text encoder (for embedding-space questions such as token neighbours)."""
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel.from_pretrained(pretrained_path(name), subfolder="text_encoder", use_safetensors=True)

@@ -1,12 +1,46 @@
-"""Rare-token checks on the model's own tokenizer, before an hour of GPU is spent.
+"""Rare-token analysis on the model's own tokenizer, before an hour of GPU is spent.
 
-The DreamBooth paper's advice: the identifier should be one token of the tokenizer and rare.
-A random string of letters is split into several tokens and binds badly.
+The DreamBooth paper's advice: the identifier should be one token, rare in the vocabulary, with
+little meaning attached. Three questions, three functions:
+
+- ``analyze``: how does the tokenizer split each candidate (alone and inside the instance prompt),
+  how late is its BPE merge (late merges are rare strings), is it a common English string, does
+  it collide with the class word?
+- ``suggest``: single-token strings of at most 3 letters from the rare tail of the merges that
+  are not English words, drawn reproducibly under a seed and ranked with the reason.
+- ``neighbours``: the vocabulary entries nearest to the token's input embedding: the prior the
+  model already attaches to it (why 'sks' is contested).
+
+CLIP's BPE vocabulary: ids 0–511 are single bytes (with and without the end-of-word mark '</w>'),
+id 512 + r is the string made by merge r, and the last two ids are the special tokens. So for a
+one-token word, its merge rank is ``id - 512``, out of ``len(vocab) - 514`` merges.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
+
+END = "</w>"
+N_BYTE_TOKENS = 512
+COMMON_ZIPF = 3.0  # wordfreq's Zipf scale: 3 = once per million words ("http" 4.8, "sks" 2.3)
+
+
+def word_frequency(word: str) -> float:
+    """Zipf frequency of `word` in English text (0 = never seen, 7+ = 'the')."""
+    from wordfreq import zipf_frequency
+
+    return float(zipf_frequency(word, "en"))
+
+
+def n_merges(tokenizer) -> int:
+    return len(tokenizer) - N_BYTE_TOKENS - 2
+
+
+def merge_rank(tokenizer, token_id: int) -> int | None:
+    """Index of the BPE merge that made this token (None for byte tokens and special tokens)."""
+    rank = token_id - N_BYTE_TOKENS
+    return rank if 0 <= rank < n_merges(tokenizer) else None
 
 
 @dataclass
@@ -14,27 +48,161 @@ class TokenReport:
     token: str
     pieces: list[str]
     ids: list[int]
+    in_prompt: bool  # the pieces are the same inside the instance prompt
+    merge_rank: int | None
+    rarity: float | None  # merge rank / number of merges: 1.0 = the last merge learnt
+    zipf: float
     warnings: list[str] = field(default_factory=list)
 
     @property
     def single(self) -> bool:
         return len(self.pieces) == 1
 
+    @property
+    def ok(self) -> bool:
+        return not self.warnings
+
     def __str__(self) -> str:
-        head = f"'{self.token}' -> {self.pieces} {self.ids}"
-        return head + ("".join(f"\n  warning: {w}" for w in self.warnings) if self.warnings else "\n  ok: one token")
+        return format_table([self])
 
 
-def check_token(tokenizer, token: str, class_name: str = "") -> TokenReport:
-    """How the tokenizer splits `token`, with plain-language warnings."""
-    pieces = tokenizer.tokenize(token)
-    ids = tokenizer.convert_tokens_to_ids(pieces)
-    report = TokenReport(token, pieces, ids)
-    if len(pieces) != 1:
-        report.warnings.append(
-            f"splits into {len(pieces)} tokens {pieces}: the identifier binds best as one token "
-            "(try sks, hta, oue or a suggestion from `python -m dreambooth_lab tokens suggest`)"
-        )
-    if class_name and token.lower() == class_name.lower():
-        report.warnings.append(f"is the class word '{class_name}' itself: the subject would overwrite the class")
-    return report
+def analyze(tokens: list[str] | str, tokenizer, class_name: str = "dog",
+            instance_prompt: str = "a photo of {token} {class}") -> list[TokenReport]:
+    """One report per candidate token, with plain-language warnings."""
+    from .config import fill_prompt
+
+    if isinstance(tokens, str):
+        tokens = [tokens]
+    class_pieces = set(_plain(tokenizer.tokenize(class_name))) if class_name else set()
+    reports = []
+    for token in tokens:
+        pieces = tokenizer.tokenize(token)
+        ids = tokenizer.convert_tokens_to_ids(pieces)
+        prompt_ids = tokenizer(fill_prompt(instance_prompt, token, class_name), add_special_tokens=False).input_ids
+        in_prompt = _contains(prompt_ids, ids)
+        rank = merge_rank(tokenizer, ids[0]) if len(ids) == 1 else None
+        rarity = rank / n_merges(tokenizer) if rank is not None else None
+        zipf = word_frequency(token)
+        r = TokenReport(token, pieces, ids, in_prompt, rank, rarity, zipf)
+        if len(pieces) != 1:
+            r.warnings.append(f"splits into {len(pieces)} tokens {_plain(pieces)}: a multi-token identifier binds "
+                              "badly; pick one token (see `tokens suggest`)")
+        if not in_prompt:
+            r.warnings.append("is split differently inside the instance prompt (punctuation or case around it?)")
+        if zipf >= COMMON_ZIPF:
+            r.warnings.append(f"is a common English string (Zipf {zipf:.1f}): the model already has a strong "
+                              "meaning for it that the subject must overwrite")
+        if class_name and (class_name.lower() in token.lower() or set(_plain(pieces)) & set(class_pieces)):
+            r.warnings.append(f"shares tokens with the class word '{class_name}': the subject and the class "
+                              "would be entangled")
+        if rarity is not None and rarity < 0.5:
+            r.warnings.append(f"is an early BPE merge (rank {rank:,} of {n_merges(tokenizer):,}): a frequent string "
+                              "in CLIP's training text")
+        reports.append(r)
+    return reports
+
+
+def _contains(seq: list[int], sub: list[int]) -> bool:
+    return any(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+
+def _plain(pieces: list[str]) -> list[str]:
+    return [p.replace(END, "") for p in pieces]
+
+
+def format_table(reports: list[TokenReport]) -> str:
+    """A fixed-width table, then each token's warnings in words (pure)."""
+    head = f"{'token':<10} {'pieces':<22} {'ids':<22} {'one':<4} {'merge rank':>11} {'rarity':>7} {'zipf':>5}"
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        rank = f"{r.merge_rank:,}" if r.merge_rank is not None else "-"
+        rarity = f"{r.rarity:.2f}" if r.rarity is not None else "-"
+        lines.append(f"{r.token:<10} {' '.join(_plain(r.pieces)):<22} {' '.join(map(str, r.ids)):<22} "
+                     f"{'yes' if r.single else 'NO':<4} {rank:>11} {rarity:>7} {r.zipf:>5.1f}")
+    for r in reports:
+        for w in r.warnings:
+            lines.append(f"  ! '{r.token}' {w}")
+        if r.ok:
+            lines.append(f"  ok '{r.token}': one rare token, not an English word, no overlap with the class")
+    return "\n".join(lines)
+
+
+# ---- suggestions ----------------------------------------------------------------------------------
+
+@dataclass
+class Suggestion:
+    token: str
+    token_id: int
+    merge_rank: int
+    rarity: float
+    zipf: float
+
+    @property
+    def reason(self) -> str:
+        tail = max(1, round((1 - self.rarity) * 100))
+        return (f"one token (id {self.token_id}); merge {self.merge_rank:,}, among the last {tail}% learnt; "
+                f"not an English word (Zipf {self.zipf:.1f})")
+
+
+def rare_candidates(tokenizer, max_chars: int = 3, min_rarity: float = 0.7, max_zipf: float = 2.5) -> list[Suggestion]:
+    """Every whole-word token of 2..max_chars ASCII letters from the rare tail that is not a word."""
+    out = []
+    for text, token_id in tokenizer.get_vocab().items():
+        if not text.endswith(END):
+            continue
+        word = text[: -len(END)]
+        if not (2 <= len(word) <= max_chars and word.isascii() and word.isalpha() and word.islower()):
+            continue
+        rank = merge_rank(tokenizer, token_id)
+        if rank is None or rank / n_merges(tokenizer) < min_rarity:
+            continue
+        zipf = word_frequency(word)
+        if zipf > max_zipf:
+            continue
+        out.append(Suggestion(word, token_id, rank, rank / n_merges(tokenizer), zipf))
+    return sorted(out, key=lambda s: s.token_id)
+
+
+def suggest(tokenizer, n: int = 10, max_chars: int = 3, seed: int = 0) -> list[Suggestion]:
+    """n candidates drawn (reproducibly, by seed) from the rare tail, rarest-in-English first."""
+    pool = [s for s in rare_candidates(tokenizer, max_chars) if tokenizer.tokenize(s.token) == [s.token + END]]
+    if not pool:
+        raise ValueError(f"no single-token candidates of at most {max_chars} letters in this vocabulary")
+    picked = random.Random(seed).sample(pool, min(n, len(pool)))
+    return sorted(picked, key=lambda s: (s.zipf, -s.merge_rank))
+
+
+def format_suggestions(suggestions: list[Suggestion]) -> str:
+    return "\n".join(f"{s.token:<6} {s.reason}" for s in suggestions)
+
+
+# ---- neighbours ------------------------------------------------------------------------------------
+
+@dataclass
+class Neighbour:
+    token: str
+    token_id: int
+    cosine: float
+
+
+def neighbours(token: str, text_encoder, tokenizer, k: int = 10) -> list[Neighbour]:
+    """The k vocabulary entries whose input embeddings are closest (cosine) to the token's.
+
+    A token of several pieces is represented by the mean of its pieces' embeddings.
+    """
+    import torch
+
+    ids = tokenizer(token, add_special_tokens=False).input_ids
+    table = text_encoder.get_input_embeddings().weight.detach().float()
+    query = table[ids].mean(0, keepdim=True)
+    sims = torch.nn.functional.cosine_similarity(table, query, dim=-1)
+    sims[ids] = float("-inf")  # the token itself is not its own neighbour
+    special = [tokenizer.bos_token_id, tokenizer.eos_token_id]
+    sims[[i for i in special if i is not None]] = float("-inf")
+    top = torch.topk(sims, k)
+    inv = {v: t for t, v in tokenizer.get_vocab().items()}
+    return [Neighbour(inv[i].replace(END, ""), int(i), float(c)) for c, i in zip(top.values.tolist(), top.indices.tolist())]
+
+
+def format_neighbours(token: str, found: list[Neighbour]) -> str:
+    return f"nearest to '{token}': " + ", ".join(f"{n.token} ({n.cosine:.2f})" for n in found)

@@ -39,7 +39,8 @@ def test_notebook_runs_on_the_tiny_model(path, tmp_path, monkeypatch):
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
-    assert list((tmp_path / "runs").glob("*/pytorch_lora_weights.safetensors")), "the notebook trained nothing"
+    if path.name == "main.ipynb":
+        assert list((tmp_path / "runs").glob("*/pytorch_lora_weights.safetensors")), "main.ipynb trained nothing"
     # the hub token, if any, never reaches the notebook's output
     secret = os.environ.get("HF_TOKEN")
     if secret:
