@@ -1,4 +1,4 @@
-"""`python -m dreambooth_lab train|sample|compare|tokens|demo` — argument parsing only."""
+"""`python -m dreambooth_lab train|sample|compare|tokens|sweep|sheet|demo` — argument parsing only."""
 
 from __future__ import annotations
 
@@ -60,6 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     kn.add_argument("tokens", nargs="+")
     kn.add_argument("-k", type=int, default=10)
 
+    w = sub.add_parser("sweep", help="run every not-yet-finished run of a sweep spec; writes the registry")
+    w.add_argument("spec", help="sweep YAML, e.g. configs/study/tokens.yaml")
+    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    w.add_argument("--dry-run", action="store_true", help="list the runs and their status, train nothing")
+
+    h = sub.add_parser("sheet", help="comparison sheets: runs x prompts, or one run's parameter grid")
+    hsub = h.add_subparsers(dest="sheet_command", required=True)
+    hr = hsub.add_parser("runs", help="rows: runs; columns: base prompt x seeds, then the test prompts")
+    hr.add_argument("run_dirs", nargs="+")
+    hr.add_argument("--out", default="runs/sheets")
+    hr.add_argument("--seeds", type=int, nargs="+")
+    hg = hsub.add_parser("grid", help="one run, one seed: e.g. --rows lora_scale_unet=0.2,0.6,1 --cols guidance=3,6,9")
+    hg.add_argument("run_dir")
+    hg.add_argument("--rows", default="lora_scale_unet=0.2,0.4,0.6,0.8,1.0")
+    hg.add_argument("--cols", default="guidance=3,4.5,6,7.5,9")
+    hg.add_argument("--seed", type=int)
+    hg.add_argument("--prompt")
+
     d = sub.add_parser("demo", help="train, sample and compare on the sample subject")
     d.add_argument("--model", default="tiny", help="'tiny' (offline, CPU) or a hub id for a GPU box")
     d.add_argument("--output-dir", default="runs")
@@ -80,6 +98,33 @@ def run_tokens(args) -> str:
 
     encoder = load_text_encoder(args.model)
     return "\n".join(tokens.format_neighbours(t, tokens.neighbours(t, encoder, tok, args.k)) for t in args.tokens)
+
+
+def _axis(text: str) -> tuple[str, list]:
+    name, _, values = text.partition("=")
+    if not values:
+        raise ValueError(f"{text!r}: write an axis as name=v1,v2,... e.g. guidance=3,6,9")
+    return name.strip(), [yaml.safe_load(v) for v in values.split(",")]
+
+
+def run_sweep_command(args) -> str:
+    from .experiments import format_registry, load_sweep, run_sweep
+    from .train import find_finished
+
+    sweep = load_sweep(args.spec, _overrides(args.set))
+    if args.dry_run:
+        return "\n".join(f"{r.id:<40} {'finished' if find_finished(r.config) else 'to run'}" for r in sweep.runs)
+    rows = run_sweep(sweep)
+    return f"{format_registry(rows)}\nregistry: {sweep.folder / 'registry.csv'}"
+
+
+def run_sheet_command(args) -> Path:
+    from .compare import parameter_grid, runs_by_prompts
+
+    if args.sheet_command == "runs":
+        return runs_by_prompts(args.run_dirs, args.out, seeds=args.seeds)
+    return parameter_grid(args.run_dir, rows=_axis(args.rows), cols=_axis(args.cols), seed=args.seed,
+                          prompt=args.prompt)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"comparison sheet: {compare_run(args.run_dir, args.samples)}")
         elif args.command == "tokens":
             print(run_tokens(args))
+        elif args.command == "sweep":
+            print(run_sweep_command(args))
+        elif args.command == "sheet":
+            print(f"sheet: {run_sheet_command(args)}")
         elif args.command == "demo":
             from .demo import run_demo
 

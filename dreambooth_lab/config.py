@@ -320,16 +320,32 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
     raise ConfigError(f"{path}: expected {getattr(hint, '__name__', hint)}, got {value!r} ({type(value).__name__})")
 
 
-def load(path: str | Path) -> Config:
+def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+
+
+def load(path: str | Path, _seen: tuple = ()) -> Config:
+    """Read a YAML config. A top-level `extends: other.yaml` (relative to this file) is read
+    first and this file's values go on top, so presets can share a base."""
+    path = Path(path)
+    data = read_yaml(path) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    base = None
+    if "extends" in data:
+        data = dict(data)
+        parent = (path.parent / str(data.pop("extends"))).resolve()
+        if parent in _seen:
+            raise ConfigError(f"{path}: 'extends' loops back to {parent}")
+        base = load(parent, _seen + (path.resolve(),))
     try:
-        return from_dict(data)
+        return from_dict(data, base=base)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
 

@@ -42,8 +42,6 @@ FORM_FIELDS = {
     "GUIDANCE": "sample.guidance",
     "GEN_SEED": "sample.seeds",
 }
-# Where the photos and results live is the machine's business, not the preset's.
-MACHINE_FIELDS = ("DATASET_DIR", "OUTPUT_DIR")
 
 
 def smoke() -> bool:
@@ -152,34 +150,61 @@ def smoke_overrides(output_dir: str | None = None) -> dict[str, Any]:
     return out
 
 
+def _absolute(path: str | Path) -> str:
+    """A relative path is taken from the repository root (notebooks run from several folders)."""
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else find_repo_root() / p)
+
+
+def _resolve_paths(cfg: Config) -> Config:
+    """Absolute data/output paths; smoke runs fall back to the sample subject when the study's
+    photo folder is not on this machine."""
+    cfg.data.instance_dir = _absolute(cfg.data.instance_dir)
+    cfg.train.output_dir = _absolute(cfg.train.output_dir)
+    if smoke() and not Path(cfg.data.instance_dir).is_dir():
+        cfg.data.instance_dir = str(find_repo_root() / "datasets" / "sample_subject")
+    return cfg
+
+
+def machine_overrides(dataset_dir: str = "", output_dir: str = "") -> dict[str, Any]:
+    """Where photos and results live on this machine (absolute), plus the smoke settings when on."""
+    out: dict[str, Any] = smoke_overrides(os.environ.get(OUTPUT_ENV)) if smoke() else {}
+    out.setdefault("train.output_dir", output_dir or str(default_output_dir()))
+    out["train.output_dir"] = _absolute(out["train.output_dir"])
+    if dataset_dir:
+        out["data.instance_dir"] = _absolute(dataset_dir)
+        if smoke() and not Path(out["data.instance_dir"]).is_dir():
+            out["data.instance_dir"] = str(find_repo_root() / "datasets" / "sample_subject")
+    return out
+
+
+def preset_config(preset: str, dataset_dir: str = "", output_dir: str = "") -> Config:
+    """A YAML preset (path relative to the repository root) with this machine's folders."""
+    path = Path(preset) if Path(preset).is_absolute() else find_repo_root() / preset
+    cfg = with_overrides(load(path), machine_overrides(dataset_dir, output_dir))
+    return _cpu_precision(_resolve_paths(cfg)).validate()
+
+
+def _cpu_precision(cfg: Config) -> Config:
+    import torch
+
+    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        print("note: no CUDA here, so MIXED_PRECISION='fp16' is off for this run")
+        cfg.train.mixed_precision = "no"
+    return cfg
+
+
 def build_config(form: dict[str, Any], preset: str = "") -> Config:
     """The run's config from the hyperparameter cell, or from a YAML preset when one is chosen.
 
     Relative paths are taken from the repository root. Without CUDA, fp16 mixed precision is
     turned off (CPU autocast supports bf16 only) with a note.
     """
-    root = find_repo_root()
-    overrides = form_overrides(form)
-    if not overrides["train.output_dir"]:
-        overrides["train.output_dir"] = str(default_output_dir())
     if preset:
-        path = Path(preset) if Path(preset).is_absolute() else root / preset
-        cfg = load(path)
-        keep = {FORM_FIELDS[k]: overrides[FORM_FIELDS[k]] for k in MACHINE_FIELDS}
-        cfg = with_overrides(cfg, keep)
-    else:
-        cfg = with_overrides(Config(), overrides)
-    if smoke():
-        cfg = with_overrides(cfg, smoke_overrides(os.environ.get(OUTPUT_ENV)))
-    for attr, section in (("instance_dir", cfg.data), ("output_dir", cfg.train)):
-        value = Path(getattr(section, attr)).expanduser()
-        setattr(section, attr, str(value if value.is_absolute() else root / value))
-    import torch
-
-    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
-        print("note: no CUDA here, so MIXED_PRECISION='fp16' is off for this run")
-        cfg.train.mixed_precision = "no"
-    return cfg.validate()
+        return preset_config(preset, form["DATASET_DIR"], form["OUTPUT_DIR"])
+    cfg = with_overrides(Config(), form_overrides(form))
+    cfg = with_overrides(cfg, machine_overrides(form["DATASET_DIR"], form["OUTPUT_DIR"]))
+    return _cpu_precision(_resolve_paths(cfg)).validate()
 
 
 DRIVE_RUNS = Path("/content/drive/MyDrive/dreambooth_lab/runs")

@@ -122,3 +122,55 @@ def dataset_vs_generation(pairs: Sequence[tuple], path: str | Path, *, title: st
         fig.suptitle(title, fontsize=9)
     _footer(fig, params)
     return files.save_figure(path, fig)
+
+
+def labeled_grid(rows: Sequence[Sequence], row_labels: Sequence[str], col_labels: Sequence[str], path: str | Path,
+                 *, title: str = "", params: dict | None = None, cell: float = 2.0,
+                 cell_files: Sequence[Sequence[str]] | None = None) -> Path:
+    """A rows x columns sheet with a label on every row and column (e.g. runs x prompts).
+
+    Beside the PNG, <name>.json records the layout: labels, parameters and, when given, the
+    image file of every cell (whose own sidecar says how to make it again).
+    """
+    nrows, ncols = len(rows), max(len(r) for r in rows)
+    fig = Figure(figsize=(cell * ncols + 1.2, cell * nrows + 0.8), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for r, row in enumerate(rows):
+        for c in range(ncols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+            if c < len(row) and row[c] is not None:
+                ax.imshow(np.asarray(row[c]))
+            if r == 0:
+                ax.set_title(col_labels[c], fontsize=7, wrap=True)
+            if c == 0:
+                ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    _footer(fig, params)
+    files.write_json(Path(path).with_suffix(".json"), {
+        "title": title, "rows": nrows, "cols": ncols, "row_labels": list(row_labels),
+        "col_labels": list(col_labels), "params": params or {},
+        "cells": [list(r) for r in cell_files] if cell_files is not None else None})
+    return files.save_figure(path, fig)
+
+
+def compare_loss_curves(histories: dict[str, Sequence[dict]], path: str | Path, *, key: str = "instance_loss",
+                        smooth: int = 50, title: str = "", params: dict | None = None) -> Path:
+    """One smoothed curve per run (e.g. the instance loss of every run of a sweep)."""
+    fig = Figure(figsize=(8, 4), layout="constrained")
+    ax = fig.subplots()
+    for name, rows in histories.items():
+        ys = [r.get(key) for r in rows]
+        if ys and all(y is not None for y in ys):
+            ax.plot([r["step"] for r in rows], moving_average(ys, smooth), lw=1.4, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{key} (moving average over {smooth} steps)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title or key, fontsize=9)
+    _footer(fig, params)
+    return files.save_figure(path, fig)

@@ -1,0 +1,113 @@
+"""Comparison sheets across runs and across generation parameters.
+
+Every sheet uses the same seed(s) in every cell, so what differs between cells is the parameter,
+not the noise. Each image is saved with its sidecar beside the sheet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from . import files
+from .config import Config, SampleConfig
+from .report import load_run_config
+from .sample import LORA_FILE, ImageSpec, generate, load_lora, save_with_sidecars
+from .viz import labeled_grid
+
+SPEC_FIELDS = ("lora_scale_unet", "lora_scale_text_encoder", "guidance", "steps", "seed", "negative_prompt")
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def base_spec(cfg: Config, run_dir: Path, prompt: str | None = None, seed: int | None = None,
+              settings: SampleConfig | None = None) -> ImageSpec:
+    """The run's picture settings (or `settings`, e.g. a preset's), for one prompt and seed."""
+    s = settings or cfg.sample
+    return ImageSpec(prompt=cfg.fill(prompt or s.prompt), seed=s.seeds[0] if seed is None else seed,
+                     negative_prompt=s.negative_prompt, guidance=s.guidance, steps=s.steps, sampler=s.sampler,
+                     width=cfg.resolution, height=cfg.resolution, lora_scale_unet=s.lora_scale_unet,
+                     lora_scale_text_encoder=s.lora_scale_text_encoder, model=cfg.model.name,
+                     lora=str((run_dir / LORA_FILE).resolve()), run=str(run_dir.resolve()))
+
+
+class PipelineCache:
+    """One base pipeline per model, with the LoRA of whichever run is asked for swapped in."""
+
+    def __init__(self, device=None):
+        self.device, self.pipes = device, {}
+
+    def for_run(self, run_dir: Path, cfg: Config):
+        from .models import load_pipeline
+
+        if cfg.model.name not in self.pipes:
+            self.pipes[cfg.model.name] = load_pipeline(cfg.model, device=self.device)
+        pipe = self.pipes[cfg.model.name]
+        load_lora(pipe, run_dir / LORA_FILE)
+        return pipe
+
+
+def runs_by_prompts(run_dirs: Sequence[str | Path], out: str | Path, *, seeds: Sequence[int] | None = None,
+                    test_prompts: Sequence[str] | None = None, cache: PipelineCache | None = None,
+                    progress: bool = True) -> Path:
+    """Rows: runs. Columns: the base prompt with each seed, then every test prompt with the first seed.
+
+    Seeds and prompts default to the first run's config and are the same for every row.
+    """
+    run_dirs = [Path(r) for r in run_dirs]
+    cfgs = [load_run_config(r) for r in run_dirs]
+    seeds = list(seeds or cfgs[0].sample.seeds)
+    prompts = list(test_prompts if test_prompts is not None else cfgs[0].sample.test_prompts)
+    cache = cache or PipelineCache()
+    folder = files.new_dir(out, "runs_x_prompts")
+    rows, labels, cells = [], [], []
+    for run_dir, cfg in zip(run_dirs, cfgs):
+        first = base_spec(cfg, run_dir)
+        specs = [replace(first, seed=s) for s in seeds]
+        specs += [replace(first, prompt=cfg.fill(p), seed=seeds[0]) for p in prompts]
+        images = generate(cache.for_run(run_dir, cfg), specs, batch_size=cfg.sample.batch_size, progress=progress)
+        paths = save_with_sidecars(images, specs, folder, run_dir.name)
+        rows.append(images)
+        cells.append([p.name for p in paths])
+        te = "TE on" if cfg.train.train_text_encoder else "TE off"
+        labels.append(f"{cfg.run_name}\n{cfg.data.token}, {te}\nscales {first.lora_scale_unet:g}/"
+                      f"{first.lora_scale_text_encoder:g}")
+    base_prompt = cfgs[0].sample.prompt
+    cols = [f"{base_prompt}\nseed {s}" for s in seeds] + [f"{p}\nseed {seeds[0]}" for p in prompts]
+    params = {"runs": len(run_dirs), "guidance": cfgs[0].sample.guidance, "steps": cfgs[0].sample.steps,
+              "sampler": cfgs[0].sample.sampler, "seeds": ",".join(map(str, seeds))}
+    return labeled_grid(rows, labels, cols, folder / "runs_x_prompts.png",
+                        title="runs × prompts (same seeds in every row)", params=params, cell_files=cells)
+
+
+def parameter_grid(run_dir: str | Path, out: str | Path | None = None, *,
+                   rows: tuple[str, Sequence] = ("lora_scale_unet", (0.2, 0.4, 0.6, 0.8, 1.0)),
+                   cols: tuple[str, Sequence] = ("guidance", (3.0, 4.5, 6.0, 7.5, 9.0)),
+                   prompt: str | None = None, seed: int | None = None, settings: SampleConfig | None = None,
+                   pipe=None, progress: bool = True) -> Path:
+    """One run, one seed: a grid over two generation parameters (e.g. UNet scale × guidance).
+
+    What is not on an axis comes from `settings` (default: the run's own sample config).
+    """
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    for name, _ in (rows, cols):
+        if name not in SPEC_FIELDS:
+            raise ValueError(f"cannot vary {name!r}: choose from {', '.join(SPEC_FIELDS)}")
+    first = base_spec(cfg, run_dir, prompt, seed, settings)
+    specs = [replace(first, **{rows[0]: r, cols[0]: c}) for r in rows[1] for c in cols[1]]
+    if pipe is None:
+        pipe = PipelineCache().for_run(run_dir, cfg)
+    images = generate(pipe, specs, batch_size=cfg.sample.batch_size, progress=progress)
+    folder = files.new_dir(Path(out) if out else run_dir / "sheets", f"{rows[0]}_x_{cols[0]}")
+    names = [p.name for p in save_with_sidecars(images, specs, folder, "img")]
+    n = len(cols[1])
+    grid = [images[i * n:(i + 1) * n] for i in range(len(rows[1]))]
+    cells = [names[i * n:(i + 1) * n] for i in range(len(rows[1]))]
+    fixed = {k: getattr(first, k) for k in SPEC_FIELDS if k not in (rows[0], cols[0])}
+    return labeled_grid(grid, [f"{rows[0]}\n{_fmt(v)}" for v in rows[1]], [f"{cols[0]} {_fmt(v)}" for v in cols[1]],
+                        folder / f"{rows[0]}_x_{cols[0]}.png", title=f'{run_dir.name}: "{first.prompt}"',
+                        params={**fixed, "sampler": first.sampler}, cell_files=cells)
