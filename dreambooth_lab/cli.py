@@ -1,4 +1,4 @@
-"""`python -m dreambooth_lab train|sample|compare|tokens|sweep|sheet|demo` — argument parsing only."""
+"""`python -m dreambooth_lab train|sample|compare|tokens|sweep|sheet|evaluate|demo` — argument parsing only."""
 
 from __future__ import annotations
 
@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     hg.add_argument("--seed", type=int)
     hg.add_argument("--prompt")
 
+    v = sub.add_parser("evaluate", help="DINO, CLIP-I, CLIP-T, memorisation and drift; writes RUN/metrics.json")
+    v.add_argument("run_dirs", nargs="+")
+    v.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
+                   help="e.g. eval.prompt_set=dreambench eval.images_per_prompt=4 eval.dino_model=tiny")
+
     d = sub.add_parser("demo", help="train, sample and compare on the sample subject")
     d.add_argument("--model", default="tiny", help="'tiny' (offline, CPU) or a hub id for a GPU box")
     d.add_argument("--output-dir", default="runs")
@@ -127,6 +132,26 @@ def run_sheet_command(args) -> Path:
                           prompt=args.prompt)
 
 
+def run_evaluate_command(args) -> str:
+    from .evaluate import evaluate_run
+    from .experiments import format_registry, scan_runs, write_registry
+    from .metrics import Embedder
+    from .report import load_run_config
+
+    lines, embedder = [], None
+    for run_dir in map(Path, args.run_dirs):
+        ev = config_mod.with_overrides(load_run_config(run_dir), _overrides(args.set)).validate().eval
+        embedder = embedder or Embedder(ev.dino_model, ev.clip_model, batch_size=ev.batch_size)
+        result = evaluate_run(run_dir, ev, embedder=embedder)
+        lines.append(f"{run_dir}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in result.summary.items()))
+        if (run_dir.parent / "registry.jsonl").is_file():  # a sweep folder: refresh its registry
+            write_registry(run_dir.parent)
+    cols = ("id", "metric_dino", "metric_clip_i", "metric_clip_t", "metric_memorised", "metric_drift")
+    rows = [r for r in scan_runs(Path(args.run_dirs[0]).parent) if "metric_dino" in r]
+    return "\n".join(lines + ["", format_registry(rows, cols)])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -158,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             print(run_sweep_command(args))
         elif args.command == "sheet":
             print(f"sheet: {run_sheet_command(args)}")
+        elif args.command == "evaluate":
+            print(run_evaluate_command(args))
         elif args.command == "demo":
             from .demo import run_demo
 

@@ -6,6 +6,7 @@ not the noise. Each image is saved with its sidecar beside the sheet.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -50,6 +51,15 @@ class PipelineCache:
         return pipe
 
 
+def metrics_label(run_dir: Path) -> str:
+    """'DINO 0.67 CLIP-T 0.30' when the run has been evaluated, else nothing."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return ""
+    m = json.loads(path.read_text())["summary"]
+    return f"\nDINO {m['dino']:.2f} CLIP-T {m['clip_t']:.2f}"
+
+
 def runs_by_prompts(run_dirs: Sequence[str | Path], out: str | Path, *, seeds: Sequence[int] | None = None,
                     test_prompts: Sequence[str] | None = None, cache: PipelineCache | None = None,
                     progress: bool = True) -> Path:
@@ -74,7 +84,7 @@ def runs_by_prompts(run_dirs: Sequence[str | Path], out: str | Path, *, seeds: S
         cells.append([p.name for p in paths])
         te = "TE on" if cfg.train.train_text_encoder else "TE off"
         labels.append(f"{cfg.run_name}\n{cfg.data.token}, {te}\nscales {first.lora_scale_unet:g}/"
-                      f"{first.lora_scale_text_encoder:g}")
+                      f"{first.lora_scale_text_encoder:g}{metrics_label(run_dir)}")
     base_prompt = cfgs[0].sample.prompt
     cols = [f"{base_prompt}\nseed {s}" for s in seeds] + [f"{p}\nseed {seeds[0]}" for p in prompts]
     params = {"runs": len(run_dirs), "guidance": cfgs[0].sample.guidance, "steps": cfgs[0].sample.steps,

@@ -129,6 +129,23 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How `evaluate` measures a run (DreamBooth paper protocol; see ../shared/EVALUATION.md)."""
+
+    prompt_set: str = "study"  # study (the four test prompts) | dreambench (25 per class kind)
+    class_kind: str = "auto"  # auto | live | object: which DreamBench list
+    images_per_prompt: int = 4
+    seed: int = 0  # image i of a prompt uses seed + i
+    dino_model: str = "facebook/dino-vits16"  # or "tiny" (offline test model)
+    clip_model: str = "openai/clip-vit-base-patch32"  # or "tiny"
+    score_scale: float = 1.0  # 1 = cosine in [-1, 1]; 100 = the ×100 some papers report
+    strip_token: bool = True  # CLIP-T prompt without the rare token: "a dog in the jungle"
+    memorisation_threshold: float = 0.9  # DINO cosine to the nearest training photo
+    drift_images: int = 8  # class-prompt images, base vs fine-tuned, same seeds
+    batch_size: int = 16
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -137,6 +154,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # ---- derived values -------------------------------------------------------------------
     @property
@@ -177,11 +195,12 @@ class Config:
     def hash(self) -> str:
         """Hash of what decides the training; two runs with equal hashes train the same LoRA.
 
-        The sample section is left out: changing LoRA scales or seeds for pictures does not make
-        a finished run stale.
+        The sample and eval sections are left out: changing LoRA scales, seeds or metrics for
+        pictures does not make a finished run stale.
         """
         data = self.resolved().to_dict()
         data.pop("sample")
+        data.pop("eval")
         blob = json.dumps(data, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -254,6 +273,15 @@ def validation_errors(cfg: Config) -> list[str]:
     for name in ("sample.lora_scale_unet", "sample.lora_scale_text_encoder"):
         value = _get(cfg, name)
         need(0 <= value <= 2, f"{name}={value}: use a scale in [0, 2] (0 = base model, 1 = as trained)")
+    ev = cfg.eval
+    need(ev.prompt_set in ("study", "dreambench"), f"eval.prompt_set={ev.prompt_set!r}: use study or dreambench")
+    need(ev.class_kind in ("auto", "live", "object"), f"eval.class_kind={ev.class_kind!r}: use auto, live or object")
+    need(ev.images_per_prompt > 0, f"eval.images_per_prompt={ev.images_per_prompt}: use 1 or more (the paper: 4)")
+    need(ev.score_scale > 0, f"eval.score_scale={ev.score_scale}: use 1 (cosine) or 100")
+    need(-1 <= ev.memorisation_threshold <= 1,
+         f"eval.memorisation_threshold={ev.memorisation_threshold}: a cosine similarity in [-1, 1] (e.g. 0.9)")
+    need(ev.drift_images >= 0, f"eval.drift_images={ev.drift_images}: use 0 (off) or more")
+    need(ev.batch_size > 0, f"eval.batch_size={ev.batch_size}: use a positive batch size")
     return e
 
 

@@ -194,6 +194,18 @@ def _cpu_precision(cfg: Config) -> Config:
     return cfg
 
 
+def eval_settings(**values) -> "EvalConfig":
+    """The evaluation form as an EvalConfig; the smoke switch swaps in the tiny DINO/CLIP models."""
+    from dataclasses import replace
+
+    from .config import EvalConfig
+
+    ev = replace(EvalConfig(), **values)
+    if smoke():
+        ev = replace(ev, dino_model=TINY_MODEL, clip_model=TINY_MODEL, images_per_prompt=1, drift_images=2)
+    return ev
+
+
 def build_config(form: dict[str, Any], preset: str = "") -> Config:
     """The run's config from the hyperparameter cell, or from a YAML preset when one is chosen.
 

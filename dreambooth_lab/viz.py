@@ -174,3 +174,22 @@ def compare_loss_curves(histories: dict[str, Sequence[dict]], path: str | Path, 
     ax.set_title(title or key, fontsize=9)
     _footer(fig, params)
     return files.save_figure(path, fig)
+
+
+def metric_bars(rows: Sequence[dict], keys: Sequence[str], path: str | Path, *, label: str = "id",
+                title: str = "", params: dict | None = None) -> Path:
+    """Grouped bars: one group per run, one bar per metric (e.g. DINO, CLIP-I, CLIP-T)."""
+    fig = Figure(figsize=(max(6, 1.1 * len(rows) * max(1, len(keys)) / 2), 4), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(keys))
+    x = np.arange(len(rows))
+    for k, key in enumerate(keys):
+        values = [r.get(key) or 0.0 for r in rows]
+        bars = ax.bar(x + k * width - 0.4 + width / 2, values, width, label=key.replace("metric_", ""))
+        ax.bar_label(bars, fmt="%.2f", fontsize=6)
+    ax.set_xticks(x, [str(r.get(label)) for r in rows], rotation=30, ha="right", fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    _footer(fig, params)
+    return files.save_figure(path, fig)

@@ -1,0 +1,113 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dreambooth_lab import prompts
+from dreambooth_lab.config import EvalConfig, SampleConfig
+from dreambooth_lab.evaluate import EvalResult, evaluate_run, read_result
+from dreambooth_lab.experiments import scan_runs
+from dreambooth_lab.metrics import Embedder, mean_pairwise_cosine, nearest_rows, paired_cosine, strip_token
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder("tiny", "tiny", device="cpu")
+
+
+def _images(n, seed=0, size=48):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_identical_images_score_one(embedder):
+    ims = _images(3)
+    for emb in (embedder.dino, embedder.clip_image):
+        a = emb(ims[:1])
+        assert mean_pairwise_cosine(a, emb(ims[:1])) == pytest.approx(1.0, abs=1e-6)
+        assert mean_pairwise_cosine(a, emb(ims[1:])) < 1.0
+
+
+def test_clip_t_equals_the_models_own_similarity_head(embedder):
+    from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer
+
+    from dreambooth_lab.models import metric_model_path
+
+    ims, texts = _images(3, seed=1), ["a dog in the jungle", "a red dog", "a dog wearing a santa hat"]
+    ours = paired_cosine(embedder.clip_image(ims), embedder.clip_text(texts))
+    path = metric_model_path("tiny", "clip")
+    model = CLIPModel.from_pretrained(path).eval()
+    tok, proc = CLIPTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+    with torch.no_grad():
+        out = model(**tok(texts, padding=True, return_tensors="pt"), pixel_values=proc(images=ims, return_tensors="pt")["pixel_values"])
+    reference = (out.logits_per_image / model.logit_scale.exp()).diagonal()
+    assert torch.allclose(torch.tensor(ours), reference, atol=1e-5)
+
+
+def test_nearest_finds_a_training_image_among_the_generations(embedder):
+    train = _images(4, seed=2)
+    generated = _images(2, seed=3) + [train[2]]
+    found = nearest_rows(embedder.dino(generated), embedder.dino(train))
+    assert found[2][0] == 2 and found[2][1] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_strip_token():
+    assert strip_token("a sks dog in the jungle", "sks") == "a dog in the jungle"
+    assert strip_token("a red sks dog", "sks") == "a red dog"
+    assert strip_token("a sksx dog", "sks") == "a sksx dog"
+
+
+def test_dreambench_prompt_sets():
+    live, obj = prompts.dreambench("live"), prompts.dreambench("object")
+    assert len(live) == len(obj) == 25 and live[:10] == obj[:10]
+    assert live[0] == "a {token} {class} in the jungle" and "wearing a santa hat" in live[11]
+    assert obj[-1] == "a cube shaped {token} {class}" and "Eiffel Tower" in obj[12]
+    assert prompts.class_kind("dog") == "live" and prompts.class_kind("backpack") == "object"
+    assert prompts.prompt_set("dreambench", "dog")[10] == "a {token} {class} wearing a red hat"
+    assert len(prompts.prompt_set("study", "dog")) == 4
+
+
+def test_evaluate_run_writes_metrics_and_round_trips(trained_run, embedder):
+    ev = EvalConfig(dino_model="tiny", clip_model="tiny", images_per_prompt=2, drift_images=3)
+    result = evaluate_run(trained_run.run_dir, ev, embedder=embedder, progress=False)
+    s = result.summary
+    assert s["images"] == 8 and len(result.per_image) == 8 and len(result.per_prompt) == 4
+    for key in ("dino", "clip_i", "clip_t", "memorisation_max", "drift", "diversity_base", "diversity_finetuned"):
+        assert np.isfinite(s[key]), key
+    assert result.per_image[0]["clip_t_prompt"] == "A dog in red t-shirts"  # token stripped
+    back = read_result(trained_run.run_dir)
+    assert back == result and EvalResult.from_json(result.to_json()) == result
+    assert (trained_run.run_dir / "eval").is_dir()
+    assert (next((trained_run.run_dir / "eval").iterdir()) / "memorisation.png").is_file()
+    row = next(r for r in scan_runs(trained_run.run_dir.parent) if r["run_dir"] == str(trained_run.run_dir))
+    assert row["metric_dino"] == s["dino"] and row["metric_clip_t"] == s["clip_t"]
+
+
+def test_drift_is_zero_at_lora_scale_zero(trained_run, embedder):
+    ev = EvalConfig(dino_model="tiny", clip_model="tiny", images_per_prompt=1, drift_images=3, prompt_set="study")
+    zero = SampleConfig(lora_scale_unet=0.0, lora_scale_text_encoder=0.0, steps=4)
+    s = evaluate_run(trained_run.run_dir, ev, settings=zero, embedder=embedder, progress=False).summary
+    assert s["drift"] == 0.0 and s["diversity_base"] == s["diversity_finetuned"]
+    full = SampleConfig(lora_scale_unet=1.5, lora_scale_text_encoder=1.5, steps=4)
+    s = evaluate_run(trained_run.run_dir, ev, settings=full, embedder=embedder, progress=False).summary
+    assert s["drift"] != 0.0
+
+
+def test_score_scale_multiplies_the_scores(trained_run, embedder):
+    ev = EvalConfig(dino_model="tiny", clip_model="tiny", images_per_prompt=1, drift_images=0)
+    one = evaluate_run(trained_run.run_dir, ev, embedder=embedder, progress=False).summary
+    hundred = evaluate_run(trained_run.run_dir, EvalConfig(**{**ev.__dict__, "score_scale": 100.0}),
+                           embedder=embedder, progress=False).summary
+    assert hundred["dino"] == pytest.approx(100 * one["dino"]) and hundred["clip_t"] == pytest.approx(100 * one["clip_t"])
+
+
+def test_evaluate_cli(trained_run, capsys):
+    from dreambooth_lab.cli import main
+
+    assert main(["evaluate", str(trained_run.run_dir), "--set", "eval.dino_model=tiny", "--set", "eval.clip_model=tiny",
+                 "--set", "eval.images_per_prompt=1", "--set", "eval.drift_images=2"]) == 0
+    out = capsys.readouterr().out
+    assert "dino=" in out and "clip_t=" in out
+    assert json.loads((trained_run.run_dir / "metrics.json").read_text())["settings"]["images_per_prompt"] == 1
