@@ -1,4 +1,4 @@
-"""`python -m dreambooth_lab train|sample|compare|tokens|sweep|sheet|evaluate|demo` — argument parsing only."""
+"""`python -m dreambooth_lab train|sample|compare|tokens|sweep|sheet|evaluate|export|info|demo` — argument parsing only."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="folder of instance photos")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=800")
     t.add_argument("--new-run", action="store_true", help="do not resume an unfinished run of the same config")
+    t.add_argument("--profile", action="store_true", help="write profile.json: seconds per phase of a step")
 
     s = sub.add_parser("sample", help="seed grid and test prompts of a run")
     s.add_argument("run_dir")
@@ -82,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("run_dirs", nargs="+")
     v.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
                    help="e.g. eval.prompt_set=dreambench eval.images_per_prompt=4 eval.dino_model=tiny")
+
+    x = sub.add_parser("export", help="the run's LoRA for AUTOMATIC1111/ComfyUI (kohya), or fused into a pipeline")
+    x.add_argument("run_dir")
+    x.add_argument("--format", choices=["kohya", "fused"], default="kohya")
+    x.add_argument("--out", help="file (kohya) or folder (fused); default under RUN/export/")
+    x.add_argument("--scale-unet", type=float, help="fused: UNet LoRA scale (default: the run's)")
+    x.add_argument("--scale-text-encoder", type=float, help="fused: text-encoder LoRA scale (default: the run's)")
+
+    i = sub.add_parser("info", help="metadata of a LoRA file")
+    i.add_argument("file")
 
     d = sub.add_parser("demo", help="train, sample and compare on the sample subject")
     d.add_argument("--model", default="tiny", help="'tiny' (offline, CPU) or a hub id for a GPU box")
@@ -165,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.data:
                 extra["data.instance_dir"] = args.data
             cfg = config_mod.with_overrides(cfg, extra)
-            result = train(cfg, resume=None if args.new_run else "auto")
+            result = train(cfg, resume=None if args.new_run else "auto", profile=args.profile)
             print(f"run folder: {result.run_dir}\nLoRA:       {result.lora_path}")
         elif args.command == "sample":
             from .report import sample_run
@@ -185,6 +196,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sheet: {run_sheet_command(args)}")
         elif args.command == "evaluate":
             print(run_evaluate_command(args))
+        elif args.command == "export":
+            from .export import export_fused, export_kohya
+
+            if args.format == "kohya":
+                print(f"kohya LoRA: {export_kohya(args.run_dir, args.out)}")
+            else:
+                print(f"fused pipeline: {export_fused(args.run_dir, args.scale_unet, args.scale_text_encoder, args.out)}")
+        elif args.command == "info":
+            from .export import format_info
+
+            print(format_info(args.file))
         elif args.command == "demo":
             from .demo import run_demo
 
@@ -198,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"comparison:   {r.compare}",
                 f"instance loss on fixed noise: {r.run.eval_loss_before:.4f} -> {r.run.eval_loss_after:.4f}",
             ]))
-    except (config_mod.ConfigError, FileNotFoundError, PermissionError, ValueError) as exc:
+    except (config_mod.ConfigError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -14,7 +14,7 @@ from typing import Sequence
 from . import files
 from .config import Config, SampleConfig
 from .report import load_run_config
-from .sample import LORA_FILE, ImageSpec, generate, load_lora, save_with_sidecars
+from .sample import LORA_FILE, ImageSpec, apply_vae_options, generate, load_lora, save_with_sidecars
 from .viz import labeled_grid
 
 SPEC_FIELDS = ("lora_scale_unet", "lora_scale_text_encoder", "guidance", "steps", "seed", "negative_prompt")
@@ -46,6 +46,7 @@ class PipelineCache:
 
         if cfg.model.name not in self.pipes:
             self.pipes[cfg.model.name] = load_pipeline(cfg.model, device=self.device)
+            apply_vae_options(self.pipes[cfg.model.name], cfg.sample.vae_slicing, cfg.sample.vae_tiling)
         pipe = self.pipes[cfg.model.name]
         load_lora(pipe, run_dir / LORA_FILE)
         return pipe

@@ -34,6 +34,11 @@ TEST_PROMPTS = (
 )
 
 
+# Where files go and how often they are written change no weight: left out of the config hash.
+NOT_IN_HASH = ("train.output_dir", "train.checkpoint_every", "train.checkpoints_to_keep", "train.log_with",
+               "train.validation_every", "train.validation_prompt", "train.validation_images", "prior.cache_dir")
+
+
 class ConfigError(ValueError):
     """A config value is wrong; the message names the field and the fix."""
 
@@ -112,6 +117,18 @@ class TrainConfig:
     name: str | None = None  # None = "<token>-<class>"
     checkpoint_every: int = 500
     checkpoints_to_keep: int = 2
+    # Speed: caches that change nothing but time, and GPU options.
+    cache_latents: bool = True  # VAE-encode every photo once (centre crops; random crops cannot be cached)
+    cache_text_embeddings: bool = True  # encode the two prompts once while the text encoder is frozen
+    offload_frozen: bool = True  # move the VAE / frozen text encoder off the GPU once cached
+    allow_tf32: bool = True  # TF32 matmuls on Ampere+ (A100); no effect on a T4 or CPU
+    channels_last: bool = False  # UNet memory format; sometimes faster with fp16 on GPU
+    compile: bool = False  # torch.compile the UNet (minutes of warm-up; pays off on long runs)
+    # Logging: TensorBoard scalars and validation images (needs `pip install tensorboard`).
+    log_with: str = "none"  # none | tensorboard
+    validation_every: int = 0  # steps between validation images (0 = none)
+    validation_prompt: str = "A {token} {class}"
+    validation_images: int = 2
 
 
 @dataclass
@@ -126,6 +143,8 @@ class SampleConfig:
     lora_scale_unet: float = 0.4
     lora_scale_text_encoder: float = 0.4
     batch_size: int = 4
+    vae_slicing: bool = True  # decode a batch one image at a time: less memory, same pixels
+    vae_tiling: bool = False  # decode in tiles: for images much larger than the training size
 
 
 @dataclass
@@ -201,6 +220,9 @@ class Config:
         data = self.resolved().to_dict()
         data.pop("sample")
         data.pop("eval")
+        for dotted in NOT_IN_HASH:
+            section, key = dotted.split(".")
+            data[section].pop(key)
         blob = json.dumps(data, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -265,6 +287,8 @@ def validation_errors(cfg: Config) -> list[str]:
          f"train.mixed_precision={cfg.train.mixed_precision!r}: use no, fp16 or bf16")
     need(cfg.train.checkpoint_every > 0, f"train.checkpoint_every={cfg.train.checkpoint_every}: use a positive step count")
     need(cfg.train.checkpoints_to_keep > 0, f"train.checkpoints_to_keep={cfg.train.checkpoints_to_keep}: keep at least 1")
+    need(cfg.train.log_with in ("none", "tensorboard"), f"train.log_with={cfg.train.log_with!r}: use none or tensorboard")
+    need(cfg.train.validation_every >= 0, f"train.validation_every={cfg.train.validation_every}: use 0 (off) or a step count")
     need(cfg.sample.steps > 0, f"sample.steps={cfg.sample.steps}: use a positive number of steps")
     need(bool(cfg.sample.seeds), "sample.seeds is empty: give at least one seed")
     for i, s in enumerate(cfg.sample.seeds):

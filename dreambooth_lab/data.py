@@ -16,10 +16,19 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# Image formats people have but this loader does not read: named in the error with the fix.
+UNSUPPORTED = {".heic": "HEIC (iPhone)", ".heif": "HEIF", ".avif": "AVIF", ".tif": "TIFF", ".tiff": "TIFF",
+               ".bmp": "BMP", ".gif": "GIF", ".dng": "DNG (raw)", ".cr2": "CR2 (raw)", ".nef": "NEF (raw)",
+               ".arw": "ARW (raw)", ".raw": "raw"}
+MIN_SIDE_FRACTION = 4  # refuse photos whose shorter side is below resolution / 4 (upscaled 4x+ = mush)
 
 
 class DatasetError(ValueError):
     """A photo folder cannot be used; the message names every file at fault."""
+
+
+class DatasetWarning(UserWarning):
+    """Usable, but worth knowing: upscaled photos, duplicates."""
 
 
 def find_images(folder: str | Path) -> list[Path]:
@@ -28,6 +37,11 @@ def find_images(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise DatasetError(f"image folder {folder} does not exist: check data.instance_dir (or DATASET_DIR)")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    unsupported = [p for p in files if p.suffix.lower() in UNSUPPORTED]
+    if unsupported:
+        names = "\n  ".join(f"{p}: {UNSUPPORTED[p.suffix.lower()]} is not supported" for p in unsupported)
+        raise DatasetError(f"{len(unsupported)} photo(s) in a format this loader does not read — convert them to "
+                           f"JPEG or PNG (e.g. export as JPEG from Photos), or move them out:\n  {names}")
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not images:
         others = ", ".join(p.name for p in files[:5]) or "nothing"
@@ -38,32 +52,75 @@ def find_images(folder: str | Path) -> list[Path]:
     return images
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Open a photo upright and in RGB; transparent pixels become white."""
+def open_image(path: str | Path, target: int | None = None) -> Image.Image:
+    """Open a photo upright and in RGB; transparent pixels become white, 16-bit becomes 8-bit.
+
+    With `target`, a large JPEG is decoded at reduced size (libjpeg's DCT scaling) to a shorter
+    side of at least `target`, so an 8000 px photo never exists in memory at full size.
+    """
     with Image.open(path) as im:
+        if target and im.format == "JPEG":
+            im.draft("RGB", (target, target))  # picks a scale that keeps both sides >= target
         im.load()
         im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.uint32)
+        im = Image.fromarray((arr >> 8 if arr.max() > 255 else arr).clip(0, 255).astype(np.uint8), "L")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA"):
+    if im.mode in ("RGBA", "LA", "PA"):
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(background, im.convert("RGBA"))
     return im.convert("RGB")
 
 
-def load_images(paths: list[Path]) -> list[Image.Image]:
+def load_images(paths: list[Path], target: int | None = None) -> list[Image.Image]:
     """Open every file; if any cannot be read, raise one error that lists them all."""
     images, bad = [], []
     for p in paths:
         try:
-            images.append(open_image(p))
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            images.append(open_image(p, target))
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             bad.append(f"{p}: {exc.__class__.__name__}: {exc}")
     if bad:
         raise DatasetError(
             f"{len(bad)} file(s) could not be read as images — re-export or remove them:\n  " + "\n  ".join(bad)
         )
     return images
+
+
+def check_sizes(paths: list[Path], images: list[Image.Image], resolution: int) -> None:
+    """Refuse photos far below the resolution; warn about those that will be upscaled."""
+    import warnings
+
+    floor = max(8, resolution // MIN_SIDE_FRACTION)
+    tiny = [f"{p}: {im.size[0]}x{im.size[1]}" for p, im in zip(paths, images) if min(im.size) < floor]
+    if tiny:
+        raise DatasetError(f"{len(tiny)} photo(s) are smaller than {floor} px on the shorter side, far below the "
+                           f"training resolution {resolution}: use larger originals or remove them:\n  "
+                           + "\n  ".join(tiny))
+    small = [f"{p.name} ({min(im.size)} px)" for p, im in zip(paths, images) if min(im.size) < resolution]
+    if small:
+        warnings.warn(f"{len(small)} photo(s) are smaller than the resolution {resolution} and will be upscaled "
+                      f"(softer results): {', '.join(small)}", DatasetWarning, stacklevel=3)
+
+
+def check_duplicates(paths: list[Path], images: list[Image.Image]) -> list[tuple[str, str]]:
+    """Warn about photos that are the same picture (same pixels at 16x16, grey); returns the pairs."""
+    import warnings
+
+    seen: dict[bytes, Path] = {}
+    pairs = []
+    for p, im in zip(paths, images):
+        key = np.asarray(im.convert("L").resize((16, 16), Image.Resampling.BILINEAR)).tobytes()
+        if key in seen:
+            pairs.append((seen[key].name, p.name))
+        else:
+            seen[key] = p
+    if pairs:
+        warnings.warn("duplicate photos (they weigh double in training; remove one of each): "
+                      + ", ".join(f"{a} = {b}" for a, b in pairs), DatasetWarning, stacklevel=3)
+    return pairs
 
 
 def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
@@ -99,30 +156,28 @@ class ImageSet:
     resolution: int
 
     @classmethod
-    def from_paths(cls, paths: list[Path], resolution: int) -> "ImageSet":
-        images = [resize_shorter_side(im, resolution) for im in load_images(paths)]
-        return cls(list(paths), images, resolution)
+    def from_paths(cls, paths: list[Path], resolution: int, check: bool = False) -> "ImageSet":
+        originals = load_images(paths, target=resolution)
+        if check:
+            check_sizes(paths, originals, resolution)
+            check_duplicates(paths, originals)
+        return cls(list(paths), [resize_shorter_side(im, resolution) for im in originals], resolution)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, resolution: int) -> "ImageSet":
-        return cls.from_paths(find_images(folder), resolution)
+    def from_folder(cls, folder: str | Path, resolution: int, check: bool = True) -> "ImageSet":
+        """The subject's photos, with size and duplicate checks (class images skip them)."""
+        return cls.from_paths(find_images(folder), resolution, check=check)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def example(self, index: int, *, center_crop: bool, flip: bool, gen: torch.Generator | None = None) -> torch.Tensor:
-        img = self.images[index]
-        img = img.crop(crop_box(img.size, self.resolution, center_crop, gen))
-        if flip:
-            img = ImageOps.mirror(img)
-        return to_tensor(img)
+        box = crop_box(self.images[index].size, self.resolution, center_crop, gen)
+        return self.crop(index, box, flip)
 
-    def batch(self, indices: list[int], *, center_crop: bool, random_flip: bool, gen: torch.Generator) -> torch.Tensor:
-        rows = []
-        for i in indices:
-            flip = random_flip and bool(torch.rand((), generator=gen) < 0.5)
-            rows.append(self.example(i, center_crop=center_crop, flip=flip, gen=gen))
-        return torch.stack(rows)
+    def crop(self, index: int, box: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
+        img = self.images[index].crop(box)
+        return to_tensor(ImageOps.mirror(img) if flip else img)
 
 
 def indices_for_step(n: int, batch_size: int, seed: int, step: int) -> list[int]:

@@ -50,7 +50,11 @@ def timestamp() -> str:
 def new_dir(parent: str | Path, name: str) -> Path:
     """Create parent/name-<timestamp> (with -2, -3... on a clash); never reuse a folder."""
     parent = Path(parent).expanduser()
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PermissionError(f"cannot create the output folder {parent} ({exc.strerror or exc}): "
+                              "choose another train.output_dir (OUTPUT_DIR)") from exc
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"cannot write to {parent}: choose another train.output_dir (OUTPUT_DIR)")
     base = f"{name}-{timestamp()}"
@@ -62,3 +66,35 @@ def new_dir(parent: str | Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise FileExistsError(f"could not make a new folder for {base} in {parent}")
+
+
+# ---- safetensors with a deterministic header -----------------------------------------------------
+# The safetensors library writes header metadata in hash-map order, which changes from one process
+# to the next; a LoRA file's bytes would then depend on more than its config and seed. This writer
+# produces the same format (8-byte header length, JSON header, aligned raw data) with sorted keys.
+
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """Serialise tensors (name -> torch.Tensor) to safetensors bytes, deterministically (pure)."""
+    import struct
+
+    header: dict = {"__metadata__": dict(sorted((metadata or {}).items()))} if metadata else {}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        data = t.reshape(-1).view(__import__("torch").uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_DTYPES[str(t.dtype).removeprefix("torch.")], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    return struct.pack("<Q", len(blob)) + blob + b"".join(chunks)
+
+
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    data = safetensors_bytes(tensors, metadata)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))

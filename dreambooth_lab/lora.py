@@ -42,8 +42,10 @@ def lora_state_dicts(unet, text_encoder, with_text_encoder: bool) -> tuple[dict,
     return unet_sd, te_sd
 
 
-def save_lora(folder: str | Path, unet, text_encoder, with_text_encoder: bool) -> Path:
-    """Write <folder>/pytorch_lora_weights.safetensors atomically (diffusers LoRA format)."""
+def save_lora(folder: str | Path, unet, text_encoder, with_text_encoder: bool,
+              metadata: dict[str, str] | None = None) -> Path:
+    """Write <folder>/pytorch_lora_weights.safetensors atomically (diffusers LoRA format), with
+    `metadata` (strings) added to the safetensors header."""
     from diffusers import StableDiffusionPipeline
 
     unet_sd, te_sd = lora_state_dicts(unet, text_encoder, with_text_encoder)
@@ -53,9 +55,27 @@ def save_lora(folder: str | Path, unet, text_encoder, with_text_encoder: bool) -
     target = Path(folder) / LORA_FILE
 
     def write(tmp: Path) -> None:
+        # The adapters' LoraConfig (rank, alpha, targets) goes into the file: without it a loader
+        # assumes alpha = rank and a LoRA trained with another alpha comes back at the wrong scale.
         StableDiffusionPipeline.save_lora_weights(
             tmp.parent, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
             weight_name=tmp.name, safe_serialization=True,
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            text_encoder_lora_adapter_metadata=(text_encoder.peft_config["default"].to_dict()
+                                                if with_text_encoder else None),
         )
+        # Rewrite with a sorted header (and our metadata): the same LoRA gives the same bytes.
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(tmp), framework="pt") as f:
+            merged = {**(f.metadata() or {}), **(metadata or {})}
+        tmp.write_bytes(files.safetensors_bytes(load_file(str(tmp)), merged))
 
     return files.atomic_write(target, write)
+
+
+def enable_checkpointing(text_encoder) -> None:
+    """Gradient (activation) checkpointing on a transformers text encoder, old or new name."""
+    fn = getattr(text_encoder, "activation_checkpointing_enable", None) or text_encoder.gradient_checkpointing_enable
+    fn()

@@ -164,33 +164,46 @@ def _tiny_components():
     return unet, vae, text_encoder, scheduler
 
 
-def build_tiny_pipeline(folder: Path) -> Path:
-    """Build the tiny pipeline and save it in the diffusers layout (atomically) under folder."""
+def _sd15_components():
+    """Stable Diffusion 1.5's published configs (860M UNet, 84M VAE, 123M CLIP ViT-L/14 text)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    _, _, _, scheduler = _tiny_components()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                        sample_size=512)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    return unet, vae, text_encoder, scheduler
+
+
+def build_tiny_pipeline(folder: Path, components=None) -> Path:
+    """Build the tiny pipeline (or `components()`'s) and save it in the diffusers layout, atomically."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    folder = Path(folder)
-    if (folder / "model_index.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
-    try:
-        write_clip_tokenizer(tmp / "_tok")
-        tokenizer = CLIPTokenizer.from_pretrained(tmp / "_tok")
-        unet, vae, text_encoder, scheduler = _tiny_components()
+    def build(out: Path) -> None:
+        write_clip_tokenizer(out.parent / "_tok")
+        tokenizer = CLIPTokenizer.from_pretrained(out.parent / "_tok")
+        unet, vae, text_encoder, scheduler = (components or _tiny_components)()
         pipe = StableDiffusionPipeline(
             unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
-        pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
-        try:
-            os.replace(tmp / "pipe", folder)
-        except OSError:  # another process finished first: theirs is identical
-            if not (folder / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+        pipe.save_pretrained(out, safe_serialization=True)
+        empty = [d.name for d in out.iterdir() if d.is_dir() and not any(d.iterdir())]
+        if empty:  # e.g. a non-main process of a distributed launch, where saving is skipped
+            raise RuntimeError(f"building {folder} wrote no files for {empty}; build it from one process first")
+
+    return _build_once(folder, build, marker="model_index.json")
 
 
 def tiny_model_dir() -> Path:
@@ -214,10 +227,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
+SD15_SHAPED = "sd15-random"  # SD1.5's architecture with random weights: same FLOPs and memory
+
+
+def sd15_shaped_dir() -> Path:
+    """SD1.5-shaped pipeline with random weights (for benchmarks), built on first use (~4 GB)."""
+    return build_tiny_pipeline(cache_root() / "models" / "sd15-shaped-random-v1", components=_sd15_components)
+
+
 def pretrained_path(name: str) -> str:
     """What from_pretrained receives: the tiny folder, or the user's string unchanged."""
     if name == TINY_MODEL:
         return str(tiny_model_dir())
+    if name == SD15_SHAPED:
+        return str(sd15_shaped_dir())
     local = Path(name).expanduser()
     if (name.startswith((".", "/", "~")) or local.exists()) and not (local / "model_index.json").is_file():
         raise FileNotFoundError(
@@ -302,9 +325,11 @@ def build_tiny_dino(folder: Path) -> Path:
     return _build_once(folder, build)
 
 
-def _build_once(folder: Path, build) -> Path:
+def _build_once(folder: Path, build, marker: str = "config.json") -> Path:
+    """Run build(tmp) in a temporary folder beside `folder`, then rename it into place; a folder
+    that already holds `marker` is reused (another process may have finished first)."""
     folder = Path(folder)
-    if (folder / "config.json").is_file():
+    if (folder / marker).is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
@@ -313,7 +338,7 @@ def _build_once(folder: Path, build) -> Path:
         try:
             os.replace(tmp / "out", folder)
         except OSError:
-            if not (folder / "config.json").is_file():
+            if not (folder / marker).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

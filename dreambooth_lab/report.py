@@ -17,7 +17,7 @@ from . import files
 from .data import ImageSet
 from .metrics import nearest
 from .viz import dataset_vs_generation, image_grid, tensor_to_pil
-from .sample import LORA_FILE, ImageSpec, generate, load_lora, read_sidecar, save_with_sidecars
+from .sample import LORA_FILE, ImageSpec, apply_vae_options, generate, load_lora, read_sidecar, save_with_sidecars
 
 SAMPLES = "samples"
 
@@ -35,6 +35,7 @@ def open_run(run_dir: str | Path, device=None):
 
     cfg = load_run_config(run_dir)
     pipe = load_pipeline(cfg.model, device=device)
+    apply_vae_options(pipe, cfg.sample.vae_slicing, cfg.sample.vae_tiling)
     load_lora(pipe, Path(run_dir) / LORA_FILE)
     return pipe
 

@@ -83,6 +83,12 @@ def load_lora(pipe, lora_path: str | Path) -> None:
     pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER)
 
 
+def apply_vae_options(pipe, slicing: bool, tiling: bool) -> None:
+    """VAE slicing (decode one image of a batch at a time) and tiling (decode in tiles)."""
+    (pipe.vae.enable_slicing if slicing else pipe.vae.disable_slicing)()
+    (pipe.vae.enable_tiling if tiling else pipe.vae.disable_tiling)()
+
+
 def set_lora_scales(pipe, unet: float, text_encoder: float) -> None:
     """Scale the UNet and text-encoder LoRA separately (0 = base model, 1 = as trained)."""
     loaded = pipe.get_list_adapters()

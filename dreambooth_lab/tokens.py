@@ -43,6 +43,10 @@ def merge_rank(tokenizer, token_id: int) -> int | None:
     return rank if 0 <= rank < n_merges(tokenizer) else None
 
 
+class TokenWarning(UserWarning):
+    """The rare token will bind badly (split into several tokens)."""
+
+
 @dataclass
 class TokenReport:
     token: str

@@ -20,51 +20,19 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import checkpoint, files
+from . import checkpoint, files, tracking
 from .config import Config, to_yaml
-from .data import ImageSet, indices_for_step
-from .lora import add_adapters, save_lora
+from .data import ImageSet
+from .lora import add_adapters, enable_checkpointing, save_lora
 from .models import load_pipeline
 from .prior import ensure_class_images
 from .sample import LORA_FILE
+from .trainer import Trainer, step_seed
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
-
-
-# ---- pure helpers -----------------------------------------------------------------------------
-
-def step_seed(seed: int, step: int, micro: int = 0) -> int:
-    """A seed for the randomness of one micro-step, derived from the run seed (pure)."""
-    return (seed * 1_000_003 + step * 97 + micro) % (2**63)
-
-
-def training_target(scheduler_config, latents, noise, timesteps, scheduler) -> torch.Tensor:
-    """What the UNet must predict: the noise (epsilon) or the velocity (v-prediction)."""
-    kind = scheduler_config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"prediction_type {kind!r} is not supported (epsilon or v_prediction)")
-
-
-def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int, prior_weight: float):
-    """Split a batch of [instance rows; class rows] and return (loss, instance MSE, prior MSE)."""
-    pred, target = pred.float(), target.float()
-    inst = F.mse_loss(pred[:n_instance], target[:n_instance])
-    if pred.shape[0] == n_instance:
-        return inst, inst, None
-    prior = F.mse_loss(pred[n_instance:], target[n_instance:])
-    return inst + prior_weight * prior, inst, prior
-
-
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -81,70 +49,6 @@ class RunResult:
     resumed_from: int | None = None
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
-
-
-class Trainer:
-    """Holds the models and the batch logic; `train()` below drives it."""
-
-    def __init__(self, cfg: Config, pipe, instance: ImageSet, classes: ImageSet | None, accelerator):
-        from diffusers import DDPMScheduler
-
-        self.cfg, self.acc = cfg, accelerator
-        self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.instance, self.classes = instance, classes
-        self.prompt_ids = tokenize(self.tokenizer, [cfg.fill(cfg.data.instance_prompt), cfg.fill(cfg.data.class_prompt)])
-
-    def batch(self, step: int, micro: int):
-        """Pixels and prompt ids of one micro-batch: instance rows first, then class rows."""
-        cfg, B = self.cfg, self.cfg.train.batch_size
-        gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, micro))
-        flat = step * cfg.train.gradient_accumulation_steps + micro
-        kw = dict(center_crop=cfg.data.center_crop, random_flip=cfg.data.random_flip, gen=gen)
-        pixels = [self.instance.batch(indices_for_step(len(self.instance), B, cfg.train.seed, flat), **kw)]
-        ids = [self.prompt_ids[0:1].repeat(B, 1)]
-        if self.classes is not None:
-            pixels.append(self.classes.batch(indices_for_step(len(self.classes), B, cfg.train.seed + 1, flat), **kw))
-            ids.append(self.prompt_ids[1:2].repeat(B, 1))
-        return torch.cat(pixels), torch.cat(ids), gen
-
-    def loss(self, pixels, ids, gen, timesteps=None, noise=None):
-        """Diffusion loss of a batch; gen drives the VAE sample, noise and timesteps."""
-        dev, dtype = self.acc.device, self.vae.dtype
-        with torch.no_grad():
-            dist = self.vae.encode(pixels.to(dev, dtype)).latent_dist
-            latents = dist.sample(generator=gen) * self.vae.config.scaling_factor
-        n = latents.shape[0]
-        if noise is None:
-            noise = torch.randn(latents.shape, generator=gen).to(dev, latents.dtype)
-        if timesteps is None:
-            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
-        timesteps = timesteps.to(dev)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        with torch.set_grad_enabled(self.cfg.train.train_text_encoder and torch.is_grad_enabled()):
-            states = self.text_encoder(ids.to(dev))[0]
-        pred = self.unet(noisy, timesteps, states).sample
-        target = training_target(self.noise_scheduler.config, latents, noise, timesteps, self.noise_scheduler)
-        return dreambooth_loss(pred, target, self.cfg.train.batch_size, self.cfg.prior.loss_weight)
-
-    @torch.no_grad()
-    def eval_instance_loss(self, seed: int = 1234, timesteps=(100, 300, 500, 700, 900)) -> float:
-        """Instance loss on fixed crops, noise and timesteps: comparable across steps and runs."""
-        losses = []
-        for i in range(len(self.instance)):
-            px = self.instance.example(i, center_crop=True, flip=False)[None].repeat(len(timesteps), 1, 1, 1)
-            ids = self.prompt_ids[0:1].repeat(len(timesteps), 1)
-            gen = torch.Generator().manual_seed(seed + i)
-            with self.acc.autocast():
-                dist = self.vae.encode(px.to(self.acc.device, self.vae.dtype)).latent_dist
-                latents = dist.mean * self.vae.config.scaling_factor
-                noise = torch.randn(latents.shape, generator=gen).to(latents.device, latents.dtype)
-                t = torch.tensor(timesteps, device=latents.device)
-                noisy = self.noise_scheduler.add_noise(latents, noise, t)
-                pred = self.unet(noisy, t, self.text_encoder(ids.to(latents.device))[0]).sample
-            target = training_target(self.noise_scheduler.config, latents, noise, t, self.noise_scheduler)
-            losses.append(F.mse_loss(pred.float(), target.float()).item())
-        return sum(losses) / len(losses)
 
 
 def runs_of(cfg: Config) -> list[Path]:
@@ -194,18 +98,25 @@ def read_metrics(run_dir: Path, up_to_step: int | None = None) -> list[dict]:
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # the last line of a run killed mid-write
+            break
     return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
 
 
 def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bool = False, progress: bool = True,
-          on_step: Callable[[dict], None] | None = None) -> RunResult:
+          on_step: Callable[[dict], None] | None = None, profile: bool = False) -> RunResult:
     """Train a DreamBooth LoRA; returns where everything went.
 
     resume="auto" continues the newest unfinished run of the same config from its latest
     checkpoint (a Colab disconnect costs at most checkpoint_every steps); a path resumes that
     run; None always starts a new run folder. reuse_finished=True returns a finished run of the
-    same config instead of training it again (what a notebook's re-run wants).
+    same config instead of training it again (what a notebook's re-run wants). profile=True
+    writes profile.json: seconds per phase (data, VAE, text encoder, UNet forward, backward,
+    optimizer), with CUDA synchronised at the edges (which itself costs a little time).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -226,43 +137,53 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
 
     AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision,
-                      gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
+                      gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+                      log_with=tracking.tracker_backend(cfg), project_config=tracking.project_config(cfg))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision, torch.float32)
     set_seed(cfg.train.seed)
-    pipe = load_pipeline(cfg.model, device=acc.device, dtype=weight_dtype)
+    with acc.main_process_first():  # the tiny model is built once, by the main process
+        pipe = load_pipeline(cfg.model, device=acc.device, dtype=weight_dtype)
+    warn_about_token(cfg, pipe.tokenizer)
 
     classes, generated = None, 0
     if cfg.prior.enabled and cfg.prior.loss_weight > 0:
-        made = ensure_class_images(cfg, lambda: pipe, progress=progress)
+        def generation_pipe():
+            # Class images need no fp32: on a GPU they are made in fp16 (about twice as fast).
+            if acc.device.type == "cuda" and weight_dtype == torch.float32:
+                fast = load_pipeline(cfg.model, device=acc.device, dtype=torch.float16)
+                fast.vae.enable_slicing()
+                return fast
+            return pipe
+
+        with acc.main_process_first():  # one process generates; the others find the cache full
+            made = ensure_class_images(cfg, generation_pipe, progress=progress and acc.is_main_process)
+        if acc.device.type == "cuda":
+            torch.cuda.empty_cache()
         classes, generated = ImageSet.from_paths(made.paths, cfg.resolution), made.generated
 
-    run_dir = Path(resume) if resume not in (None, "auto") else (find_resumable(cfg) if resume == "auto" else None)
-    if run_dir is None:
-        run_dir = files.new_dir(cfg.train.output_dir, cfg.run_name) if acc.is_main_process else None
-        if acc.is_main_process:
+    run_dir = None
+    if acc.is_main_process:  # only the main process creates and writes files
+        run_dir = Path(resume) if resume not in (None, "auto") else (find_resumable(cfg) if resume == "auto" else None)
+        if run_dir is None:
+            run_dir = files.new_dir(cfg.train.output_dir, cfg.run_name)
             files.write_text(run_dir / "config.yaml", to_yaml(cfg))
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
 
-    trainer = Trainer(cfg, pipe, instance, classes, acc)
+        run_dir = broadcast_object_list([run_dir])[0]  # every process resumes from the same checkpoint
+
+    trainer = Trainer(cfg, pipe, instance, classes, acc, profile=profile)
     torch.manual_seed(cfg.train.seed)  # LoRA init draws from the global generator
     params = add_adapters(cfg, trainer.unet, trainer.text_encoder)
     if cfg.train.gradient_checkpointing:
         trainer.unet.enable_gradient_checkpointing()
         if cfg.train.train_text_encoder:
-            trainer.text_encoder.gradient_checkpointing_enable()
+            enable_checkpointing(trainer.text_encoder)
     eval_before = trainer.eval_instance_loss()
 
-    groups = [{"params": [p for p in trainer.unet.parameters() if p.requires_grad], "lr": cfg.optim.lr_unet}]
-    if cfg.train.train_text_encoder:
-        groups.append({"params": [p for p in trainer.text_encoder.parameters() if p.requires_grad],
-                       "lr": cfg.optim.lr_text_encoder})
-    opt_kw = dict(betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), weight_decay=cfg.optim.weight_decay,
-                  eps=cfg.optim.adam_epsilon)
-    if cfg.optim.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
-
-        optimizer = bnb.optim.AdamW8bit(groups, **opt_kw)
-    else:
-        optimizer = torch.optim.AdamW(groups, **opt_kw)
+    configure_speed(cfg, trainer.unet, acc.device)
+    optimizer = make_optimizer(cfg, trainer.unet, trainer.text_encoder)
+    n_groups = len(optimizer.param_groups)
     lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.lr_warmup_steps,
                                  num_training_steps=cfg.train.steps)
     models = [trainer.unet] + ([trainer.text_encoder] if cfg.train.train_text_encoder else [])
@@ -278,13 +199,15 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
                       if p.requires_grad})
 
     start, resumed_from = 0, None
-    ckpts = checkpoint.list_checkpoints(run_dir) if run_dir is not None else []
+    ckpts = checkpoint.list_checkpoints(run_dir)
     if ckpts:
         start = resumed_from = checkpoint.load(ckpts[-1], named, optimizer.optimizer, lr_scheduler)
     history = read_metrics(run_dir, up_to_step=start) if acc.is_main_process else []
     if acc.is_main_process:  # drop log lines written after the checkpoint we resume from
         files.write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in history))
 
+    rank_log: list = []
+    logging = acc.is_main_process and tracking.start(acc, cfg, run_dir)
     trainer.unet.train()
     trainer.text_encoder.train(cfg.train.train_text_encoder)
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="training",
@@ -295,20 +218,24 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
             t_step = time.time()
             sums = {"loss": 0.0, "instance_loss": 0.0, "prior_loss": 0.0}
             for micro in range(cfg.train.gradient_accumulation_steps):
-                pixels, ids, gen = trainer.batch(step, micro)
                 torch.manual_seed(step_seed(cfg.train.seed, step, micro))  # LoRA dropout, if any
                 with acc.accumulate(*models):
                     with acc.autocast():
-                        loss, inst, prior = trainer.loss(pixels, ids, gen)
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                        loss, inst, prior = trainer.loss(step, micro)
+                    with trainer.timer.phase("backward"):
+                        acc.backward(loss)
+                    with trainer.timer.phase("optimizer"):
+                        if acc.sync_gradients:
+                            acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
                 k = cfg.train.gradient_accumulation_steps
-                sums["loss"] += loss.item() / k
-                sums["instance_loss"] += inst.item() / k
-                sums["prior_loss"] += (prior.item() if prior is not None else 0.0) / k
+                parts = torch.stack([loss.detach(), inst.detach(), prior.detach() if prior is not None else loss * 0])
+                parts = acc.reduce(parts, "mean") if acc.num_processes > 1 else parts  # log the global batch
+                sums["loss"] += parts[0].item() / k
+                sums["instance_loss"] += parts[1].item() / k
+                sums["prior_loss"] += parts[2].item() / k
+                rank_log.append([step, micro, [[r.kind, r.index, r.flip] for r in trainer.last_rows]])
             lr_scheduler.step()
             if not torch.isfinite(torch.tensor(sums["loss"])):
                 raise FloatingPointError(
@@ -317,12 +244,17 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
                 )
             record = {"step": step + 1, **sums, "prior_loss": sums["prior_loss"] if classes is not None else None,
                       "lr": lr_scheduler.get_last_lr()[0],
-                      "lr_text_encoder": lr_scheduler.get_last_lr()[1] if len(groups) > 1 else None,
+                      "lr_text_encoder": lr_scheduler.get_last_lr()[1] if n_groups > 1 else None,
                       "step_seconds": round(time.time() - t_step, 4), "seconds": round(time.time() - t0, 3)}
             history.append(record)
             if log:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+            if logging:
+                tracking.log_scalars(acc, record)
+            every = cfg.train.validation_every
+            if acc.is_main_process and every and (step + 1) % every == 0:
+                tracking.log_validation(acc, cfg, trainer, step + 1, run_dir)
             bar.set_postfix(loss=f"{sums['loss']:.4f}")
             if on_step:
                 on_step(record)
@@ -337,11 +269,14 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
     trainer.unet.eval()
     trainer.text_encoder.eval()
     eval_after = trainer.eval_instance_loss()
+    write_rank_report(acc, rank_log, named)
     acc.wait_for_everyone()
     lora_path = run_dir / LORA_FILE if run_dir is not None else None
     if acc.is_main_process:
+        from .export import run_metadata
+
         save_lora(run_dir, acc.unwrap_model(trainer.unet), acc.unwrap_model(trainer.text_encoder),
-                  cfg.train.train_text_encoder)
+                  cfg.train.train_text_encoder, metadata=run_metadata(cfg))
         from .viz import plot_loss_curve
 
         plot_loss_curve(history, run_dir / "loss.png", title=f"{run_dir.name}",
@@ -351,11 +286,86 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
                    "class_images_generated": generated, "resumed_from": resumed_from,
                    "seconds": round(time.time() - t0, 2), "config_hash": cfg.hash()}
         files.write_json(run_dir / SUMMARY, summary)
+        if profile:
+            report = profile_report(trainer.timer.seconds, cfg.train.steps - start)
+            files.write_json(run_dir / "profile.json", report)
+            if progress:
+                print(format_profile(report))
     acc.end_training()
     return RunResult(run_dir=run_dir, lora_path=lora_path, steps=cfg.train.steps,
                      final_loss=history[-1]["loss"] if history else float("nan"), eval_loss_before=eval_before,
                      eval_loss_after=eval_after, class_images_generated=generated, resumed_from=resumed_from,
                      seconds=time.time() - t0, history=history)
+
+
+def write_rank_report(acc, rows: list, named: dict[str, torch.Tensor]) -> None:
+    """With DREAMBOOTH_LAB_RANK_REPORT=<folder>, each process records what data it saw and a digest
+    of its final LoRA weights (how the multi-process test checks sharding and synchronisation)."""
+    import hashlib
+    import os
+
+    folder = os.environ.get("DREAMBOOTH_LAB_RANK_REPORT")
+    if not folder:
+        return
+    digest = hashlib.sha256()
+    for name in sorted(named):
+        digest.update(named[name].detach().cpu().float().numpy().tobytes())
+    files.write_json(Path(folder) / f"rank{acc.process_index}.json", {
+        "rank": acc.process_index, "world": acc.num_processes, "rows": rows, "lora_sha256": digest.hexdigest(),
+        "lora": {k: v.detach().cpu().float().flatten()[:8].tolist() for k, v in sorted(named.items())[:4]}})
+
+
+def warn_about_token(cfg: Config, tokenizer) -> None:
+    """A rare token that the tokenizer splits binds badly: say so before the hour of training."""
+    import warnings
+
+    from .tokens import TokenWarning, analyze
+
+    report = analyze([cfg.data.token], tokenizer, cfg.data.class_name, cfg.data.instance_prompt)[0]
+    if not report.single:
+        warnings.warn(f"data.token '{cfg.data.token}' {report.warnings[0]}", TokenWarning, stacklevel=3)
+
+
+def make_optimizer(cfg: Config, unet, text_encoder):
+    """AdamW (torch) or 8-bit AdamW (bitsandbytes) with one learning rate per component."""
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.optim.lr_unet}]
+    if cfg.train.train_text_encoder:
+        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
+                       "lr": cfg.optim.lr_text_encoder})
+    kw = dict(betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), weight_decay=cfg.optim.weight_decay,
+              eps=cfg.optim.adam_epsilon)
+    if cfg.optim.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, **kw)
+    return torch.optim.AdamW(groups, **kw)
+
+
+def configure_speed(cfg: Config, unet, device: torch.device) -> None:
+    """GPU options decided once: TF32, channels-last, torch.compile (SDPA attention is diffusers'
+    default on torch 2)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
+    if cfg.train.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        unet.forward = torch.compile(unet.forward)
+
+
+def profile_report(seconds: dict[str, float], steps: int) -> dict:
+    """Seconds per phase in total, per step, and as a share of the profiled time (pure)."""
+    total = sum(seconds.values()) or 1.0
+    return {"steps": steps, "total_seconds": round(total, 4), "phases": {
+        name: {"seconds": round(t, 4), "per_step": round(t / max(steps, 1), 5), "share": round(t / total, 4)}
+        for name, t in sorted(seconds.items(), key=lambda kv: -kv[1])}}
+
+
+def format_profile(report: dict) -> str:
+    lines = [f"profile over {report['steps']} steps ({report['total_seconds']:.2f} s):"]
+    lines += [f"  {name:<14} {p['per_step'] * 1000:9.1f} ms/step  {p['share'] * 100:5.1f}%"
+              for name, p in report["phases"].items()]
+    return "\n".join(lines)
 
 
 def run_params(cfg: Config) -> dict:

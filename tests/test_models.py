@@ -71,3 +71,23 @@ def test_dtype_auto_is_fp32_on_cpu():
 
     assert models.resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert models.resolve_dtype("auto", torch.device("cuda")) == torch.float16
+
+
+def test_safetensors_writer_is_deterministic_and_readable(tmp_path):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from dreambooth_lab import files
+
+    tensors = {"b.weight": torch.randn(3, 4), "a.alpha": torch.tensor(8.0), "c": torch.ones(2, dtype=torch.bfloat16),
+               "d": torch.arange(5, dtype=torch.int64)}
+    meta = {"z": "1", "format": "pt", "dreambooth_lab.token": "sks"}
+    blobs = {files.safetensors_bytes(tensors, dict(reversed(list(meta.items())))) for _ in range(3)}
+    blobs.add(files.safetensors_bytes(dict(reversed(list(tensors.items()))), meta))
+    assert len(blobs) == 1  # order of insertion does not matter
+    path = files.write_safetensors(tmp_path / "x.safetensors", tensors, meta)
+    back = load_file(str(path))
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == meta

@@ -97,3 +97,17 @@ def test_sample_and_compare_a_run(trained_run, lora_pipe):
         assert json.loads(png.with_suffix(".json").read_text())["run"] == str(trained_run.run_dir.resolve())
     sheet = compare_run(trained_run.run_dir)
     assert sheet.is_file() and sheet.parent == out.folder
+
+
+def test_a_lora_with_alpha_not_rank_reloads_at_its_trained_scale(tmp_path):
+    """What the trainer's in-memory UNet predicts, the reloaded file predicts too."""
+    from conftest import tiny_config
+    from dreambooth_lab.train import train
+
+    run = train(tiny_config(tmp_path, **{"train.steps": 4, "lora.alpha": 16.0, "optim.lr_unet": 1e-2}),
+                resume=None, progress=False)
+    pipe = load_pipeline(ModelConfig(name="tiny"), device="cpu")
+    sample.load_lora(pipe, run.lora_path)
+    sample.set_lora_scales(pipe, 1.0, 1.0)
+    layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    assert layer.scaling[sample.ADAPTER] == pytest.approx(16.0 / 4)

@@ -6,7 +6,8 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config
 from dreambooth_lab import checkpoint, prior
-from dreambooth_lab.train import dreambooth_loss, read_metrics, step_seed, train, training_target
+from dreambooth_lab.train import read_metrics, train
+from dreambooth_lab.trainer import dreambooth_loss, step_seed, training_target
 
 
 # ---- pure helpers ----------------------------------------------------------------------------
@@ -181,3 +182,46 @@ def test_bf16_mixed_precision_keeps_lora_in_fp32(tmp_path):
     tensors = load_file(str(result.lora_path))
     assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
     assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+# ---- caches and profiling ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("flip,train_te", [(False, False), (True, False), (True, True)])
+def test_cached_and_uncached_paths_give_the_same_losses(tmp_path, flip, train_te):
+    over = {"train.steps": 5, "data.random_flip": flip, "train.train_text_encoder": train_te}
+    cached = train(tiny_config(tmp_path / "a", **over), resume=None, progress=False)
+    plain = train(tiny_config(tmp_path / "b", **over, **{"train.cache_latents": False,
+                                                         "train.cache_text_embeddings": False}),
+                  resume=None, progress=False)
+    a, b = read_metrics(cached.run_dir), read_metrics(plain.run_dir)
+    for key in ("loss", "instance_loss", "prior_loss"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-4, abs=1e-6), key
+    assert cached.eval_loss_before == pytest.approx(plain.eval_loss_before, rel=1e-5)
+    assert cached.eval_loss_after == pytest.approx(plain.eval_loss_after, rel=1e-4)
+
+
+def test_latent_cache_holds_both_flips_and_the_distribution(tmp_path, tiny_pipe):
+    from accelerate import Accelerator
+
+    from dreambooth_lab.data import ImageSet
+    from dreambooth_lab.trainer import Trainer
+
+    cfg = tiny_config(tmp_path, **{"data.random_flip": True, "train.offload_frozen": False})
+    photos = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution)
+    t = Trainer(cfg.resolved(), tiny_pipe, photos, None, Accelerator())
+    mean, std = t.latent_cache["instance", False]
+    fmean, _ = t.latent_cache["instance", True]
+    assert mean.shape[0] == len(photos) and (std > 0).all()
+    assert not torch.allclose(mean, fmean)  # the flipped photo is its own entry
+    dist = tiny_pipe.vae.encode(photos.example(2, center_crop=True, flip=True)[None]).latent_dist
+    assert torch.allclose(fmean[2], dist.mean[0], atol=1e-5) and torch.allclose(t.latent_cache["instance", True][1][2], dist.std[0], atol=1e-5)
+    assert t.text_cache is not None and t.text_cache.shape[0] == 2
+
+
+def test_profile_writes_a_phase_breakdown(tmp_path):
+    result = train(tiny_config(tmp_path, **{"train.steps": 3, "train.cache_latents": False,
+                                            "train.cache_text_embeddings": False}),
+                   resume=None, progress=False, profile=True)
+    report = json.loads((result.run_dir / "profile.json").read_text())
+    assert set(report["phases"]) == {"data", "vae", "text_encoder", "unet_forward", "backward", "optimizer"}
+    assert report["steps"] == 3 and abs(sum(p["share"] for p in report["phases"].values()) - 1) < 1e-3

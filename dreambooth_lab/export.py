@@ -1,0 +1,141 @@
+"""LoRA files that load everywhere: metadata in every file, kohya/A1111 export, fused pipelines.
+
+The diffusers file (`pytorch_lora_weights.safetensors`) is what `pipe.load_lora_weights` reads.
+The kohya layout (`lora_unet_…`, `lora_te_…`, `.lora_down` / `.lora_up` / `.alpha`) is what
+AUTOMATIC1111, ComfyUI and kohya's sd-scripts read. Both carry the run's metadata in the
+safetensors header under `dreambooth_lab.*` keys: base model, rare token, class, rank, alpha,
+steps, resolution, training-config hash, and the LoRA scales the run recommends.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from . import files
+from .config import Config
+
+PREFIX = "dreambooth_lab."
+
+
+def run_metadata(cfg: Config) -> dict[str, str]:
+    """String metadata for a LoRA file of this run (safetensors headers hold strings only)."""
+    cfg = cfg.resolved()
+    values = {
+        "base_model": cfg.model.name, "token": cfg.data.token, "class": cfg.data.class_name,
+        "instance_prompt": cfg.fill(cfg.data.instance_prompt), "rank": cfg.lora.rank, "alpha": cfg.lora_alpha,
+        "steps": cfg.train.steps, "resolution": cfg.resolution, "train_text_encoder": cfg.train.train_text_encoder,
+        "config_hash": cfg.hash(), "recommended_scale_unet": cfg.sample.lora_scale_unet,
+        "recommended_scale_text_encoder": cfg.sample.lora_scale_text_encoder,
+        "recommended_guidance": cfg.sample.guidance, "unet_targets": ",".join(cfg.lora.unet_targets),
+    }
+    return {PREFIX + k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in values.items()}
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def add_metadata(path: str | Path, metadata: dict[str, str]) -> Path:
+    """Rewrite a safetensors file with extra header metadata (atomically; tensors unchanged)."""
+    path = Path(path)
+    tensors = load_file(str(path))
+    merged = {**read_metadata(path), **metadata}
+    return files.write_safetensors(path, tensors, merged)
+
+
+# ---- kohya / A1111 layout ---------------------------------------------------------------------------
+
+_KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.(?:lora_(A|B)|lora(?:_linear_layer)?\.(down|up))\.weight$")
+
+
+def to_kohya(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """diffusers LoRA keys -> kohya/A1111 keys, with one alpha tensor per adapted module (pure).
+
+    Accepts the peft style (`.lora_A.weight`) and diffusers' own (`.lora.down.weight`,
+    `.lora_linear_layer.down.weight`). Text-encoder modules are named as in CLIP's original
+    `text_model.encoder...` layout, which is what AUTOMATIC1111 and ComfyUI look up:
+
+    'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight'
+      -> 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight'
+    'text_encoder.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight'
+      -> 'lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight'
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        m = _KEY.match(key)
+        if not m:
+            raise ValueError(f"unexpected LoRA key {key!r}: not a diffusers-format UNet/text-encoder LoRA")
+        part, module, ab, downup = m.groups()
+        if part == "text_encoder" and not module.startswith("text_model."):
+            module = "text_model." + module
+        name = ("lora_unet_" if part == "unet" else "lora_te_") + module.replace(".", "_")
+        down = ab == "A" or downup == "down"
+        out[f"{name}.{'lora_down' if down else 'lora_up'}.weight"] = tensor.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def export_kohya(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the run's LoRA in the kohya layout with metadata; returns the file."""
+    from .report import load_run_config
+    from .sample import LORA_FILE
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir).resolved()
+    state = load_file(str(run_dir / LORA_FILE))
+    meta = {**run_metadata(cfg), PREFIX + "format": "kohya", "ss_network_dim": str(cfg.lora.rank),
+            "ss_network_alpha": str(cfg.lora_alpha), "ss_base_model_version": "sd_v1",
+            "ss_output_name": f"{cfg.data.token}_{cfg.data.class_name}"}
+    target = Path(out) if out else run_dir / "export" / f"{run_dir.name}_kohya.safetensors"
+    if target.exists():
+        raise FileExistsError(f"{target} exists already: exports are never overwritten; pass another --out")
+    kohya = to_kohya(state, cfg.lora_alpha)
+    return files.write_safetensors(target, kohya, meta)
+
+
+def export_fused(run_dir: str | Path, scale_unet: float | None = None, scale_text_encoder: float | None = None,
+                 out: str | Path | None = None, device=None) -> Path:
+    """Fuse the LoRA into the base weights at the given scales and save a full pipeline folder."""
+    import tempfile
+
+    from .report import load_run_config, open_run
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    su = cfg.sample.lora_scale_unet if scale_unet is None else scale_unet
+    ste = cfg.sample.lora_scale_text_encoder if scale_text_encoder is None else scale_text_encoder
+    target = Path(out) if out else run_dir / "export" / f"fused-unet{su:g}-te{ste:g}"
+    if target.exists():
+        raise FileExistsError(f"{target} exists already: exports are never overwritten")
+    pipe = open_run(run_dir, device=device or "cpu")
+    pipe.fuse_lora(components=["unet"], lora_scale=su)
+    if "text_encoder" in pipe.get_list_adapters():
+        pipe.fuse_lora(components=["text_encoder"], lora_scale=ste)
+    pipe.unload_lora_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".fused-", dir=target.parent))
+    pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
+    (tmp / "pipe" / "dreambooth_lab.json").write_text(json.dumps(
+        {**run_metadata(cfg), PREFIX + "fused_scale_unet": su, PREFIX + "fused_scale_text_encoder": ste}, indent=2))
+    (tmp / "pipe").rename(target)
+    tmp.rmdir()
+    return target
+
+
+def format_info(path: str | Path) -> str:
+    """The metadata of a LoRA file and a summary of what it holds."""
+    path = Path(path)
+    meta = read_metadata(path)
+    tensors = load_file(str(path))
+    unet = sum(1 for k in tensors if k.startswith(("unet.", "lora_unet_")))
+    te = sum(1 for k in tensors if k.startswith(("text_encoder.", "lora_te_")))
+    lines = [f"{path}", f"  tensors: {len(tensors)} ({unet} UNet, {te} text encoder)"]
+    lines += [f"  {k.removeprefix(PREFIX)}: {v}" for k, v in sorted(meta.items()) if k != "lora_adapter_metadata"]
+    return "\n".join(lines)

@@ -1,0 +1,223 @@
+"""What one training step computes: the batch plan, latents, prompt states and the loss.
+
+Two caches change nothing but time (both on by default, `train.cache_latents` and
+`train.cache_text_embeddings`):
+
+- the VAE encodes every photo once (both orientations when flipping is on) and keeps the
+  latent distribution's mean and std; each step then samples ``mean + std * noise`` exactly as
+  ``DiagonalGaussianDistribution.sample`` would, from the same generator. Random crops cannot
+  be cached (every step crops somewhere else), so with ``data.center_crop: false`` the VAE runs
+  every step;
+- with the text encoder frozen, the two prompts' hidden states are computed once.
+
+Afterwards the VAE and the frozen text encoder leave the accelerator (`train.offload_frozen`).
+Every random draw of a step comes from one generator seeded by (seed, step, micro-step), in the
+same order on both paths, which is what makes cached and uncached losses agree.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import Config
+from .data import ImageSet, crop_box, indices_for_step
+
+
+def step_seed(seed: int, step: int, micro: int = 0) -> int:
+    """A seed for the randomness of one micro-step, derived from the run seed (pure)."""
+    return (seed * 1_000_003 + step * 97 + micro) % (2**63)
+
+
+def training_target(scheduler_config, latents, noise, timesteps, scheduler) -> torch.Tensor:
+    """What the UNet must predict: the noise (epsilon) or the velocity (v-prediction)."""
+    kind = scheduler_config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"prediction_type {kind!r} is not supported (epsilon or v_prediction)")
+
+
+def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int, prior_weight: float):
+    """Split a batch of [instance rows; class rows] and return (loss, instance MSE, prior MSE)."""
+    pred, target = pred.float(), target.float()
+    inst = F.mse_loss(pred[:n_instance], target[:n_instance])
+    if pred.shape[0] == n_instance:
+        return inst, inst, None
+    prior = F.mse_loss(pred[n_instance:], target[n_instance:])
+    return inst + prior_weight * prior, inst, prior
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+class PhaseTimer:
+    """Wall time per phase of a step (with CUDA synchronised at the edges when enabled)."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled, self.device, self.seconds = enabled, device, {}
+
+    @contextmanager
+    def phase(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class Row:
+    """One example of a batch: which image set, which photo, flipped or not, where cropped."""
+
+    kind: str  # "instance" | "class"
+    index: int
+    flip: bool
+    box: tuple[int, int, int, int]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, pipe, instance: ImageSet, classes: ImageSet | None, accelerator,
+                 profile: bool = False):
+        from diffusers import DDPMScheduler
+
+        self.cfg, self.acc = cfg, accelerator
+        self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.sets = {"instance": instance, "class": classes}
+        self.prompt_ids = tokenize(self.tokenizer, [cfg.fill(cfg.data.instance_prompt), cfg.fill(cfg.data.class_prompt)])
+        self.timer = PhaseTimer(profile, accelerator.device)
+        self.latent_cache: dict | None = None
+        self.text_cache: torch.Tensor | None = None
+        if cfg.train.cache_latents and cfg.data.center_crop:
+            self.latent_cache = self._encode_all()
+        if cfg.train.cache_text_embeddings and not cfg.train.train_text_encoder:
+            with torch.no_grad():
+                self.text_cache = self.text_encoder(self.prompt_ids.to(self.acc.device))[0]
+        if cfg.train.offload_frozen:
+            if self.latent_cache is not None:
+                self.vae.to("cpu")
+            if self.text_cache is not None:
+                self.text_encoder.to("cpu")
+            if self.acc.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # ---- caches ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode_all(self) -> dict:
+        """(kind, flip) -> (mean, std) tensors of every photo, centre-cropped (one VAE pass each)."""
+        cache = {}
+        flips = (False, True) if self.cfg.data.random_flip else (False,)
+        for kind, images in self.sets.items():
+            if images is None:
+                continue
+            for flip in flips:
+                means, stds = [], []
+                for i in range(len(images)):
+                    px = images.example(i, center_crop=True, flip=flip)[None]
+                    dist = self.vae.encode(px.to(self.acc.device, self.vae.dtype)).latent_dist
+                    means.append(dist.mean)
+                    stds.append(dist.std)
+                cache[kind, flip] = (torch.cat(means), torch.cat(stds))
+        return cache
+
+    # ---- one micro-batch -----------------------------------------------------------------------
+    def plan(self, step: int, micro: int) -> tuple[list[Row], list[int], int, torch.Generator]:
+        """Which photos, flips and crops a micro-batch uses: instance rows first, then class rows.
+
+        With N processes the step draws one global batch of N x batch_size rows per kind, exactly
+        as a single process with that batch size would, and this process takes its share. Returns
+        (this process's rows, their positions in the global batch, global row count, generator).
+        """
+        cfg, B = self.cfg, self.cfg.train.batch_size
+        world, rank = self.acc.num_processes, self.acc.process_index
+        gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, micro))
+        flat = step * cfg.train.gradient_accumulation_steps + micro
+        rows, positions, n = [], [], 0
+        for kind, seed in (("instance", cfg.train.seed), ("class", cfg.train.seed + 1)):
+            images = self.sets[kind]
+            if images is None:
+                continue
+            for j, i in enumerate(indices_for_step(len(images), B * world, seed, flat)):
+                flip = cfg.data.random_flip and bool(torch.rand((), generator=gen) < 0.5)
+                box = crop_box(images.images[i].size, images.resolution, cfg.data.center_crop, gen)
+                if rank * B <= j < (rank + 1) * B:
+                    rows.append(Row(kind, i, flip, box))
+                    positions.append(n + j)
+            n += B * world
+        return rows, positions, n, gen
+
+    def latents(self, rows: list[Row], positions: list[int], n: int, gen: torch.Generator) -> torch.Tensor:
+        """Scaled latents of the rows: mean + std * eps, as DiagonalGaussianDistribution.sample."""
+        dev = self.acc.device
+        if self.latent_cache is not None:
+            mean = torch.stack([self.latent_cache[r.kind, r.flip][0][r.index] for r in rows])
+            std = torch.stack([self.latent_cache[r.kind, r.flip][1][r.index] for r in rows])
+        else:
+            pixels = torch.stack([self.sets[r.kind].crop(r.index, r.box, r.flip) for r in rows])
+            with torch.no_grad():
+                dist = self.vae.encode(pixels.to(dev, self.vae.dtype)).latent_dist
+            mean, std = dist.mean, dist.std
+        eps = torch.randn((n, *mean.shape[1:]), generator=gen, dtype=mean.dtype)[positions]
+        return (mean.to(dev) + std.to(dev) * eps.to(dev)) * self.vae.config.scaling_factor
+
+    def states(self, rows: list[Row]) -> torch.Tensor:
+        """Text-encoder hidden states for each row's prompt (instance or class)."""
+        which = torch.tensor([0 if r.kind == "instance" else 1 for r in rows])
+        if self.text_cache is not None:
+            return self.text_cache[which.to(self.text_cache.device)]
+        with torch.set_grad_enabled(self.cfg.train.train_text_encoder and torch.is_grad_enabled()):
+            return self.text_encoder(self.prompt_ids[which].to(self.acc.device))[0]
+
+    def loss(self, step: int, micro: int):
+        """(loss, instance loss, prior loss) of one micro-batch."""
+        with self.timer.phase("data"):
+            rows, positions, n, gen = self.plan(step, micro)
+            self.last_rows = rows
+        with self.timer.phase("vae"):
+            latents = self.latents(rows, positions, n, gen)
+        dev = self.acc.device
+        noise = torch.randn((n, *latents.shape[1:]), generator=gen)[positions].to(dev, latents.dtype)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
+        timesteps = timesteps[positions].to(dev)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        with self.timer.phase("text_encoder"):
+            states = self.states(rows)
+        with self.timer.phase("unet_forward"):
+            pred = self.unet(noisy, timesteps, states).sample
+            target = training_target(self.noise_scheduler.config, latents, noise, timesteps, self.noise_scheduler)
+            return dreambooth_loss(pred, target, self.cfg.train.batch_size, self.cfg.prior.loss_weight)
+
+    @torch.no_grad()
+    def eval_instance_loss(self, seed: int = 1234, timesteps=(100, 300, 500, 700, 900)) -> float:
+        """Instance loss on centre crops with fixed noise and timesteps: comparable across steps and runs."""
+        losses = []
+        n = len(timesteps)
+        for i in range(len(self.sets["instance"])):
+            if self.latent_cache is not None:
+                mean = self.latent_cache["instance", False][0][i:i + 1]
+            else:
+                px = self.sets["instance"].example(i, center_crop=True, flip=False)[None]
+                mean = self.vae.encode(px.to(self.acc.device, self.vae.dtype)).latent_dist.mean
+            latents = (mean * self.vae.config.scaling_factor).repeat(n, 1, 1, 1)
+            gen = torch.Generator().manual_seed(seed + i)
+            noise = torch.randn(latents.shape, generator=gen).to(latents.device, latents.dtype)
+            t = torch.tensor(timesteps, device=latents.device)
+            rows = [Row("instance", i, False, (0, 0, 0, 0))] * n
+            with self.acc.autocast():
+                pred = self.unet(self.noise_scheduler.add_noise(latents, noise, t), t, self.states(rows)).sample
+            target = training_target(self.noise_scheduler.config, latents, noise, t, self.noise_scheduler)
+            losses.append(F.mse_loss(pred.float(), target.float()).item())
+        return sum(losses) / len(losses)
