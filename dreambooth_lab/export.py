@@ -42,14 +42,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def add_metadata(path: str | Path, metadata: dict[str, str]) -> Path:
-    """Rewrite a safetensors file with extra header metadata (atomically; tensors unchanged)."""
-    path = Path(path)
-    tensors = load_file(str(path))
-    merged = {**read_metadata(path), **metadata}
-    return files.write_safetensors(path, tensors, merged)
-
-
 # ---- kohya / A1111 layout ---------------------------------------------------------------------------
 
 _KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.(?:lora_(A|B)|lora(?:_linear_layer)?\.(down|up))\.weight$")

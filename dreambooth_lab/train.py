@@ -14,6 +14,7 @@ uninterrupted one would, and two runs with the same config write the same LoRA b
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from .sample import LORA_FILE
 from .trainer import Trainer, step_seed
 
 METRICS = "metrics.jsonl"
+RANK_REPORT_ENV = "DREAMBOOTH_LAB_RANK_REPORT"
 SUMMARY = "summary.json"
 
 
@@ -206,7 +208,7 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
     if acc.is_main_process:  # drop log lines written after the checkpoint we resume from
         files.write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in history))
 
-    rank_log: list = []
+    rank_log: list | None = [] if os.environ.get(RANK_REPORT_ENV) else None  # the multi-process test's record
     logging = acc.is_main_process and tracking.start(acc, cfg, run_dir)
     trainer.unet.train()
     trainer.text_encoder.train(cfg.train.train_text_encoder)
@@ -235,7 +237,8 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
                 sums["loss"] += parts[0].item() / k
                 sums["instance_loss"] += parts[1].item() / k
                 sums["prior_loss"] += parts[2].item() / k
-                rank_log.append([step, micro, [[r.kind, r.index, r.flip] for r in trainer.last_rows]])
+                if rank_log is not None:
+                    rank_log.append([step, micro, [[r.kind, r.index, r.flip] for r in trainer.last_rows]])
             lr_scheduler.step()
             if not torch.isfinite(torch.tensor(sums["loss"])):
                 raise FloatingPointError(
@@ -302,10 +305,9 @@ def write_rank_report(acc, rows: list, named: dict[str, torch.Tensor]) -> None:
     """With DREAMBOOTH_LAB_RANK_REPORT=<folder>, each process records what data it saw and a digest
     of its final LoRA weights (how the multi-process test checks sharding and synchronisation)."""
     import hashlib
-    import os
 
-    folder = os.environ.get("DREAMBOOTH_LAB_RANK_REPORT")
-    if not folder:
+    folder = os.environ.get(RANK_REPORT_ENV)
+    if not folder or rows is None:
         return
     digest = hashlib.sha256()
     for name in sorted(named):
