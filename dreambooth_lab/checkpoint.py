@@ -86,6 +86,21 @@ def _jsonable(value):
     return None if callable(value) else str(value)
 
 
+def clean_temporaries(folder: Path) -> list[Path]:
+    """Remove the temp folders of checkpoint writes that a kill interrupted; return what went.
+
+    Called when a run is opened (before anything resumes or writes), never while a save of this
+    process is in flight.
+    """
+    root = Path(folder) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    gone = sorted(p for p in root.iterdir() if p.name.startswith(".ckpt-"))
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints, oldest first (half-written temp folders are ignored)."""
     root = Path(folder) / CHECKPOINTS

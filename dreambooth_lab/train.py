@@ -201,6 +201,8 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
                       if p.requires_grad})
 
     start, resumed_from = 0, None
+    if acc.is_main_process:  # a kill during a checkpoint write leaves its temp folder behind
+        checkpoint.clean_temporaries(run_dir)
     ckpts = checkpoint.list_checkpoints(run_dir)
     if ckpts:
         start = resumed_from = checkpoint.load(ckpts[-1], named, optimizer.optimizer, lr_scheduler)
