@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 TINY_MODEL = "tiny"
+TOYWORLD = "toyworld"  # the learned offline base model of the toy world (dreambooth_lab/world)
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SAMPLERS = ("dpmsolver++", "ddim", "euler", "euler_a", "pndm", "ddpm")
 TEST_PROMPTS = (
@@ -34,9 +35,21 @@ TEST_PROMPTS = (
 )
 
 
-# Where files go and how often they are written change no weight: left out of the config hash.
-NOT_IN_HASH = ("train.output_dir", "train.checkpoint_every", "train.checkpoints_to_keep", "train.log_with",
-               "train.validation_every", "train.validation_prompt", "train.validation_images", "prior.cache_dir")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+# Config.hash() identifies what a run trained: two configs with equal hashes train the same LoRA.
+# Each field says itself whether it belongs there. A field marked NO_HASH changes no weight: where
+# files go and what they are called, how often checkpoints and logs are written, and speed or
+# memory switches whose result is the same LoRA (the cached/uncached equality test covers the
+# caches). Changing one of them never makes a finished run stale.
+NO_HASH = {"hash": False}
+
+
+def _out(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A field left out of Config.hash()."""
+    if default is not dataclasses.MISSING:
+        kw["default"] = default
+    return field(metadata=NO_HASH, **kw)
 
 
 class ConfigError(ValueError):
@@ -50,7 +63,8 @@ class ModelConfig:
     name: str = DEFAULT_MODEL
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" to download the half-size weights
-    dtype: str = "auto"  # auto = float16 on CUDA, float32 on CPU; or float32/float16/bfloat16
+    # How `sample` etc. load the model (training uses train.mixed_precision): no weight changes.
+    dtype: str = _out("auto")  # auto = float16 on CUDA, float32 on CPU; or float32/float16/bfloat16
     safety_checker: bool = False  # research use: the checker blacks out false positives
 
 
@@ -71,12 +85,17 @@ class PriorConfig:
     enabled: bool = True
     num_class_images: int = 100
     loss_weight: float = 1.0
-    cache_dir: str | None = None  # None = <user cache>/dreambooth_lab/class_images
+    # None = <train.output_dir>/class_images when Google Drive is mounted or OUTPUT_DIR is set (a Colab
+    # reconnect wipes ~/.cache), else <user cache>/dreambooth_lab/class_images. See prior.cache_root_for.
+    cache_dir: str | None = _out(None)
     sampler: str = "dpmsolver++"
     steps: int = 25
     guidance: float = 7.5
     seed: int = 0
-    batch_size: int = 4
+    batch_size: int = _out(4)  # images per generation call: speed only, each image has its own seed
+    # Precision the class images are generated in; part of their cache key. auto = float16 on CUDA,
+    # float32 on CPU (resolved by prior.generation_dtype before keying).
+    dtype: str = "auto"
 
 
 @dataclass
@@ -110,25 +129,26 @@ class TrainConfig:
     batch_size: int = 1
     gradient_accumulation_steps: int = 1
     train_text_encoder: bool = False
+    # Kept in the hash: recomputation should give the same gradients, but no test shows it bit for bit.
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"  # no | fp16 | bf16
     seed: int = 42
-    output_dir: str = "runs"
-    name: str | None = None  # None = "<token>-<class>"
-    checkpoint_every: int = 500
-    checkpoints_to_keep: int = 2
+    output_dir: str = _out("runs")
+    name: str | None = _out(None)  # None = "<token>-<class>"; a folder name, no path separators
+    checkpoint_every: int = _out(500)  # a resumed run equals an uninterrupted one, so no weight changes
+    checkpoints_to_keep: int = _out(2)
     # Speed: caches that change nothing but time, and GPU options.
-    cache_latents: bool = True  # VAE-encode every photo once (centre crops; random crops cannot be cached)
-    cache_text_embeddings: bool = True  # encode the two prompts once while the text encoder is frozen
-    offload_frozen: bool = True  # move the VAE / frozen text encoder off the GPU once cached
-    allow_tf32: bool = True  # TF32 matmuls on Ampere+ (A100); no effect on a T4 or CPU
-    channels_last: bool = False  # UNet memory format; sometimes faster with fp16 on GPU
-    compile: bool = False  # torch.compile the UNet (minutes of warm-up; pays off on long runs)
+    cache_latents: bool = _out(True)  # VAE-encode every photo once (centre crops; random crops cannot be cached)
+    cache_text_embeddings: bool = _out(True)  # encode the two prompts once while the text encoder is frozen
+    offload_frozen: bool = _out(True)  # move the VAE / frozen text encoder off the GPU once cached
+    allow_tf32: bool = _out(True)  # TF32 matmuls on Ampere+ (A100); no effect on a T4 or CPU
+    channels_last: bool = _out(False)  # UNet memory format; sometimes faster with fp16 on GPU
+    compile: bool = _out(False)  # torch.compile the UNet (minutes of warm-up; pays off on long runs)
     # Logging: TensorBoard scalars and validation images (needs `pip install tensorboard`).
-    log_with: str = "none"  # none | tensorboard
-    validation_every: int = 0  # steps between validation images (0 = none)
-    validation_prompt: str = "A {token} {class}"
-    validation_images: int = 2
+    log_with: str = _out("none")  # none | tensorboard
+    validation_every: int = _out(0)  # steps between validation images (0 = none)
+    validation_prompt: str = _out("A {token} {class}")
+    validation_images: int = _out(2)
 
 
 @dataclass
@@ -172,8 +192,9 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Pictures made from a run and how they are scored do not change what the run trained.
+    sample: SampleConfig = _out(default_factory=SampleConfig)
+    eval: EvalConfig = _out(default_factory=EvalConfig)
 
     # ---- derived values -------------------------------------------------------------------
     @property
@@ -184,7 +205,7 @@ class Config:
     def resolution(self) -> int:
         if self.data.resolution is not None:
             return self.data.resolution
-        return 64 if self.is_tiny else 512
+        return 64 if self.is_tiny or self.model.name == TOYWORLD else 512
 
     @property
     def run_name(self) -> str:
@@ -207,23 +228,17 @@ class Config:
         cfg = copy.deepcopy(self)
         cfg.data.resolution = self.resolution
         cfg.train.name = self.run_name
-        if cfg.lora.alpha is None:
+        if cfg.lora.alpha is None and cfg.lora.rank > 0:  # a bad rank is reported as such, not as alpha
             cfg.lora.alpha = float(cfg.lora.rank)
         return cfg
 
     def hash(self) -> str:
         """Hash of what decides the training; two runs with equal hashes train the same LoRA.
 
-        The sample and eval sections are left out: changing LoRA scales, seeds or metrics for
-        pictures does not make a finished run stale.
+        Which fields count is declared on the fields (NO_HASH): the sample and eval sections,
+        paths and names, logging and checkpoint cadence, and speed switches are left out.
         """
-        data = self.resolved().to_dict()
-        data.pop("sample")
-        data.pop("eval")
-        for dotted in NOT_IN_HASH:
-            section, key = dotted.split(".")
-            data[section].pop(key)
-        blob = json.dumps(data, sort_keys=True)
+        blob = json.dumps(_hashed(self.resolved()), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def validate(self) -> "Config":
@@ -231,6 +246,28 @@ class Config:
         if errors:
             raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
         return self
+
+
+def _hashed(obj: Any) -> dict[str, Any]:
+    """The fields of a dataclass tree that are in the hash, as plain JSON values."""
+    return {f.name: _hashed(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else copy.deepcopy(v)
+            for f in dataclasses.fields(obj) if f.metadata.get("hash", True)}
+
+
+def hash_fields(cfg: "Config | None" = None) -> tuple[list[str], list[str]]:
+    """Dotted names of the leaf fields (in the hash, left out); a section left out counts whole."""
+    def walk(obj: Any, prefix: str, hashed: bool, ins: list[str], outs: list[str]) -> None:
+        for f in dataclasses.fields(obj):
+            value, here = getattr(obj, f.name), hashed and f.metadata.get("hash", True)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.", here, ins, outs)
+            else:
+                (ins if here else outs).append(f"{prefix}{f.name}")
+
+    ins: list[str] = []
+    outs: list[str] = []
+    walk(cfg or Config(), "", True, ins, outs)
+    return ins, outs
 
 
 def fill_prompt(template: str, token: str, class_name: str) -> str:
@@ -248,8 +285,9 @@ def validation_errors(cfg: Config) -> list[str]:
             e.append(msg)
 
     need(bool(cfg.model.name.strip()), "model.name is empty: use 'tiny' or a hub id / local folder")
-    need(cfg.model.dtype in ("auto", "float32", "float16", "bfloat16"),
-         f"model.dtype={cfg.model.dtype!r}: use auto, float32, float16 or bfloat16")
+    for name in ("model.dtype", "prior.dtype"):
+        value = _get(cfg, name)
+        need(value in DTYPES, f"{name}={value!r}: use auto, float32, float16 or bfloat16")
     need(bool(cfg.data.instance_dir), "data.instance_dir is empty: point it at a folder of photos")
     tok = cfg.data.token
     need(bool(tok.strip()) and not any(c.isspace() for c in tok),
@@ -285,6 +323,13 @@ def validation_errors(cfg: Config) -> list[str]:
          f"train.gradient_accumulation_steps={cfg.train.gradient_accumulation_steps}: use 1 or more")
     need(cfg.train.mixed_precision in ("no", "fp16", "bf16"),
          f"train.mixed_precision={cfg.train.mixed_precision!r}: use no, fp16 or bf16")
+    problem, derived = _name_problem(cfg.run_name), f"{cfg.data.token}-{cfg.data.class_name}"
+    if problem and cfg.train.name and cfg.train.name != derived:
+        e.append(f"train.name={cfg.train.name!r} {problem}: the run folder is <train.output_dir>/<train.name>-<time>, "
+                 "so use a plain name such as 'dog-v2'")
+    elif problem:  # the name comes from the token and the class (resolved() writes it into train.name)
+        e.append(f"the run name {cfg.run_name!r} (from data.token and data.class_name) {problem}: "
+                 "set train.name to a plain folder name such as 'dog-v2'")
     need(cfg.train.checkpoint_every > 0, f"train.checkpoint_every={cfg.train.checkpoint_every}: use a positive step count")
     need(cfg.train.checkpoints_to_keep > 0, f"train.checkpoints_to_keep={cfg.train.checkpoints_to_keep}: keep at least 1")
     need(cfg.train.log_with in ("none", "tensorboard"), f"train.log_with={cfg.train.log_with!r}: use none or tensorboard")
@@ -307,6 +352,28 @@ def validation_errors(cfg: Config) -> list[str]:
     need(ev.drift_images >= 0, f"eval.drift_images={ev.drift_images}: use 0 (off) or more")
     need(ev.batch_size > 0, f"eval.batch_size={ev.batch_size}: use a positive batch size")
     return e
+
+
+def validate_sample(sample: SampleConfig) -> SampleConfig:
+    """The sample section alone through the same checks (the `sample` command's options, a
+    notebook's form); a ConfigError names each bad field."""
+    errors = [e for e in validation_errors(Config(sample=sample)) if e.startswith("sample.")]
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
+    if errors:
+        raise ConfigError("Invalid sample settings:\n  - " + "\n  - ".join(errors))
+    return sample
+
+
+def _name_problem(name: str) -> str | None:
+    """Why a run name cannot be a folder name inside train.output_dir (None if it can)."""
+    if "/" in name or "\\" in name:
+        return "contains a path separator"
+    if ".." in name:
+        return "contains '..'"
+    if "\0" in name:
+        return "contains a NUL byte"
+    return None
 
 
 def _get(cfg: Config, dotted: str) -> Any:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that the CLI checks a folder in a blink
+    import torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # Image formats people have but this loader does not read: named in the error with the fix.
@@ -21,6 +24,17 @@ UNSUPPORTED = {".heic": "HEIC (iPhone)", ".heif": "HEIF", ".avif": "AVIF", ".tif
                ".bmp": "BMP", ".gif": "GIF", ".dng": "DNG (raw)", ".cr2": "CR2 (raw)", ".nef": "NEF (raw)",
                ".arw": "ARW (raw)", ".raw": "raw"}
 MIN_SIDE_FRACTION = 4  # refuse photos whose shorter side is below resolution / 4 (upscaled 4x+ = mush)
+MIN_PHOTOS = 3  # fewer trains, but the LoRA tends to copy the photos (pose, background) instead of the subject
+MAX_PHOTOS = 30  # more trains too, but each photo is seen rarely at DreamBooth's step counts (and curation pays)
+# Near-duplicates: a 16x16 difference hash (256 bits: is each pixel brighter than its right-hand
+# neighbour, grey) differing in at most this fraction of bits, AND 16x16 colour thumbnails within
+# NEAR_DUPLICATE_COLOUR on average (0-255). A re-save, a resize, a few pixels of shift or +15%
+# brightness stay well inside; distinct photos of one subject differ in 17-46% of the bits.
+NEAR_DUPLICATE_BITS = 0.10
+NEAR_DUPLICATE_COLOUR = 24.0
+# One shared background: the outer ring of every photo (3 px of a 32x32 thumbnail, colour) within
+# SHARED_BACKGROUND of the photos' median ring on average (0-255). Varied backgrounds differ by 25-90.
+SHARED_BACKGROUND = 10.0
 
 
 class DatasetError(ValueError):
@@ -28,12 +42,15 @@ class DatasetError(ValueError):
 
 
 class DatasetWarning(UserWarning):
-    """Usable, but worth knowing: upscaled photos, duplicates."""
+    """Usable, but worth knowing: upscaled photos, duplicates, too few or many photos, one background."""
 
 
 def find_images(folder: str | Path) -> list[Path]:
     """Image files directly in folder (jpg/jpeg/png/webp, any case), sorted by name."""
     folder = Path(folder).expanduser()
+    if folder.is_file():
+        raise DatasetError(f"{folder} is a file, not a folder: point data.instance_dir (or DATASET_DIR, --data) at the "
+                           f"folder that holds the photos, e.g. {folder.resolve().parent}")
     if not folder.is_dir():
         raise DatasetError(f"image folder {folder} does not exist: check data.instance_dir (or DATASET_DIR)")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -105,22 +122,84 @@ def check_sizes(paths: list[Path], images: list[Image.Image], resolution: int) -
                       f"(softer results): {', '.join(small)}", DatasetWarning, stacklevel=3)
 
 
-def check_duplicates(paths: list[Path], images: list[Image.Image]) -> list[tuple[str, str]]:
-    """Warn about photos that are the same picture (same pixels at 16x16, grey); returns the pairs."""
+def check_count(folder: str | Path, paths: list[Path]) -> None:
+    """Warn when there are fewer than MIN_PHOTOS or more than MAX_PHOTOS photos of the subject."""
     import warnings
 
-    seen: dict[bytes, Path] = {}
-    pairs = []
-    for p, im in zip(paths, images):
-        key = np.asarray(im.convert("L").resize((16, 16), Image.Resampling.BILINEAR)).tobytes()
-        if key in seen:
-            pairs.append((seen[key].name, p.name))
-        else:
-            seen[key] = p
-    if pairs:
-        warnings.warn("duplicate photos (they weigh double in training; remove one of each): "
-                      + ", ".join(f"{a} = {b}" for a, b in pairs), DatasetWarning, stacklevel=3)
-    return pairs
+    if len(paths) < MIN_PHOTOS:
+        warnings.warn(f"only {len(paths)} photo(s) in {folder}: DreamBooth wants {MIN_PHOTOS}–{MAX_PHOTOS} photos of "
+                      "the subject (different poses and backgrounds); with fewer the LoRA tends to copy them",
+                      DatasetWarning, stacklevel=3)
+    elif len(paths) > MAX_PHOTOS:
+        warnings.warn(f"{len(paths)} photos in {folder}: DreamBooth is meant for {MIN_PHOTOS}–{MAX_PHOTOS} photos of "
+                      "the subject; with more, each photo is seen only a few times in the usual 400–1500 steps. "
+                      f"Keep the best {MAX_PHOTOS} (sharp, varied poses and backgrounds) or raise train.steps",
+                      DatasetWarning, stacklevel=3)
+
+
+def _fingerprint(im: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """(256-bit difference hash, 16x16 RGB thumbnail) of a photo (pure)."""
+    grey = np.asarray(im.convert("L").resize((17, 16), Image.Resampling.BILINEAR), dtype=np.int16)
+    thumb = np.asarray(im.convert("RGB").resize((16, 16), Image.Resampling.BILINEAR), dtype=np.float32)
+    return (grey[:, 1:] > grey[:, :-1]).ravel(), thumb
+
+
+def near_duplicates(names: list[str], images: list[Image.Image]) -> list[tuple[str, str, float]]:
+    """Pairs of photos that are the same shot (identical, re-saved, resized, nudged, re-exposed):
+    (name, name, fraction of hash bits that differ), in file order (pure)."""
+    prints = [_fingerprint(im) for im in images]
+    out = []
+    for i in range(len(images)):
+        for j in range(i + 1, len(images)):
+            bits = float(np.mean(prints[i][0] != prints[j][0]))
+            colour = float(np.abs(prints[i][1] - prints[j][1]).mean())
+            if bits <= NEAR_DUPLICATE_BITS and colour <= NEAR_DUPLICATE_COLOUR:
+                out.append((names[i], names[j], bits))
+    return out
+
+
+def check_duplicates(paths: list[Path], images: list[Image.Image]) -> list[tuple[str, str]]:
+    """Warn about photos that are the same picture or the same shot (see near_duplicates); returns the pairs."""
+    import warnings
+
+    found = near_duplicates([p.name for p in paths], images)
+    same = [f"{a} = {b}" for a, b, bits in found if bits == 0.0]
+    near = [f"{a} ≈ {b}" for a, b, bits in found if bits > 0.0]
+    if same or near:
+        warnings.warn("duplicate or near-duplicate photos (the same shot weighs double in training and the LoRA "
+                      "learns that pose; remove one of each): " + ", ".join(same + near), DatasetWarning, stacklevel=3)
+    return [(a, b) for a, b, _ in found]
+
+
+def _border(im: Image.Image, size: int = 32, ring: int = 3) -> np.ndarray:
+    arr = np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+    mask = np.ones((size, size), dtype=bool)
+    mask[ring:-ring, ring:-ring] = False
+    return arr[mask]
+
+
+def shared_background(images: list[Image.Image]) -> float | None:
+    """How far the photos' borders are from their median border (0-255, the largest photo's mean
+    difference); None for fewer than MIN_PHOTOS photos (pure). Small = one background for all."""
+    if len(images) < MIN_PHOTOS:
+        return None
+    rings = np.stack([_border(im) for im in images])
+    median = np.median(rings, axis=0)
+    return float(np.abs(rings - median).mean(axis=(1, 2)).max())
+
+
+def check_background(folder: str | Path, images: list[Image.Image]) -> bool:
+    """Warn when every photo has the same background (the subject cannot be told from it)."""
+    import warnings
+
+    spread = shared_background(images)
+    if spread is not None and spread <= SHARED_BACKGROUND:
+        warnings.warn(f"all {len(images)} photos in {folder} have the same background (their borders differ by "
+                      f"{spread:.1f}/255 at most): the LoRA cannot tell the subject from the background and will "
+                      "paint it into every picture. Add photos in other places (or crop tighter around the subject)",
+                      DatasetWarning, stacklevel=3)
+        return True
+    return False
 
 
 def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
@@ -136,6 +215,8 @@ def crop_box(size: tuple[int, int], resolution: int, center: bool, gen: torch.Ge
     if center or gen is None:
         left, top = (w - resolution) // 2, (h - resolution) // 2
     else:
+        import torch
+
         left = int(torch.randint(0, w - resolution + 1, (1,), generator=gen))
         top = int(torch.randint(0, h - resolution + 1, (1,), generator=gen))
     return left, top, left + resolution, top + resolution
@@ -143,6 +224,8 @@ def crop_box(size: tuple[int, int], resolution: int, center: bool, gen: torch.Ge
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """HWC uint8 image to CHW float in [-1, 1], the range the VAE expects."""
+    import torch
+
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
@@ -161,12 +244,16 @@ class ImageSet:
         if check:
             check_sizes(paths, originals, resolution)
             check_duplicates(paths, originals)
+            check_background(Path(paths[0]).parent if paths else "", originals)
         return cls(list(paths), [resize_shorter_side(im, resolution) for im in originals], resolution)
 
     @classmethod
     def from_folder(cls, folder: str | Path, resolution: int, check: bool = True) -> "ImageSet":
-        """The subject's photos, with size and duplicate checks (class images skip them)."""
-        return cls.from_paths(find_images(folder), resolution, check=check)
+        """The subject's photos, with count, size, duplicate and background checks (class images skip them)."""
+        paths = find_images(folder)
+        if check:
+            check_count(folder, paths)
+        return cls.from_paths(paths, resolution, check=check)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -186,6 +273,8 @@ def indices_for_step(n: int, batch_size: int, seed: int, step: int) -> list[int]
     Every epoch is a fresh permutation (seeded by seed and epoch number), so each photo is seen
     equally often and a resumed run picks up at exactly the same place.
     """
+    import torch
+
     out = []
     for j in range(batch_size):
         pos = step * batch_size + j

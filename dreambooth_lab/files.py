@@ -5,24 +5,53 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call write(tmp) on a temporary file beside path, then rename it into place."""
+    """Call write(tmp) on a temporary file beside path, then rename it into place.
+
+    The file gets the permissions an ordinary write would (0644 under umask 022), not mkstemp's
+    private 0600, so e.g. ComfyUI running as another user can read a LoRA.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask. Read from /proc on Linux (no side effect); elsewhere by setting and
+    restoring it, which is the only getter there is (a lock keeps our own threads out of the gap)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda t: t.write_bytes(data))
 
 
 def write_text(path: str | Path, text: str) -> Path:

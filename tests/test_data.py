@@ -83,3 +83,31 @@ def test_data_order_sees_every_photo_once_per_epoch_and_is_pure():
     assert seen == [data.indices_for_step(n, 1, 42, s)[0] for s in range(3 * n)]
     assert seen != [data.indices_for_step(n, 1, 43, s)[0] for s in range(3 * n)]
     assert data.indices_for_step(n, 2, 42, 1) == seen[2:4]
+
+
+def test_a_file_given_as_the_photo_folder_is_called_a_file(tmp_path):
+    photo = tmp_path / "dog.jpg"
+    _img().save(photo)
+    with pytest.raises(data.DatasetError, match=r"dog\.jpg is a file, not a folder") as exc:
+        data.find_images(photo)
+    assert "does not exist" not in str(exc.value)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_fewer_than_three_photos_warn_with_folder_and_count(tmp_path, n):
+    for i in range(n):
+        _img(color=(40 * i, 90, 200 - 40 * i), size=(64, 64)).save(tmp_path / f"p{i}.png")
+    with pytest.warns(UserWarning, match=rf"only {n} photo\(s\) in {tmp_path}") as rec:
+        data.ImageSet.from_folder(tmp_path, 32)
+    assert any(issubclass(w.category, data.DatasetWarning) for w in rec)
+
+
+def test_three_photos_do_not_warn_about_the_count(tmp_path):
+    import warnings
+
+    for i in range(3):
+        _img(color=(60 * i, 90, 200 - 60 * i), size=(64, 64)).save(tmp_path / f"p{i}.png")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        data.ImageSet.from_folder(tmp_path, 32)
+    assert not [w for w in rec if "photo(s) in" in str(w.message)]
