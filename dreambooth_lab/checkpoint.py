@@ -1,24 +1,38 @@
 """Training checkpoints in safetensors + JSON only (nothing is ever unpickled).
 
 A checkpoint holds what a resumed run needs and nothing it can derive: the LoRA parameters, the
-optimizer state, the LR-scheduler state and the step. Randomness needs no saving because every
-step draws from generators seeded by (seed, step) — see train.step_seed.
+optimizer state, the LR-scheduler state, the fp16 GradScaler state (when there is one) and the
+step. Randomness needs no saving because every step draws from generators seeded by
+(seed, step) — see trainer.step_seed.
+
+A checkpoint is written into a temporary folder and renamed into place; ``manifest.json`` records
+each file's size and sha256, and ``state.json`` is written last. Loading verifies the manifest, so
+a truncated or damaged file is named instead of failing deep inside safetensors, and resume falls
+back to the next older checkpoint that is intact (``latest_good``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+
+from . import files
 
 CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the file and what is wrong with it."""
 
 
 def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -59,18 +73,49 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> d
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save(folder: Path, step: int, params: dict[str, torch.Tensor], optimizer, lr_scheduler, keep: int) -> Path:
-    """Write checkpoints/step-NNNNNN atomically (temp folder + rename), keep the newest `keep`."""
+def _json(data) -> str:
+    return json.dumps(data, sort_keys=True, default=_jsonable)
+
+
+def _jsonable(value):
+    return None if callable(value) else str(value)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save(folder: Path, step: int, params: dict[str, torch.Tensor], optimizer, lr_scheduler, keep: int,
+         scaler=None) -> Path:
+    """Write checkpoints/step-NNNNNN atomically (temp folder + rename), keep the newest `keep`.
+
+    Every file is written deterministically (sorted safetensors header, sorted JSON), so two runs
+    with the same config write the same bytes.
+    """
     root = Path(folder) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=root))
     try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in params.items()}, str(tmp / "lora_params.safetensors"))
+        os.chmod(tmp, 0o777 & ~files.current_umask())  # mkdtemp makes it private; the user's umask decides
+        written = {
+            "lora_params.safetensors": files.safetensors_bytes(params),
+        }
         tensors, meta = flatten_optimizer_state(optimizer.state_dict())
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(meta))
-        (tmp / "scheduler.json").write_text(json.dumps(lr_scheduler.state_dict(), default=_jsonable))
-        (tmp / "state.json").write_text(json.dumps({"step": step}))
+        written["optimizer.safetensors"] = files.safetensors_bytes(tensors)
+        written["optimizer.json"] = _json(meta).encode()
+        written["scheduler.json"] = _json(lr_scheduler.state_dict()).encode()
+        if scaler is not None:
+            written["scaler.json"] = _json(scaler.state_dict()).encode()
+        for name, data in written.items():
+            files.write_bytes(tmp / name, data)
+        manifest = {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                    for name, data in sorted(written.items())}
+        files.write_bytes(tmp / MANIFEST, _json(manifest).encode())
+        files.write_bytes(tmp / "state.json", _json({"step": step}).encode())  # last: marks it complete
         final = root / f"step-{step:06d}"
         if final.exists():
             shutil.rmtree(final)
@@ -82,15 +127,10 @@ def save(folder: Path, step: int, params: dict[str, torch.Tensor], optimizer, lr
     return final
 
 
-def _jsonable(value):
-    return None if callable(value) else str(value)
-
-
 def clean_temporaries(folder: Path) -> list[Path]:
     """Remove the temp folders of checkpoint writes that a kill interrupted; return what went.
 
-    Called when a run is opened (before anything resumes or writes), never while a save of this
-    process is in flight.
+    Called when a run is opened (under the run's lock, before anything resumes or writes).
     """
     root = Path(folder) / CHECKPOINTS
     if not root.is_dir():
@@ -110,17 +150,75 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
-def load(path: Path, params: dict[str, torch.Tensor], optimizer, lr_scheduler) -> int:
-    """Restore params, optimizer and scheduler in place; return the step to continue from."""
-    saved = load_file(str(path / "lora_params.safetensors"))
-    missing = set(params) ^ set(saved)
-    if missing:
-        raise RuntimeError(f"checkpoint {path} does not match this config's LoRA (differs in {sorted(missing)[:3]}...)")
+def verify(path: Path) -> None:
+    """Raise CheckpointError naming the first missing, truncated or altered file of a checkpoint."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        int(json.loads((path / "state.json").read_text())["step"])
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{exc.filename}: missing (the checkpoint was not completely written)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path / MANIFEST} or state.json is not valid JSON ({exc})") from None
+    for name, want in sorted(manifest.items()):
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing")
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(f"{f}: {size} bytes, {want['bytes']} expected (truncated or damaged)")
+        if _sha256(f) != want["sha256"]:
+            raise CheckpointError(f"{f}: contents differ from what was written (sha256 mismatch)")
+
+
+@dataclass
+class Choice:
+    """Which checkpoint a resume uses, and the damaged ones it skipped (with why)."""
+
+    path: Path | None
+    skipped: list[str]
+
+    def message(self) -> str | None:
+        if not self.skipped:
+            return None
+        where = f"resuming from {self.path.name}" if self.path else "no intact checkpoint is left: starting at step 0"
+        return "damaged checkpoint(s) skipped: " + "; ".join(self.skipped) + f" — {where}"
+
+
+def latest_good(folder: Path) -> Choice:
+    """The newest checkpoint that verifies; older ones are tried in turn."""
+    skipped = []
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            verify(path)
+            return Choice(path, skipped)
+        except CheckpointError as exc:
+            skipped.append(f"{path.name} ({exc})")
+    return Choice(None, skipped)
+
+
+def load(path: Path, params: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler=None) -> int:
+    """Restore params, optimizer, scheduler (and the fp16 scaler) in place; return the step to continue from."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        saved = load_file(str(path / "lora_params.safetensors"))
+        tensors = load_file(str(path / "optimizer.safetensors"))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc})") from None
+    mismatch = set(params) ^ set(saved)
+    if mismatch:
+        raise CheckpointError(f"checkpoint {path} does not match this config's LoRA "
+                              f"(differs in {sorted(mismatch)[:3]}...)")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved[name].to(p.device, p.dtype))
-    tensors = load_file(str(path / "optimizer.safetensors"))
     meta = json.loads((path / "optimizer.json").read_text())
     optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta))
     lr_scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    scaler_file = path / "scaler.json"
+    if scaler is not None and scaler_file.is_file():
+        scaler.load_state_dict(json.loads(scaler_file.read_text()))
     return int(json.loads((path / "state.json").read_text())["step"])

@@ -21,16 +21,37 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+# Options that fill a config field: a ConfigError about the field names the option the user typed.
+SAMPLE_OPTIONS = {"seeds": "--seeds", "lora_scale_unet": "--scale-unet",
+                  "lora_scale_text_encoder": "--scale-text-encoder", "guidance": "--guidance", "steps": "--steps"}
+
+
+def _name_options(exc: config_mod.ConfigError, given: dict[str, str]) -> config_mod.ConfigError:
+    """'sample.steps=0: use ...' -> '--steps 0 (sample.steps): use ...' for the options in `given`
+    (field -> option)."""
+    import re
+
+    def rename(m: re.Match) -> str:
+        field, index, value = m.group(1), m.group(2) or "", m.group(3)
+        return f"{given[field]} {value} (sample.{field}{index}):" if field in given else m.group(0)
+
+    return config_mod.ConfigError(re.sub(r"sample\.(\w+)(\[\d+\])?=([^:\n]*):", rename, str(exc)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dreambooth_lab", description="DreamBooth LoRA workbench")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a LoRA; writes runs/<name>-<timestamp>/")
     t.add_argument("--config", help="YAML config (missing keys take the defaults)")
-    t.add_argument("--model", help="hub id, local diffusers folder, or 'tiny'")
+    t.add_argument("--model", help="hub id, local diffusers folder, 'tiny' or 'toyworld' (offline)")
     t.add_argument("--data", help="folder of instance photos")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=800")
     t.add_argument("--new-run", action="store_true", help="do not resume an unfinished run of the same config")
+    t.add_argument("--resume", metavar="RUN_FOLDER", help="resume this run folder (default: the newest unfinished "
+                   "run of the same config and photos)")
+    t.add_argument("--allow-change", action="store_true", help="with --resume: continue the run even though its "
+                   "config or photos differ (recorded in summary.json)")
     t.add_argument("--profile", action="store_true", help="write profile.json: seconds per phase of a step")
 
     s = sub.add_parser("sample", help="seed grid and test prompts of a run")
@@ -63,15 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("sweep", help="run every not-yet-finished run of a sweep spec; writes the registry")
     w.add_argument("spec", help="sweep YAML, e.g. configs/study/tokens.yaml")
-    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
-    w.add_argument("--dry-run", action="store_true", help="list the runs and their status, train nothing")
+    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for every run, e.g. --set train.steps=400 --set data.instance_dir=/photos "
+                   "(relative paths are from the project root)")
+    w.add_argument("--only", metavar="RUN[,RUN...]", help="run only these runs of the spec, e.g. --only exp2,exp8")
+    w.add_argument("--dry-run", action="store_true", help="per run: token, text encoder, steps, lr, dataset folder "
+                   "(exists? photos) and status; trains nothing")
 
     h = sub.add_parser("sheet", help="comparison sheets: runs x prompts, or one run's parameter grid")
     hsub = h.add_subparsers(dest="sheet_command", required=True)
     hr = hsub.add_parser("runs", help="rows: runs; columns: base prompt x seeds, then the test prompts")
     hr.add_argument("run_dirs", nargs="+")
     hr.add_argument("--out", default="runs/sheets")
-    hr.add_argument("--seeds", type=int, nargs="+")
+    hr.add_argument("--seeds", type=int, nargs="+", help="the same seeds in every row (default: the first run's)")
+    hr.add_argument("--own-seeds", action="store_true", help="each run with its own sample.seeds (as the study did)")
     hg = hsub.add_parser("grid", help="one run, one seed: e.g. --rows lora_scale_unet=0.2,0.6,1 --cols guidance=3,6,9")
     hg.add_argument("run_dir")
     hg.add_argument("--rows", default="lora_scale_unet=0.2,0.4,0.6,0.8,1.0")
@@ -91,11 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--scale-unet", type=float, help="fused: UNet LoRA scale (default: the run's)")
     x.add_argument("--scale-text-encoder", type=float, help="fused: text-encoder LoRA scale (default: the run's)")
 
-    i = sub.add_parser("info", help="metadata of a LoRA file")
-    i.add_argument("file")
+    i = sub.add_parser("info", help="metadata of a LoRA file (or of a run folder's)")
+    i.add_argument("file", help="a LoRA .safetensors file or a run folder")
 
     d = sub.add_parser("demo", help="train, sample and compare on the sample subject")
-    d.add_argument("--model", default="tiny", help="'tiny' (offline, CPU) or a hub id for a GPU box")
+    d.add_argument("--model", default="tiny", help="'tiny' or 'toyworld' (offline, CPU) or a hub id for a GPU box")
     d.add_argument("--output-dir", default="runs")
     d.add_argument("--steps", type=int)
     return p
@@ -113,7 +139,11 @@ def run_tokens(args) -> str:
     from .models import load_text_encoder
 
     encoder = load_text_encoder(args.model)
-    return "\n".join(tokens.format_neighbours(t, tokens.neighbours(t, encoder, tok, args.k)) for t in args.tokens)
+    lines = [tokens.format_neighbours(t, tokens.neighbours(t, encoder, tok, args.k)) for t in args.tokens]
+    lines.append(tokens.NEIGHBOURS_HELP)
+    if args.model == config_mod.TINY_MODEL:
+        lines.append(tokens.RANDOM_WEIGHTS_NOTE)
+    return "\n".join(lines)
 
 
 def _axis(text: str) -> tuple[str, list]:
@@ -124,12 +154,11 @@ def _axis(text: str) -> tuple[str, list]:
 
 
 def run_sweep_command(args) -> str:
-    from .experiments import format_registry, load_sweep, run_sweep
-    from .train import find_finished
+    from .experiments import format_plan, format_registry, load_sweep, run_sweep, select_runs, sweep_plan
 
-    sweep = load_sweep(args.spec, _overrides(args.set))
+    sweep = select_runs(load_sweep(args.spec, _overrides(args.set)), args.only)
     if args.dry_run:
-        return "\n".join(f"{r.id:<40} {'finished' if find_finished(r.config) else 'to run'}" for r in sweep.runs)
+        return format_plan(sweep, sweep_plan(sweep))
     rows = run_sweep(sweep)
     return f"{format_registry(rows)}\nregistry: {sweep.folder / 'registry.csv'}"
 
@@ -138,7 +167,9 @@ def run_sheet_command(args) -> Path:
     from .compare import parameter_grid, runs_by_prompts
 
     if args.sheet_command == "runs":
-        return runs_by_prompts(args.run_dirs, args.out, seeds=args.seeds)
+        if args.own_seeds and args.seeds:
+            raise ValueError("--own-seeds and --seeds exclude each other: pick one")
+        return runs_by_prompts(args.run_dirs, args.out, seeds="own" if args.own_seeds else args.seeds)
     return parameter_grid(args.run_dir, rows=_axis(args.rows), cols=_axis(args.cols), seed=args.seed,
                           prompt=args.prompt)
 
@@ -167,8 +198,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
-            from .train import train
-
             cfg = config_mod.load(args.config) if args.config else config_mod.Config()
             extra = _overrides(args.set)
             if args.model:
@@ -176,13 +205,26 @@ def main(argv: list[str] | None = None) -> int:
             if args.data:
                 extra["data.instance_dir"] = args.data
             cfg = config_mod.with_overrides(cfg, extra)
-            result = train(cfg, resume=None if args.new_run else "auto", profile=args.profile)
+            # Config and photo-folder errors in a second, before torch and diffusers are imported.
+            cfg.resolved().validate()
+            from .data import find_images
+
+            find_images(cfg.data.instance_dir)
+            from .train import train
+
+            resume = args.resume or (None if args.new_run else "auto")
+            result = train(cfg, resume=resume, allow_change=args.allow_change, profile=args.profile)
             print(f"run folder: {result.run_dir}\nLoRA:       {result.lora_path}")
         elif args.command == "sample":
             from .report import sample_run
 
-            out = sample_run(args.run_dir, seeds=args.seeds, prompt=args.prompt, lora_scale_unet=args.scale_unet,
-                             lora_scale_text_encoder=args.scale_text_encoder, guidance=args.guidance, steps=args.steps)
+            given = {f: opt for f, opt in SAMPLE_OPTIONS.items() if getattr(args, opt[2:].replace("-", "_")) is not None}
+            try:
+                out = sample_run(args.run_dir, seeds=args.seeds, prompt=args.prompt, lora_scale_unet=args.scale_unet,
+                                 lora_scale_text_encoder=args.scale_text_encoder, guidance=args.guidance,
+                                 steps=args.steps)
+            except config_mod.ConfigError as exc:
+                raise _name_options(exc, given) from exc
             print(f"images:       {out.folder}\nseed grid:    {out.seed_grid}\nprompt suite: {out.prompt_suite}")
         elif args.command == "compare":
             from .report import compare_run
@@ -202,7 +244,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.format == "kohya":
                 print(f"kohya LoRA: {export_kohya(args.run_dir, args.out)}")
             else:
-                print(f"fused pipeline: {export_fused(args.run_dir, args.scale_unet, args.scale_text_encoder, args.out)}")
+                given = {f: opt for f, opt in SAMPLE_OPTIONS.items() if f.startswith("lora_scale")
+                         and getattr(args, opt[2:].replace("-", "_")) is not None}
+                try:
+                    path = export_fused(args.run_dir, args.scale_unet, args.scale_text_encoder, args.out)
+                except config_mod.ConfigError as exc:
+                    raise _name_options(exc, given) from exc
+                print(f"fused pipeline: {path}")
         elif args.command == "info":
             from .export import format_info
 
@@ -223,4 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     except (config_mod.ConfigError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # a run that is locked, stopped (NaN) or has unusable checkpoints: one line
+        if type(exc).__module__.startswith("dreambooth_lab."):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
+    except KeyboardInterrupt as exc:  # Ctrl-C: say how to go on, not a traceback
+        print(str(exc) or "interrupted", file=sys.stderr)
+        return 130
     return 0

@@ -52,3 +52,18 @@ def prompt_set(name: str, class_name: str, kind: str = "auto") -> list[str]:
     if name == "dreambench":
         return dreambench(class_kind(class_name, kind))
     raise ValueError(f"prompt set {name!r} is unknown: use study or dreambench")
+
+
+def truncation_warning(tokenizer, prompt: str) -> str | None:
+    """The words a text encoder will never see because the prompt is longer than its window
+    (77 tokens for CLIP), said in a sentence; None when the prompt fits (pure)."""
+    limit = tokenizer.model_max_length - 2  # start and end tokens
+    ids = tokenizer(prompt, add_special_tokens=False, truncation=False).input_ids
+    if len(ids) <= limit:
+        return None
+    kept = tokenizer.decode(ids[:limit]).strip()
+    words = prompt.split()
+    n_kept = len(kept.split())
+    dropped = " ".join(words[max(n_kept - 1, 0):]) if n_kept < len(words) else tokenizer.decode(ids[limit:])
+    return (f"prompt is {len(ids)} tokens, over the text encoder's {limit}: the end is cut off and never seen "
+            f"(\"…{dropped}\"); shorten it: {prompt[:60]!r}…")

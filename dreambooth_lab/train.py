@@ -2,39 +2,56 @@
 
 One optimizer step = ``gradient_accumulation_steps`` micro-batches. Each micro-batch holds
 ``batch_size`` instance photos and, with prior preservation, as many class images; both go
-through the UNet in one forward pass and the loss is split again:
+through the UNet in one forward pass and the loss is split again (trainer.DreamBoothObjective):
 
     loss = MSE(instance) + prior.loss_weight * MSE(class)
 
 Every random draw of step s (data order, crops, flips, VAE sample, noise, timesteps) comes from
 generators seeded by (train.seed, s), so a run resumed from a checkpoint continues exactly as an
 uninterrupted one would, and two runs with the same config write the same LoRA bytes on CPU.
+
+``train()`` is four parts: open the run folder (runs.py: identity, lock, resume choice) before
+anything heavy loads, `set_up` (model, class images, adapters, optimizer, checkpoint), `run_loop`
+(the steps; reporting goes to callbacks.py) and `finish` (LoRA file, loss plot, summary). The
+caller's global state — torch/numpy/python RNGs and the TF32 flags — is as it was afterwards.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import math
 import time
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
-from . import checkpoint, files, tracking
-from .config import Config, to_yaml
+from . import checkpoint, files, runs
+from .callbacks import MetricsFile, OnStep, Progress, RankReport, Tracker
+from .config import Config
 from .data import ImageSet
 from .lora import add_adapters, enable_checkpointing, save_lora
 from .models import load_pipeline
 from .prior import ensure_class_images
-from .sample import LORA_FILE
-from .trainer import Trainer, step_seed
+from .runs import METRICS, SUMMARY, find_finished, find_resumable, read_metrics, runs_of  # noqa: F401 (re-exported)
+from .trainer import DreamBoothObjective, step_seed
 
-METRICS = "metrics.jsonl"
-RANK_REPORT_ENV = "DREAMBOOTH_LAB_RANK_REPORT"
-SUMMARY = "summary.json"
+__all__ = ["train", "RunResult", "load_result", "read_metrics", "METRICS", "SUMMARY", "find_finished", "find_resumable", "runs_of",
+           "TrainingStopped", "NonFiniteLoss", "TrainingInterrupted"]
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended early for a reason the message states in one line (and what to do)."""
+
+
+class NonFiniteLoss(TrainingStopped, FloatingPointError):
+    """The loss became NaN or inf; the run folder is marked failed."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or a notebook's stop button) during training; the message says how to resume."""
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -53,270 +70,338 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
 
 
-def runs_of(cfg: Config) -> list[Path]:
-    """Run folders of this exact training config (same hash), newest first."""
-    from .config import ConfigError, load
-
-    out = Path(cfg.train.output_dir).expanduser()
-    if not out.is_dir():
-        return []
-    want, found = cfg.hash(), []
-    for run in sorted(out.glob(f"{cfg.run_name}-*"), reverse=True):
-        try:
-            if (run / "config.yaml").is_file() and load(run / "config.yaml").hash() == want:
-                found.append(run)
-        except (ConfigError, OSError):  # a folder from another version or a hand-edited config
-            continue
-    return found
-
-
-def find_resumable(cfg: Config) -> Path | None:
-    """The newest unfinished run of this config that has a checkpoint, if any."""
-    for run in runs_of(cfg):
-        if not (run / SUMMARY).exists() and checkpoint.list_checkpoints(run):
-            return run
-    return None
-
-
-def find_finished(cfg: Config) -> Path | None:
-    for run in runs_of(cfg):
-        if (run / SUMMARY).exists() and (run / LORA_FILE).exists():
-            return run
-    return None
-
-
 def load_result(run_dir: str | Path) -> RunResult:
     """The RunResult of a finished run, read back from its folder."""
     run_dir = Path(run_dir)
-    s = json.loads((run_dir / SUMMARY).read_text())
-    history = read_metrics(run_dir)
-    return RunResult(run_dir=run_dir, lora_path=run_dir / LORA_FILE, steps=s["steps"], final_loss=s["final_loss"],
+    s = runs.read_summary(run_dir) or {}
+    if s.get("status", "finished") != "finished":
+        raise TrainingStopped(f"{run_dir} did not finish ({s.get('status')}: {s.get('error', '')})")
+    return RunResult(run_dir=run_dir, lora_path=run_dir / runs.LORA_FILE, steps=s["steps"], final_loss=s["final_loss"],
                      eval_loss_before=s["eval_instance_loss_before"], eval_loss_after=s["eval_instance_loss_after"],
                      class_images_generated=s["class_images_generated"], resumed_from=s["resumed_from"],
-                     seconds=s["seconds"], history=history)
+                     seconds=s["seconds"], history=read_metrics(run_dir))
 
 
-def read_metrics(run_dir: Path, up_to_step: int | None = None) -> list[dict]:
-    path = Path(run_dir) / METRICS
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # the last line of a run killed mid-write
-            break
-    return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
+@dataclass
+class Session:
+    """Everything the loop needs, set up once by `set_up`."""
+
+    cfg: Config
+    acc: object
+    run_dir: Path
+    objective: DreamBoothObjective
+    optimizer: object
+    lr_scheduler: object
+    params: list
+    named: dict
+    models: list
+    start: int
+    resumed_from: int | None
+    history: list[dict]
+    generated: int
+    eval_before: float
+    t0: float
+    step: int = 0  # steps completed so far
+    override: dict | None = None
 
 
-def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bool = False, progress: bool = True,
-          on_step: Callable[[dict], None] | None = None, profile: bool = False) -> RunResult:
+def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bool = False,
+          allow_change: bool = False, progress: bool = True, on_step: Callable[[dict], None] | None = None,
+          profile: bool = False) -> RunResult:
     """Train a DreamBooth LoRA; returns where everything went.
 
-    resume="auto" continues the newest unfinished run of the same config from its latest
-    checkpoint (a Colab disconnect costs at most checkpoint_every steps); a path resumes that
-    run; None always starts a new run folder. reuse_finished=True returns a finished run of the
-    same config instead of training it again (what a notebook's re-run wants). profile=True
-    writes profile.json: seconds per phase (data, VAE, text encoder, UNet forward, backward,
-    optimizer), with CUDA synchronised at the edges (which itself costs a little time).
+    resume="auto" continues the newest unfinished run of the same config and photos from its
+    latest intact checkpoint (a Colab disconnect costs at most checkpoint_every steps); a path
+    resumes that run (a different config or different photos are refused unless
+    allow_change=True, which summary.json records); None always starts a new run folder.
+    reuse_finished=True returns a finished run of the same config and photos instead of training
+    it again (what a notebook's re-run wants). profile=True writes profile.json: seconds per
+    phase (data, VAE, text encoder, UNet forward, backward, optimizer).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-
     cfg = cfg.resolved().validate()
-    if reuse_finished and (done := find_finished(cfg)) is not None:
+    ident = runs.Identity.of(cfg)  # reads the photos' bytes: a missing folder fails here, in a second
+    if reuse_finished and (done := runs.check_reusable(cfg, ident)) is not None:
         if progress:
             print(f"already trained: {done} (pass reuse_finished=False to train again)")
         return load_result(done)
-    t0 = time.time()
-    # Fail on bad photos before spending minutes loading a model.
-    instance = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution)
+    instance = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution)  # bad photos fail before the model loads
+    with preserved_global_state():
+        acc = make_accelerator(cfg)
+        # The run folder is made (or picked and checked) before anything heavy: an unwritable
+        # output folder or a mismatched resume is reported before minutes of model loading.
+        opened = runs.open_run(cfg, ident, resume, allow_change) if acc.is_main_process else None
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
 
-    # Accelerate keeps one process-wide state; a notebook that trains twice with another
-    # precision would be refused, so drop the previous run's (the process group stays).
+            opened = broadcast_object_list([opened])[0]  # every process resumes from the same checkpoint
+        with runs.RunLock(opened.path) if acc.is_main_process else nullcontext():
+            if acc.is_main_process and not (opened.path / "dataset.png").exists():  # each run: its photos as seen
+                from .viz import dataset_sheet
+
+                dataset_sheet(instance, opened.path / "dataset.png", title=f"{len(instance)} photos in "
+                              f"{cfg.data.instance_dir}", params={"resolution": cfg.resolution, "token": cfg.data.token,
+                                                                 "class": cfg.data.class_name})
+            s = set_up(cfg, acc, opened, instance, ident, progress=progress, profile=profile)
+            callbacks = make_callbacks(s, on_step, progress)
+            try:
+                run_loop(s, callbacks)
+            except FloatingPointError as exc:
+                raise stop_failed(s, exc) from None
+            except KeyboardInterrupt:
+                raise TrainingInterrupted(interrupted_message(s)) from None
+            finally:
+                for cb in callbacks:
+                    getattr(cb, "close", lambda: None)()
+            return finish(s, ident, callbacks, progress=progress, profile=profile)
+
+
+def make_accelerator(cfg: Config):
+    """One Accelerator per run. Accelerate keeps one process-wide state; a notebook that trains
+    twice with another precision would be refused, so the previous run's is dropped (the process
+    group stays)."""
+    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    from . import tracking
+
     AcceleratorState._reset_state()
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision,
-                      gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-                      log_with=tracking.tracker_backend(cfg), project_config=tracking.project_config(cfg))
+    return Accelerator(mixed_precision=cfg.train.mixed_precision,
+                       gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+                       log_with=tracking.tracker_backend(cfg), project_config=tracking.project_config(cfg))
+
+
+@contextmanager
+def preserved_global_state():
+    """Training seeds torch (every micro-step), numpy and random, and sets TF32: put them back."""
+    import random
+
+    import numpy as np
+
+    py, npy = random.getstate(), np.random.get_state()
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def set_up(cfg: Config, acc, opened: runs.Opened, instance: ImageSet, ident: runs.Identity, *,
+           progress: bool, profile: bool) -> Session:
+    """Model, class images, adapters, optimizer and scheduler; restored from the newest intact
+    checkpoint when the run has one."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    t0 = time.time()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision, torch.float32)
     set_seed(cfg.train.seed)
     with acc.main_process_first():  # the tiny model is built once, by the main process
         pipe = load_pipeline(cfg.model, device=acc.device, dtype=weight_dtype)
     warn_about_token(cfg, pipe.tokenizer)
+    classes, generated = class_images(cfg, acc, pipe, weight_dtype, progress)
 
-    classes, generated = None, 0
-    if cfg.prior.enabled and cfg.prior.loss_weight > 0:
-        def generation_pipe():
-            # Class images need no fp32: on a GPU they are made in fp16 (about twice as fast).
-            if acc.device.type == "cuda" and weight_dtype == torch.float32:
-                fast = load_pipeline(cfg.model, device=acc.device, dtype=torch.float16)
-                fast.vae.enable_slicing()
-                return fast
-            return pipe
-
-        with acc.main_process_first():  # one process generates; the others find the cache full
-            made = ensure_class_images(cfg, generation_pipe, progress=progress and acc.is_main_process)
-        if acc.device.type == "cuda":
-            torch.cuda.empty_cache()
-        classes, generated = ImageSet.from_paths(made.paths, cfg.resolution), made.generated
-
-    run_dir = None
-    if acc.is_main_process:  # only the main process creates and writes files
-        run_dir = Path(resume) if resume not in (None, "auto") else (find_resumable(cfg) if resume == "auto" else None)
-        if run_dir is None:
-            run_dir = files.new_dir(cfg.train.output_dir, cfg.run_name)
-            files.write_text(run_dir / "config.yaml", to_yaml(cfg))
-    if acc.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        run_dir = broadcast_object_list([run_dir])[0]  # every process resumes from the same checkpoint
-
-    trainer = Trainer(cfg, pipe, instance, classes, acc, profile=profile)
+    objective = DreamBoothObjective(cfg, pipe, instance, classes, acc, profile=profile)
     torch.manual_seed(cfg.train.seed)  # LoRA init draws from the global generator
-    params = add_adapters(cfg, trainer.unet, trainer.text_encoder)
+    params = add_adapters(cfg, objective.unet, objective.text_encoder)
     if cfg.train.gradient_checkpointing:
-        trainer.unet.enable_gradient_checkpointing()
+        objective.unet.enable_gradient_checkpointing()
         if cfg.train.train_text_encoder:
-            enable_checkpointing(trainer.text_encoder)
-    eval_before = trainer.eval_instance_loss()
+            enable_checkpointing(objective.text_encoder)
+    eval_before = objective.eval_instance_loss()
 
-    configure_speed(cfg, trainer.unet, acc.device)
-    optimizer = make_optimizer(cfg, trainer.unet, trainer.text_encoder)
-    n_groups = len(optimizer.param_groups)
+    configure_speed(cfg, objective.unet)
+    optimizer = make_optimizer(cfg, objective.unet, objective.text_encoder)
     lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.lr_warmup_steps,
                                  num_training_steps=cfg.train.steps)
-    models = [trainer.unet] + ([trainer.text_encoder] if cfg.train.train_text_encoder else [])
-    prepared = acc.prepare(*models, optimizer)
-    trainer.unet = prepared[0]
+    models = [objective.unet] + ([objective.text_encoder] if cfg.train.train_text_encoder else [])
+    *models, optimizer = acc.prepare(*models, optimizer)
+    objective.unet = models[0]
     if cfg.train.train_text_encoder:
-        trainer.text_encoder = prepared[1]
-    optimizer = prepared[-1]
-
-    named = {f"unet.{n}": p for n, p in acc.unwrap_model(trainer.unet).named_parameters() if p.requires_grad}
+        objective.text_encoder = models[1]
+    named = {f"unet.{n}": p for n, p in acc.unwrap_model(objective.unet).named_parameters() if p.requires_grad}
     if cfg.train.train_text_encoder:
-        named.update({f"text_encoder.{n}": p for n, p in acc.unwrap_model(trainer.text_encoder).named_parameters()
+        named.update({f"text_encoder.{n}": p for n, p in acc.unwrap_model(objective.text_encoder).named_parameters()
                       if p.requires_grad})
 
-    start, resumed_from = 0, None
+    run_dir, start, resumed_from = opened.path, 0, None
     if acc.is_main_process:  # a kill during a checkpoint write leaves its temp folder behind
         checkpoint.clean_temporaries(run_dir)
-    ckpts = checkpoint.list_checkpoints(run_dir)
-    if ckpts:
-        start = resumed_from = checkpoint.load(ckpts[-1], named, optimizer.optimizer, lr_scheduler)
+    choice = checkpoint.latest_good(run_dir)
+    if choice.message() and acc.is_main_process:
+        warnings.warn(f"{run_dir}: {choice.message()}", runs.RunWarning, stacklevel=3)
+    if choice.path is not None:
+        start = resumed_from = checkpoint.load(choice.path, named, optimizer.optimizer, lr_scheduler, acc.scaler)
     history = read_metrics(run_dir, up_to_step=start) if acc.is_main_process else []
-    if acc.is_main_process:  # drop log lines written after the checkpoint we resume from
-        files.write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+    return Session(cfg=cfg, acc=acc, run_dir=run_dir, objective=objective, optimizer=optimizer,
+                   lr_scheduler=lr_scheduler, params=params, named=named, models=models, start=start,
+                   resumed_from=resumed_from, history=history, generated=generated, eval_before=eval_before,
+                   t0=t0, step=start, override=opened.override)
 
-    rank_log: list | None = [] if os.environ.get(RANK_REPORT_ENV) else None  # the multi-process test's record
-    logging = acc.is_main_process and tracking.start(acc, cfg, run_dir)
-    trainer.unet.train()
-    trainer.text_encoder.train(cfg.train.train_text_encoder)
-    bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="training",
-               disable=not (progress and acc.is_main_process))
-    log = open(run_dir / METRICS, "a") if acc.is_main_process else None
-    try:
-        for step in bar:
-            t_step = time.time()
-            sums = {"loss": 0.0, "instance_loss": 0.0, "prior_loss": 0.0}
-            for micro in range(cfg.train.gradient_accumulation_steps):
-                torch.manual_seed(step_seed(cfg.train.seed, step, micro))  # LoRA dropout, if any
-                with acc.accumulate(*models):
-                    with acc.autocast():
-                        loss, inst, prior = trainer.loss(step, micro)
-                    with trainer.timer.phase("backward"):
-                        acc.backward(loss)
-                    with trainer.timer.phase("optimizer"):
-                        if acc.sync_gradients:
-                            acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                k = cfg.train.gradient_accumulation_steps
-                parts = torch.stack([loss.detach(), inst.detach(), prior.detach() if prior is not None else loss * 0])
-                parts = acc.reduce(parts, "mean") if acc.num_processes > 1 else parts  # log the global batch
-                sums["loss"] += parts[0].item() / k
-                sums["instance_loss"] += parts[1].item() / k
-                sums["prior_loss"] += parts[2].item() / k
-                if rank_log is not None:
-                    rank_log.append([step, micro, [[r.kind, r.index, r.flip] for r in trainer.last_rows]])
-            lr_scheduler.step()
-            if not torch.isfinite(torch.tensor(sums["loss"])):
-                raise FloatingPointError(
-                    f"loss became {sums['loss']} at step {step + 1}; the last good checkpoint is kept in "
-                    f"{run_dir / checkpoint.CHECKPOINTS}. With fp16 this is usually overflow: try bf16 or no mixed precision"
-                )
-            record = {"step": step + 1, **sums, "prior_loss": sums["prior_loss"] if classes is not None else None,
-                      "lr": lr_scheduler.get_last_lr()[0],
-                      "lr_text_encoder": lr_scheduler.get_last_lr()[1] if n_groups > 1 else None,
-                      "step_seconds": round(time.time() - t_step, 4), "seconds": round(time.time() - t0, 3)}
-            history.append(record)
-            if log:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            if logging:
-                tracking.log_scalars(acc, record)
-            every = cfg.train.validation_every
-            if acc.is_main_process and every and (step + 1) % every == 0:
-                tracking.log_validation(acc, cfg, trainer, step + 1, run_dir)
-            bar.set_postfix(loss=f"{sums['loss']:.4f}")
-            if on_step:
-                on_step(record)
-            done = step + 1
-            if acc.is_main_process and (done % cfg.train.checkpoint_every == 0) and done < cfg.train.steps:
-                checkpoint.save(run_dir, done, named, optimizer.optimizer, lr_scheduler, cfg.train.checkpoints_to_keep)
-    finally:
-        bar.close()
-        if log:
-            log.close()
 
-    trainer.unet.eval()
-    trainer.text_encoder.eval()
-    eval_after = trainer.eval_instance_loss()
-    write_rank_report(acc, rank_log, named)
+def class_images(cfg: Config, acc, pipe, weight_dtype, progress: bool) -> tuple[ImageSet | None, int]:
+    """The prior-preservation images (generated once into the keyed cache), or (None, 0).
+
+    They are made in prior.dtype (auto: fp16 on a GPU, about twice as fast; fp32 on a CPU), which
+    is part of their cache key; the training pipeline is reused when it has that dtype.
+    """
+    from .prior import generation_dtype
+
+    if not (cfg.prior.enabled and cfg.prior.loss_weight > 0):
+        return None, 0
+    dtype = generation_dtype(cfg, acc.device)
+
+    def generation_pipe():
+        if getattr(torch, dtype) == weight_dtype:
+            return pipe
+        other = load_pipeline(cfg.model, device=acc.device, dtype=getattr(torch, dtype))
+        other.vae.enable_slicing()
+        return other
+
+    with acc.main_process_first():  # one process generates; the others find the cache full
+        made = ensure_class_images(cfg, generation_pipe, progress=progress and acc.is_main_process, dtype=dtype)
+    if acc.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return ImageSet.from_paths(made.paths, cfg.resolution), made.generated
+
+
+def make_callbacks(s: Session, on_step, progress: bool) -> list:
+    main = s.acc.is_main_process
+    out: list = []
+    if main:
+        out += [MetricsFile(s.run_dir, s.history), Tracker(s.acc, s.cfg, s.objective, s.run_dir)]
+    if main and progress:
+        out.append(Progress(s.start, s.cfg.train.steps))
+    if on_step is not None:
+        out.append(OnStep(on_step))
+    if RankReport.wanted():
+        out.append(RankReport(s.acc, s.named))
+    return out
+
+
+def run_loop(s: Session, callbacks: list) -> None:
+    """The steps from s.start to train.steps; each ends with a record, and every checkpoint_every
+    steps with a checkpoint."""
+    cfg, acc, objective = s.cfg, s.acc, s.objective
+    k = cfg.train.gradient_accumulation_steps
+    on_micro = [cb.on_micro for cb in callbacks if hasattr(cb, "on_micro")]
+    on_step = [cb.on_step for cb in callbacks if hasattr(cb, "on_step")]
+    objective.unet.train()
+    objective.text_encoder.train(cfg.train.train_text_encoder)
+    for step in range(s.start, cfg.train.steps):
+        t_step = time.time()
+        sums = torch.zeros(3)
+        for micro in range(k):
+            torch.manual_seed(step_seed(cfg.train.seed, step, micro))  # LoRA dropout, if any
+            with acc.accumulate(*s.models):
+                with acc.autocast():
+                    loss, inst, prior = objective.loss(step, micro)
+                with objective.timer.phase("backward"):
+                    acc.backward(loss)
+                with objective.timer.phase("optimizer"):
+                    if acc.sync_gradients:
+                        acc.clip_grad_norm_(s.params, cfg.optim.max_grad_norm)
+                    s.optimizer.step()
+                    s.optimizer.zero_grad(set_to_none=True)
+            parts = torch.stack([loss.detach(), inst.detach(), prior.detach() if prior is not None else loss * 0])
+            parts = acc.reduce(parts, "mean") if acc.num_processes > 1 else parts  # log the global batch
+            sums += parts.float().cpu() / k
+            for fn in on_micro:
+                fn(step, micro, objective.last_rows)
+        if not s.optimizer.step_was_skipped:  # fp16 overflow skipped the update: the schedule waits too
+            s.lr_scheduler.step()
+        record = step_record(s, step, sums.tolist(), time.time() - t_step)
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(f"loss became {record['loss']} at step {step + 1}")
+        s.history.append(record)
+        s.step = step + 1
+        for fn in on_step:
+            fn(record)
+        if acc.is_main_process and s.step % cfg.train.checkpoint_every == 0 and s.step < cfg.train.steps:
+            checkpoint.save(s.run_dir, s.step, s.named, s.optimizer.optimizer, s.lr_scheduler,
+                            cfg.train.checkpoints_to_keep, scaler=acc.scaler)
+
+
+def step_record(s: Session, step: int, sums: list[float], seconds: float) -> dict:
+    """The line metrics.jsonl gets for one optimizer step."""
+    lrs = s.lr_scheduler.get_last_lr()
+    prior = sums[2] if s.objective.sets["class"] is not None else None
+    return {"step": step + 1, "loss": sums[0], "instance_loss": sums[1], "prior_loss": prior, "lr": lrs[0],
+            "lr_text_encoder": lrs[1] if len(lrs) > 1 else None,
+            "loss_scale": s.acc.scaler.get_scale() if s.acc.scaler is not None else None,
+            "step_seconds": round(seconds, 4), "seconds": round(time.time() - s.t0, 3)}
+
+
+def last_checkpoint_note(run_dir: Path) -> str:
+    ckpts = checkpoint.list_checkpoints(run_dir)
+    return f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written"
+
+
+def stop_failed(s: Session, exc: FloatingPointError) -> NonFiniteLoss:
+    """Mark the run failed in summary.json and say, in one line, what to try."""
+    step = s.step + 1
+    hint = ("fp16 overflow is the usual cause: use train.mixed_precision=bf16 or no"
+            if s.cfg.train.mixed_precision == "fp16" else "lower optim.lr_unet / optim.lr_text_encoder (e.g. halve it)")
+    note = last_checkpoint_note(s.run_dir)
+    if s.acc.is_main_process:
+        files.write_json(s.run_dir / SUMMARY, {
+            "status": "failed", "error": str(exc), "failed_at_step": step, "last_checkpoint":
+            str(checkpoint.list_checkpoints(s.run_dir)[-1]) if checkpoint.list_checkpoints(s.run_dir) else None,
+            "config_hash": s.cfg.hash(), "steps": s.cfg.train.steps})
+    return NonFiniteLoss(f"loss became non-finite at step {step} in {s.run_dir}: {hint}; also try full precision "
+                         f"(train.mixed_precision=no); {note} (start again with resume=<that run> and "
+                         f"allow_change=True to keep its steps)")
+
+
+def interrupted_message(s: Session) -> str:
+    if s.step == s.start and s.start == 0:
+        where = "before the first step"
+    else:
+        where = f"at step {s.step}"
+    return (f"interrupted {where} of {s.cfg.train.steps} ({s.run_dir}); run the same command to resume "
+            f"({last_checkpoint_note(s.run_dir)})")
+
+
+def finish(s: Session, ident: runs.Identity, callbacks: list, *, progress: bool, profile: bool) -> RunResult:
+    """Evaluate, write the LoRA, the loss plot and summary.json; every process returns the result."""
+    cfg, acc, objective = s.cfg, s.acc, s.objective
+    objective.unet.eval()
+    objective.text_encoder.eval()
+    eval_after = objective.eval_instance_loss()
+    for cb in callbacks:
+        if isinstance(cb, RankReport):
+            cb.write()
     acc.wait_for_everyone()
-    lora_path = run_dir / LORA_FILE if run_dir is not None else None
     if acc.is_main_process:
-        from .export import run_metadata
-
-        save_lora(run_dir, acc.unwrap_model(trainer.unet), acc.unwrap_model(trainer.text_encoder),
-                  cfg.train.train_text_encoder, metadata=run_metadata(cfg))
+        from .export import PREFIX, run_metadata
         from .viz import plot_loss_curve
 
-        plot_loss_curve(history, run_dir / "loss.png", title=f"{run_dir.name}",
-                        params=run_params(cfg))
-        summary = {"status": "finished", "steps": cfg.train.steps, "final_loss": history[-1]["loss"] if history else None,
-                   "eval_instance_loss_before": eval_before, "eval_instance_loss_after": eval_after,
-                   "class_images_generated": generated, "resumed_from": resumed_from,
-                   "seconds": round(time.time() - t0, 2), "config_hash": cfg.hash()}
-        files.write_json(run_dir / SUMMARY, summary)
+        metadata = {**run_metadata(cfg), PREFIX + "dataset_digest": ident.dataset_digest}
+        save_lora(s.run_dir, acc.unwrap_model(objective.unet), acc.unwrap_model(objective.text_encoder),
+                  cfg.train.train_text_encoder, metadata=metadata)
+        plot_loss_curve(s.history, s.run_dir / "loss.png", title=f"{s.run_dir.name}", params=run_params(cfg))
+        summary = {"status": "finished", "steps": cfg.train.steps,
+                   "final_loss": s.history[-1]["loss"] if s.history else None,
+                   "eval_instance_loss_before": s.eval_before, "eval_instance_loss_after": eval_after,
+                   "class_images_generated": s.generated, "resumed_from": s.resumed_from,
+                   "seconds": round(time.time() - s.t0, 2), "config_hash": cfg.hash(),
+                   "dataset_digest": ident.dataset_digest, "photos": len(ident.dataset)}
+        if s.override:
+            summary["resume_override"] = s.override
+        files.write_json(s.run_dir / SUMMARY, summary)
         if profile:
-            report = profile_report(trainer.timer.seconds, cfg.train.steps - start)
-            files.write_json(run_dir / "profile.json", report)
+            report = profile_report(objective.timer.seconds, cfg.train.steps - s.start)
+            files.write_json(s.run_dir / "profile.json", report)
             if progress:
                 print(format_profile(report))
     acc.end_training()
-    return RunResult(run_dir=run_dir, lora_path=lora_path, steps=cfg.train.steps,
-                     final_loss=history[-1]["loss"] if history else float("nan"), eval_loss_before=eval_before,
-                     eval_loss_after=eval_after, class_images_generated=generated, resumed_from=resumed_from,
-                     seconds=time.time() - t0, history=history)
-
-
-def write_rank_report(acc, rows: list, named: dict[str, torch.Tensor]) -> None:
-    """With DREAMBOOTH_LAB_RANK_REPORT=<folder>, each process records what data it saw and a digest
-    of its final LoRA weights (how the multi-process test checks sharding and synchronisation)."""
-    import hashlib
-
-    folder = os.environ.get(RANK_REPORT_ENV)
-    if not folder or rows is None:
-        return
-    digest = hashlib.sha256()
-    for name in sorted(named):
-        digest.update(named[name].detach().cpu().float().numpy().tobytes())
-    files.write_json(Path(folder) / f"rank{acc.process_index}.json", {
-        "rank": acc.process_index, "world": acc.num_processes, "rows": rows, "lora_sha256": digest.hexdigest(),
-        "lora": {k: v.detach().cpu().float().flatten()[:8].tolist() for k, v in sorted(named.items())[:4]}})
+    return RunResult(run_dir=s.run_dir, lora_path=s.run_dir / runs.LORA_FILE, steps=cfg.train.steps,
+                     final_loss=s.history[-1]["loss"] if s.history else float("nan"), eval_loss_before=s.eval_before,
+                     eval_loss_after=eval_after, class_images_generated=s.generated, resumed_from=s.resumed_from,
+                     seconds=time.time() - s.t0, history=s.history)
 
 
 def warn_about_token(cfg: Config, tokenizer) -> None:
@@ -345,12 +430,12 @@ def make_optimizer(cfg: Config, unet, text_encoder):
     return torch.optim.AdamW(groups, **kw)
 
 
-def configure_speed(cfg: Config, unet, device: torch.device) -> None:
-    """GPU options decided once: TF32, channels-last, torch.compile (SDPA attention is diffusers'
+def configure_speed(cfg: Config, unet) -> None:
+    """GPU options decided once: TF32 (process-wide flags; train() restores the caller's, and they
+    do nothing on a CPU or a T4), channels-last, torch.compile (SDPA attention is diffusers'
     default on torch 2)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
-        torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
+    torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
     if cfg.train.channels_last:
         unet.to(memory_format=torch.channels_last)
     if cfg.train.compile:

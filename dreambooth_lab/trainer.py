@@ -18,6 +18,7 @@ same order on both paths, which is what makes cached and uncached losses agree.
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from .config import Config
 from .data import ImageSet, crop_box, indices_for_step
+from .prompts import truncation_warning
 
 
 def step_seed(seed: int, step: int, micro: int = 0) -> int:
@@ -88,7 +90,10 @@ class Row:
     box: tuple[int, int, int, int]
 
 
-class Trainer:
+class DreamBoothObjective:
+    """The DreamBooth objective of one step: which rows a micro-batch holds, their latents and
+    prompt states, and the loss (instance MSE + weighted prior MSE)."""
+
     def __init__(self, cfg: Config, pipe, instance: ImageSet, classes: ImageSet | None, accelerator,
                  profile: bool = False):
         from diffusers import DDPMScheduler
@@ -97,7 +102,11 @@ class Trainer:
         self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.sets = {"instance": instance, "class": classes}
-        self.prompt_ids = tokenize(self.tokenizer, [cfg.fill(cfg.data.instance_prompt), cfg.fill(cfg.data.class_prompt)])
+        prompts = [cfg.fill(cfg.data.instance_prompt), cfg.fill(cfg.data.class_prompt)]
+        for prompt in prompts:
+            if (msg := truncation_warning(self.tokenizer, prompt)) is not None:
+                warnings.warn(msg, UserWarning, stacklevel=3)
+        self.prompt_ids = tokenize(self.tokenizer, prompts)
         self.timer = PhaseTimer(profile, accelerator.device)
         self.latent_cache: dict | None = None
         self.text_cache: torch.Tensor | None = None

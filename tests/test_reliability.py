@@ -246,18 +246,17 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypa
         return (loss * float("nan"), inst, prior) if calls["n"] > 4 else (loss, inst, prior)
 
     monkeypatch.setattr(trainer, "dreambooth_loss", poisoned)
-    cfg = tiny_config(tmp_path, **{"train.steps": 10, "train.checkpoint_every": 2})
-    with pytest.raises(FloatingPointError, match="fp16") as exc:
+    cfg = tiny_config(tmp_path, **{"train.steps": 10, "train.checkpoint_every": 2, "train.mixed_precision": "bf16"})
+    with pytest.raises(FloatingPointError, match="train.mixed_precision=no") as exc:
         train(cfg, resume=None, progress=False)
     run = next((tmp_path / "runs").iterdir())
     assert "step 5" in str(exc.value) and str(run / "checkpoints") in str(exc.value)
     from dreambooth_lab import checkpoint
 
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step-000002", "step-000004"]
-    assert not (run / "pytorch_lora_weights.safetensors").exists() and not (run / "summary.json").exists()
+    assert not (run / "pytorch_lora_weights.safetensors").exists()
+    assert json.loads((run / "summary.json").read_text())["status"] == "failed"
 
-
-# ---- security ---------------------------------------------------------------------------------
 
 def test_planted_hub_token_never_reaches_the_run_folder(tmp_path, monkeypatch):
     from dreambooth_lab.report import sample_run
