@@ -36,6 +36,7 @@ TEST_PROMPTS = (
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+PRIOR_TARGETS = ("class_images", "base_model")
 
 # Config.hash() identifies what a run trained: two configs with equal hashes train the same LoRA.
 # Each field says itself whether it belongs there. A field marked NO_HASH changes no weight: where
@@ -96,6 +97,22 @@ class PriorConfig:
     # Precision the class images are generated in; part of their cache key. auto = float16 on CUDA,
     # float32 on CPU (resolved by prior.generation_dtype before keying).
     dtype: str = "auto"
+    # What the prior term pulls toward: "class_images" (the paper: images the base model made for
+    # the class prompt, trained on alongside) or "base_model" (the frozen base model's own
+    # prediction for the class prompt on the same noisy latents: no class images to generate).
+    target: str = "class_images"
+
+
+@dataclass
+class LossConfig:
+    """The per-row loss and the noise: axes beyond the paper's recipe (see losses.py)."""
+
+    kind: str = "mse"  # mse (the paper's) | l1 | huber (pseudo-Huber with huber_c)
+    huber_c: float = 0.1
+    min_snr_gamma: float | None = None  # e.g. 5.0: min-SNR-γ weighting; None = plain mean
+    noise_offset: float = 0.0  # e.g. 0.05: per-channel constant added to the noise
+    timestep_min: int = 0  # timesteps are drawn from [timestep_min, timestep_max)
+    timestep_max: int | None = None  # None = the scheduler's num_train_timesteps (1000)
 
 
 @dataclass
@@ -190,6 +207,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     # Pictures made from a run and how they are scored do not change what the run trained.
@@ -297,10 +315,22 @@ def validation_errors(cfg: Config) -> list[str]:
          f"data.instance_prompt={cfg.data.instance_prompt!r} lacks '{{token}}': the rare token must appear in it")
     need(cfg.data.resolution is None or (cfg.data.resolution >= 8 and cfg.data.resolution % 8 == 0),
          f"data.resolution={cfg.data.resolution}: use a positive multiple of 8 (512 for SD1.x), or null for auto")
-    if cfg.prior.enabled:
+    need(cfg.prior.target in PRIOR_TARGETS,
+         f"prior.target={cfg.prior.target!r}: use class_images (the paper's) or base_model")
+    lc = cfg.loss
+    need(lc.kind in ("mse", "l1", "huber"), f"loss.kind={lc.kind!r}: use mse, l1 or huber")
+    need(lc.huber_c > 0, f"loss.huber_c={lc.huber_c}: use a positive value (0.1)")
+    need(lc.min_snr_gamma is None or lc.min_snr_gamma > 0,
+         f"loss.min_snr_gamma={lc.min_snr_gamma}: use a positive gamma (5.0) or null for no weighting")
+    need(0 <= lc.noise_offset <= 1, f"loss.noise_offset={lc.noise_offset}: use a value in [0, 1] (0.05 is usual)")
+    need(lc.timestep_min >= 0, f"loss.timestep_min={lc.timestep_min}: use 0 or more")
+    need(lc.timestep_max is None or lc.timestep_max > lc.timestep_min,
+         f"loss.timestep_max={lc.timestep_max}: use a value above loss.timestep_min={lc.timestep_min}, or null")
+    if cfg.prior.enabled and cfg.prior.target == "class_images":
         need(cfg.prior.num_class_images > 0,
              f"prior.num_class_images={cfg.prior.num_class_images}: prior preservation needs class "
              "images (e.g. 100–200), or set prior.enabled: false")
+    if cfg.prior.enabled:
         need(cfg.prior.loss_weight >= 0, f"prior.loss_weight={cfg.prior.loss_weight}: use a value >= 0 (1.0 in the paper)")
     need(cfg.prior.steps > 0, f"prior.steps={cfg.prior.steps}: use a positive number of sampler steps (25)")
     need(cfg.prior.batch_size > 0, f"prior.batch_size={cfg.prior.batch_size}: use a positive batch size")

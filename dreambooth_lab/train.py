@@ -250,8 +250,8 @@ def class_images(cfg: Config, acc, pipe, weight_dtype, progress: bool) -> tuple[
     """
     from .prior import generation_dtype
 
-    if not (cfg.prior.enabled and cfg.prior.loss_weight > 0):
-        return None, 0
+    if not (cfg.prior.enabled and cfg.prior.loss_weight > 0 and cfg.prior.target == "class_images"):
+        return None, 0  # no prior, or the base model's own prediction is the prior (trainer.base_prediction)
     dtype = generation_dtype(cfg, acc.device)
 
     def generation_pipe():
@@ -328,7 +328,7 @@ def run_loop(s: Session, callbacks: list) -> None:
 def step_record(s: Session, step: int, sums: list[float], seconds: float) -> dict:
     """The line metrics.jsonl gets for one optimizer step."""
     lrs = s.lr_scheduler.get_last_lr()
-    prior = sums[2] if s.objective.sets["class"] is not None else None
+    prior = sums[2] if s.objective.sets["class"] is not None or s.objective.base_model_prior else None
     return {"step": step + 1, "loss": sums[0], "instance_loss": sums[1], "prior_loss": prior, "lr": lrs[0],
             "lr_text_encoder": lrs[1] if len(lrs) > 1 else None,
             "loss_scale": s.acc.scaler.get_scale() if s.acc.scaler is not None else None,

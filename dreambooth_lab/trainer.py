@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .config import Config
 from .data import ImageSet, crop_box, indices_for_step
+from .losses import min_snr_weights, offset_noise, per_row_loss, snr
 from .prompts import truncation_warning
 
 
@@ -45,13 +46,27 @@ def training_target(scheduler_config, latents, noise, timesteps, scheduler) -> t
     raise ValueError(f"prediction_type {kind!r} is not supported (epsilon or v_prediction)")
 
 
-def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int, prior_weight: float):
-    """Split a batch of [instance rows; class rows] and return (loss, instance MSE, prior MSE)."""
-    pred, target = pred.float(), target.float()
-    inst = F.mse_loss(pred[:n_instance], target[:n_instance])
-    if pred.shape[0] == n_instance:
+def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int, prior_weight: float,
+                    weights: torch.Tensor | None = None, kind: str = "mse", huber_c: float = 0.1):
+    """Split a batch of [instance rows; prior rows] and return (loss, instance loss, prior loss).
+
+    With the defaults this is the paper's: MSE(instance) + prior_weight * MSE(prior). `weights`
+    (one per row, e.g. min-SNR-γ) and `kind` (mse | l1 | huber) are the loss axes of losses.py.
+    """
+    if weights is None and kind == "mse":
+        pred, target = pred.float(), target.float()
+        inst = F.mse_loss(pred[:n_instance], target[:n_instance])
+        if pred.shape[0] == n_instance:
+            return inst, inst, None
+        prior = F.mse_loss(pred[n_instance:], target[n_instance:])
+        return inst + prior_weight * prior, inst, prior
+    rows = per_row_loss(pred, target, kind, huber_c)
+    if weights is not None:
+        rows = rows * weights.to(rows.device, rows.dtype)
+    inst = rows[:n_instance].mean()
+    if rows.shape[0] == n_instance:
         return inst, inst, None
-    prior = F.mse_loss(pred[n_instance:], target[n_instance:])
+    prior = rows[n_instance:].mean()
     return inst + prior_weight * prior, inst, prior
 
 
@@ -102,6 +117,7 @@ class DreamBoothObjective:
         self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.sets = {"instance": instance, "class": classes}
+        self.base_model_prior = (cfg.prior.enabled and cfg.prior.loss_weight > 0 and cfg.prior.target == "base_model")
         prompts = [cfg.fill(cfg.data.instance_prompt), cfg.fill(cfg.data.class_prompt)]
         for prompt in prompts:
             if (msg := truncation_warning(self.tokenizer, prompt)) is not None:
@@ -192,6 +208,7 @@ class DreamBoothObjective:
 
     def loss(self, step: int, micro: int):
         """(loss, instance loss, prior loss) of one micro-batch."""
+        cfg, lc = self.cfg, self.cfg.loss
         with self.timer.phase("data"):
             rows, positions, n, gen = self.plan(step, micro)
             self.last_rows = rows
@@ -199,15 +216,51 @@ class DreamBoothObjective:
             latents = self.latents(rows, positions, n, gen)
         dev = self.acc.device
         noise = torch.randn((n, *latents.shape[1:]), generator=gen)[positions].to(dev, latents.dtype)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
-        timesteps = timesteps[positions].to(dev)
+        if lc.noise_offset:
+            noise = offset_noise(noise, lc.noise_offset, gen, positions, n)
+        t_max = lc.timestep_max or self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(lc.timestep_min, t_max, (n,), generator=gen)[positions].to(dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = training_target(self.noise_scheduler.config, latents, noise, timesteps, self.noise_scheduler)
         with self.timer.phase("text_encoder"):
             states = self.states(rows)
+        if self.base_model_prior:  # the prior rows: the same noisy latents, with the class prompt
+            with self.timer.phase("base_model_prior"):
+                prior_target = self.base_prediction(noisy, timesteps)
+            noisy, timesteps = torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps])
+            states = torch.cat([states, self.class_states(len(rows))])
+            target = torch.cat([target, prior_target])
+        weights = None
+        if lc.min_snr_gamma:
+            weights = min_snr_weights(snr(self.noise_scheduler.alphas_cumprod, timesteps), lc.min_snr_gamma,
+                                      self.noise_scheduler.config.prediction_type)
         with self.timer.phase("unet_forward"):
             pred = self.unet(noisy, timesteps, states).sample
-            target = training_target(self.noise_scheduler.config, latents, noise, timesteps, self.noise_scheduler)
-            return dreambooth_loss(pred, target, self.cfg.train.batch_size, self.cfg.prior.loss_weight)
+            return dreambooth_loss(pred, target, len(rows) if self.base_model_prior else cfg.train.batch_size,
+                                   cfg.prior.loss_weight, weights, lc.kind, lc.huber_c)
+
+    # ---- the prior from the frozen base model ------------------------------------------------------
+    def class_states(self, n: int) -> torch.Tensor:
+        """The class prompt's hidden states for n rows (through the text encoder's LoRA if trained)."""
+        return self.states([Row("class", 0, False, (0, 0, 0, 0))] * n)
+
+    @torch.no_grad()
+    def base_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the frozen base model (every adapter off) predicts for the class prompt: the target
+        of the prior rows when prior.target is base_model."""
+        unet = self.acc.unwrap_model(self.unet)
+        te = self.acc.unwrap_model(self.text_encoder)
+        trained_te = self.cfg.train.train_text_encoder
+        unet.disable_adapters()
+        if trained_te:
+            te.disable_adapters()
+        try:
+            states = self.class_states(noisy.shape[0])
+            return self.unet(noisy, timesteps, states).sample.detach()
+        finally:
+            unet.enable_adapters()
+            if trained_te:
+                te.enable_adapters()
 
     @torch.no_grad()
     def eval_instance_loss(self, seed: int = 1234, timesteps=(100, 300, 500, 700, 900)) -> float:

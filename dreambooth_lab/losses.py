@@ -1,0 +1,54 @@
+"""Loss and noise options of the objective, as small pure functions (issue: beyond the recipe).
+
+- min-SNR-γ weighting (Hang et al., 2023): each row's loss is weighted by min(SNR(t), γ) / SNR(t)
+  for ε-prediction and min(SNR(t), γ) / (SNR(t) + 1) for v-prediction, where
+  SNR(t) = ᾱ_t / (1 − ᾱ_t). Low-noise timesteps, which dominate the plain MSE, count less.
+- the per-element loss: MSE (the paper's), L1, or pseudo-Huber 2c(√(x² + c²) − c), which is
+  quadratic near 0 and linear for large errors (less pull from outlier rows).
+- noise offset: ε + offset · n with n ~ N(0, 1) per (row, channel), constant over the image;
+  lets a model learn overall brightness shifts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSS_KINDS = ("mse", "l1", "huber")
+
+
+def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) of each timestep."""
+    a = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return a / (1 - a)
+
+
+def min_snr_weights(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Per-row loss weights of min-SNR-γ for the model's prediction type."""
+    clipped = torch.clamp(snr_t, max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr_t
+    if prediction_type == "v_prediction":
+        return clipped / (snr_t + 1)
+    raise ValueError(f"min-SNR weighting: prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
+
+
+def per_row_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse", huber_c: float = 0.1) -> torch.Tensor:
+    """The loss of each row (mean over channels and pixels)."""
+    pred, target = pred.float(), target.float()
+    if kind == "mse":
+        err = (pred - target) ** 2
+    elif kind == "l1":
+        err = (pred - target).abs()
+    elif kind == "huber":
+        err = 2 * huber_c * (torch.sqrt((pred - target) ** 2 + huber_c ** 2) - huber_c)
+    else:
+        raise ValueError(f"loss.kind={kind!r}: use one of {', '.join(LOSS_KINDS)}")
+    return err.mean(dim=tuple(range(1, err.ndim)))
+
+
+def offset_noise(noise: torch.Tensor, offset: float, gen: torch.Generator, positions: list[int], n: int) -> torch.Tensor:
+    """ε + offset · N(0, 1) per (row, channel); drawn for the global batch of n rows, this
+    process's rows taken by position (so several processes see what one would)."""
+    shift = torch.randn((n, noise.shape[1], 1, 1), generator=gen)[positions]
+    return noise + offset * shift.to(noise.device, noise.dtype)
