@@ -104,6 +104,20 @@ class PriorConfig:
 
 
 @dataclass
+class IdentifierConfig:
+    """How the subject is named in prompts: a borrowed rare token (the paper's) or a learned one.
+
+    learned: new token(s) <token> with trained input embeddings (pivotal tuning, identifier.py),
+    saved beside the LoRA as an A1111/ComfyUI/diffusers textual-inversion file."""
+
+    learned: bool = False
+    num_vectors: int = 1  # tokens <sks>, <sks>_1, ... that the placeholder expands to
+    init: str = "class"  # class (the class word's embedding) | token (the rare token's) | random
+    lr: float = 1e-3
+    embedding_only_steps: int = 0  # train only the embedding for the first N steps, then the LoRA too
+
+
+@dataclass
 class LossConfig:
     """The per-row loss and the noise: axes beyond the paper's recipe (see losses.py)."""
 
@@ -208,6 +222,7 @@ class Config:
     prior: PriorConfig = field(default_factory=PriorConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    identifier: IdentifierConfig = field(default_factory=IdentifierConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     # Pictures made from a run and how they are scored do not change what the run trained.
@@ -233,9 +248,17 @@ class Config:
     def lora_alpha(self) -> float:
         return float(self.lora.alpha if self.lora.alpha is not None else self.lora.rank)
 
+    @property
+    def prompt_token(self) -> str:
+        """What stands for the subject in prompts: the rare token, or <token> when it is learned."""
+        if self.identifier.learned:
+            t = self.data.token
+            return t if t.startswith("<") and t.endswith(">") else f"<{t}>"
+        return self.data.token
+
     def fill(self, template: str) -> str:
-        """Put the rare token and the class into a prompt template."""
-        return fill_prompt(template, self.data.token, self.data.class_name)
+        """Put the subject's token and the class into a prompt template."""
+        return fill_prompt(template, self.prompt_token, self.data.class_name)
 
     # ---- conversion -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -317,6 +340,12 @@ def validation_errors(cfg: Config) -> list[str]:
          f"data.resolution={cfg.data.resolution}: use a positive multiple of 8 (512 for SD1.x), or null for auto")
     need(cfg.prior.target in PRIOR_TARGETS,
          f"prior.target={cfg.prior.target!r}: use class_images (the paper's) or base_model")
+    ic = cfg.identifier
+    need(ic.num_vectors >= 1, f"identifier.num_vectors={ic.num_vectors}: use 1 or more (1–4)")
+    need(ic.init in ("class", "token", "random"), f"identifier.init={ic.init!r}: use class, token or random")
+    need(ic.lr > 0, f"identifier.lr={ic.lr}: use a positive learning rate (1e-3)")
+    need(0 <= ic.embedding_only_steps < max(cfg.train.steps, 1) or not ic.learned,
+         f"identifier.embedding_only_steps={ic.embedding_only_steps}: use 0 or fewer than train.steps")
     lc = cfg.loss
     need(lc.kind in ("mse", "l1", "huber"), f"loss.kind={lc.kind!r}: use mse, l1 or huber")
     need(lc.huber_c > 0, f"loss.huber_c={lc.huber_c}: use a positive value (0.1)")

@@ -69,18 +69,77 @@ class ImageSpec:
 
 # ---- LoRA on a pipeline ----------------------------------------------------------------------
 
-def load_lora(pipe, lora_path: str | Path) -> None:
-    """Load a diffusers-format LoRA file (safetensors only) into pipe as the 'dreambooth' adapter."""
-    path = Path(lora_path)
+class LoraFileError(ValueError):
+    """A LoRA file that cannot be used; the message is one line naming the file and the fault."""
+
+
+def find_lora_file(path: str | Path) -> Path:
+    """The LoRA file of a run folder, or the file itself, checked before anything is loaded.
+
+    It must exist, end in .safetensors (pickle files can run code), be a complete safetensors
+    file (an interrupted copy cuts the data short) and hold LoRA tensors (diffusers or kohya
+    keys). Raises FileNotFoundError or LoraFileError with a one-line message.
+    """
+    path = Path(path).expanduser()
     if path.is_dir():
+        if not (path / LORA_FILE).is_file():
+            what = ("the run has not finished: train it to the end first" if (path / "config.yaml").is_file()
+                    else "not a run folder")
+            raise LoraFileError(f"{path} holds no {LORA_FILE} ({what}): pass a finished run folder or a LoRA "
+                                ".safetensors file")
         path = path / LORA_FILE
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"LoRA file {path} does not exist: pass a run folder or its {LORA_FILE}")
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: only .safetensors LoRA files are loaded (pickle files can run code)")
+        raise LoraFileError(f"{path}: only .safetensors LoRA files are loaded (a {path.suffix or 'suffix-less'} "
+                            "file may be a pickle, which can run code): use the run's .safetensors file")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LoraFileError(f"{path} is damaged or not a safetensors file ({reason}; {path.stat().st_size} bytes): "
+                            "an interrupted copy or download cuts it short — copy it again") from exc
+    if not any("lora" in k.lower() for k in keys):
+        example = f" such as {keys[0]!r}" if keys else ""
+        raise LoraFileError(f"{path} holds no LoRA tensors ({len(keys)} tensors{example}): it is not a LoRA file")
+    return path
+
+
+def load_lora(pipe, lora_path: str | Path) -> None:
+    """Load a LoRA file (diffusers or kohya layout, safetensors only) into pipe as the 'dreambooth'
+    adapter; `lora_path` is the file or a run folder."""
+    path = find_lora_file(lora_path)
     if ADAPTER in (pipe.get_list_adapters().get("unet") or []):
         pipe.delete_adapters(ADAPTER)
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER)
+    try:
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER)
+    except (ValueError, RuntimeError, KeyError) as exc:  # e.g. a LoRA of another base model (other shapes)
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        raise LoraFileError(f"{path} does not fit this base model ({reason}): load it on the model it was "
+                            "trained on") from exc
+    load_identifier(pipe, path)
+
+
+def load_identifier(pipe, lora_file: Path) -> str | None:
+    """A run with a learned identifier keeps its embedding beside the LoRA: load it through
+    diffusers' textual-inversion loader; returns the placeholder (None when there is none)."""
+    from . import identifier
+
+    emb = identifier.embedding_beside(lora_file)
+    if emb is None:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(emb), framework="pt") as f:
+        token = (f.metadata() or {}).get("dreambooth_lab.placeholder")
+    if not token:
+        raise LoraFileError(f"{emb} has no dreambooth_lab.placeholder in its metadata: it was not written by "
+                            "this workbench; load it with pipe.load_textual_inversion(path, token=...)")
+    identifier.load_into(pipe, emb, token)
+    return token
 
 
 def apply_vae_options(pipe, slicing: bool, tiling: bool) -> None:

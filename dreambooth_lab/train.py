@@ -207,6 +207,9 @@ def set_up(cfg: Config, acc, opened: runs.Opened, instance: ImageSet, ident: run
     objective = DreamBoothObjective(cfg, pipe, instance, classes, acc, profile=profile)
     torch.manual_seed(cfg.train.seed)  # LoRA init draws from the global generator
     params = add_adapters(cfg, objective.unet, objective.text_encoder)
+    if objective.identifier is not None:  # add_adapters froze the text encoder: the identifier learns
+        objective.identifier.requires_grad_(True)
+        params.append(objective.identifier)
     if cfg.train.gradient_checkpointing:
         objective.unet.enable_gradient_checkpointing()
         if cfg.train.train_text_encoder:
@@ -214,16 +217,16 @@ def set_up(cfg: Config, acc, opened: runs.Opened, instance: ImageSet, ident: run
     eval_before = objective.eval_instance_loss()
 
     configure_speed(cfg, objective.unet)
-    optimizer = make_optimizer(cfg, objective.unet, objective.text_encoder)
+    optimizer = make_optimizer(cfg, objective.unet, objective.text_encoder, objective.identifier)
     lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.lr_warmup_steps,
                                  num_training_steps=cfg.train.steps)
-    models = [objective.unet] + ([objective.text_encoder] if cfg.train.train_text_encoder else [])
+    models = [objective.unet] + ([objective.text_encoder] if objective.text_trained else [])
     *models, optimizer = acc.prepare(*models, optimizer)
     objective.unet = models[0]
-    if cfg.train.train_text_encoder:
+    if objective.text_trained:
         objective.text_encoder = models[1]
     named = {f"unet.{n}": p for n, p in acc.unwrap_model(objective.unet).named_parameters() if p.requires_grad}
-    if cfg.train.train_text_encoder:
+    if objective.text_trained:
         named.update({f"text_encoder.{n}": p for n, p in acc.unwrap_model(objective.text_encoder).named_parameters()
                       if p.requires_grad})
 
@@ -290,7 +293,7 @@ def run_loop(s: Session, callbacks: list) -> None:
     on_micro = [cb.on_micro for cb in callbacks if hasattr(cb, "on_micro")]
     on_step = [cb.on_step for cb in callbacks if hasattr(cb, "on_step")]
     objective.unet.train()
-    objective.text_encoder.train(cfg.train.train_text_encoder)
+    objective.text_encoder.train(objective.text_trained)
     for step in range(s.start, cfg.train.steps):
         t_step = time.time()
         sums = torch.zeros(3)
@@ -303,7 +306,9 @@ def run_loop(s: Session, callbacks: list) -> None:
                     acc.backward(loss)
                 with objective.timer.phase("optimizer"):
                     if acc.sync_gradients:
-                        acc.clip_grad_norm_(s.params, cfg.optim.max_grad_norm)
+                        if step < cfg.identifier.embedding_only_steps:  # the identifier learns alone first
+                            hold_lora(s.params, objective.identifier)
+                        acc.clip_grad_norm_([p for p in s.params if p.grad is not None], cfg.optim.max_grad_norm)
                     s.optimizer.step()
                     s.optimizer.zero_grad(set_to_none=True)
             parts = torch.stack([loss.detach(), inst.detach(), prior.detach() if prior is not None else loss * 0])
@@ -325,12 +330,20 @@ def run_loop(s: Session, callbacks: list) -> None:
                             cfg.train.checkpoints_to_keep, scaler=acc.scaler)
 
 
+def hold_lora(params: list, identifier) -> None:
+    """Drop the LoRA's gradients so this step updates only the learned identifier (AdamW skips
+    parameters without a gradient, their moments included)."""
+    for p in params:
+        if p is not identifier:
+            p.grad = None
+
+
 def step_record(s: Session, step: int, sums: list[float], seconds: float) -> dict:
     """The line metrics.jsonl gets for one optimizer step."""
-    lrs = s.lr_scheduler.get_last_lr()
+    lrs = {g.get("name", "unet"): lr for g, lr in zip(s.optimizer.param_groups, s.lr_scheduler.get_last_lr())}
     prior = sums[2] if s.objective.sets["class"] is not None or s.objective.base_model_prior else None
-    return {"step": step + 1, "loss": sums[0], "instance_loss": sums[1], "prior_loss": prior, "lr": lrs[0],
-            "lr_text_encoder": lrs[1] if len(lrs) > 1 else None,
+    return {"step": step + 1, "loss": sums[0], "instance_loss": sums[1], "prior_loss": prior, "lr": lrs["unet"],
+            "lr_text_encoder": lrs.get("text_encoder"), "lr_identifier": lrs.get("identifier"),
             "loss_scale": s.acc.scaler.get_scale() if s.acc.scaler is not None else None,
             "step_seconds": round(seconds, 4), "seconds": round(time.time() - s.t0, 3)}
 
@@ -380,6 +393,14 @@ def finish(s: Session, ident: runs.Identity, callbacks: list, *, progress: bool,
         from .viz import plot_loss_curve
 
         metadata = {**run_metadata(cfg), PREFIX + "dataset_digest": ident.dataset_digest}
+        if objective.identifier is not None:
+            from . import identifier
+
+            metadata.update({PREFIX + "identifier": cfg.prompt_token,
+                             PREFIX + "identifier_vectors": str(cfg.identifier.num_vectors)})
+            identifier.save(s.run_dir, objective.identifier, {PREFIX + "placeholder": cfg.prompt_token,
+                                                              PREFIX + "init": cfg.identifier.init,
+                                                              PREFIX + "base_model": cfg.model.name})
         save_lora(s.run_dir, acc.unwrap_model(objective.unet), acc.unwrap_model(objective.text_encoder),
                   cfg.train.train_text_encoder, metadata=metadata)
         plot_loss_curve(s.history, s.run_dir / "loss.png", title=f"{s.run_dir.name}", params=run_params(cfg))
@@ -415,12 +436,15 @@ def warn_about_token(cfg: Config, tokenizer) -> None:
         warnings.warn(f"data.token '{cfg.data.token}' {report.warnings[0]}", TokenWarning, stacklevel=3)
 
 
-def make_optimizer(cfg: Config, unet, text_encoder):
-    """AdamW (torch) or 8-bit AdamW (bitsandbytes) with one learning rate per component."""
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.optim.lr_unet}]
+def make_optimizer(cfg: Config, unet, text_encoder, identifier=None):
+    """AdamW (torch) or 8-bit AdamW (bitsandbytes) with one learning rate per component (named
+    groups: unet, text_encoder, identifier; the identifier without weight decay)."""
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.optim.lr_unet, "name": "unet"}]
     if cfg.train.train_text_encoder:
-        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
-                       "lr": cfg.optim.lr_text_encoder})
+        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad and p is not identifier],
+                       "lr": cfg.optim.lr_text_encoder, "name": "text_encoder"})
+    if identifier is not None:
+        groups.append({"params": [identifier], "lr": cfg.identifier.lr, "weight_decay": 0.0, "name": "identifier"})
     kw = dict(betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), weight_decay=cfg.optim.weight_decay,
               eps=cfg.optim.adam_epsilon)
     if cfg.optim.optimizer == "adamw8bit":

@@ -118,7 +118,23 @@ class DreamBoothObjective:
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.sets = {"instance": instance, "class": classes}
         self.base_model_prior = (cfg.prior.enabled and cfg.prior.loss_weight > 0 and cfg.prior.target == "base_model")
+        # A learned identifier (identifier.py): new tokens with a trainable embedding, swapped into
+        # the text encoder before the prompts are tokenized; their states can then not be cached.
+        self.identifier: torch.nn.Parameter | None = None
+        ic = cfg.identifier
+        if ic.learned:
+            from . import identifier
+
+            table = self.text_encoder.get_input_embeddings().weight.detach()
+            init = identifier.initial_vectors(ic.init, ic.num_vectors, self.tokenizer, table, cfg.data.class_name,
+                                              cfg.data.token, cfg.train.seed)
+            self.identifier = identifier.attach(self.text_encoder, self.tokenizer, cfg.prompt_token,
+                                                ic.num_vectors, init)
         prompts = [cfg.fill(cfg.data.instance_prompt), cfg.fill(cfg.data.class_prompt)]
+        if ic.learned:
+            from .identifier import expand
+
+            prompts = [expand(p, cfg.prompt_token, ic.num_vectors) for p in prompts]
         for prompt in prompts:
             if (msg := truncation_warning(self.tokenizer, prompt)) is not None:
                 warnings.warn(msg, UserWarning, stacklevel=3)
@@ -128,7 +144,7 @@ class DreamBoothObjective:
         self.text_cache: torch.Tensor | None = None
         if cfg.train.cache_latents and cfg.data.center_crop:
             self.latent_cache = self._encode_all()
-        if cfg.train.cache_text_embeddings and not cfg.train.train_text_encoder:
+        if cfg.train.cache_text_embeddings and not self.text_trained:
             with torch.no_grad():
                 self.text_cache = self.text_encoder(self.prompt_ids.to(self.acc.device))[0]
         if cfg.train.offload_frozen:
@@ -138,6 +154,11 @@ class DreamBoothObjective:
                 self.text_encoder.to("cpu")
             if self.acc.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    @property
+    def text_trained(self) -> bool:
+        """Does anything in the text encoder learn (its LoRA, or a learned identifier)?"""
+        return self.cfg.train.train_text_encoder or self.identifier is not None
 
     # ---- caches ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -203,7 +224,7 @@ class DreamBoothObjective:
         which = torch.tensor([0 if r.kind == "instance" else 1 for r in rows])
         if self.text_cache is not None:
             return self.text_cache[which.to(self.text_cache.device)]
-        with torch.set_grad_enabled(self.cfg.train.train_text_encoder and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(self.text_trained and torch.is_grad_enabled()):
             return self.text_encoder(self.prompt_ids[which].to(self.acc.device))[0]
 
     def loss(self, step: int, micro: int):

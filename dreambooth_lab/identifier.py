@@ -1,0 +1,115 @@
+"""A learned identifier (pivotal tuning): new tokens with trained input embeddings instead of a
+borrowed rare token.
+
+With ``identifier.learned: true`` the prompt's ``{token}`` becomes a placeholder ``<sks>`` (the
+rare token in angle brackets). ``identifier.num_vectors`` new tokens are added to the tokenizer,
+named as diffusers' ``load_textual_inversion`` names them (``<sks>``, ``<sks>_1``, …) and a prompt's
+placeholder is expanded to all of them the same way, so a run's file loads in diffusers, A1111 and
+ComfyUI as an ordinary textual-inversion embedding. Their input embeddings start from the class
+word's, the rare token's, or random (``identifier.init``) and are trained jointly with the LoRA,
+optionally alone for the first ``identifier.embedding_only_steps`` steps.
+
+The embedding matrix itself is never touched: `LearnedEmbedding` looks the new ids up in a small
+trainable table and every other id in the frozen original, so every other row stays bit-identical.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+EMBEDDING_FILE = "learned_embeds.safetensors"
+KEY = "emb_params"  # what A1111 / ComfyUI / diffusers read from an embedding .safetensors
+
+
+def placeholder(token: str) -> str:
+    """The prompt text of a learned identifier: the token in angle brackets (pure)."""
+    return token if token.startswith("<") and token.endswith(">") else f"<{token}>"
+
+
+def token_names(placeholder_text: str, n: int) -> list[str]:
+    """The tokenizer entries of an n-vector identifier, as diffusers' loader names them (pure)."""
+    return [placeholder_text] + [f"{placeholder_text}_{i}" for i in range(1, n)]
+
+
+def expand(prompt: str, placeholder_text: str, n: int) -> str:
+    """Replace the placeholder by all its vectors' tokens (diffusers' maybe_convert_prompt) (pure)."""
+    return prompt.replace(placeholder_text, " ".join(token_names(placeholder_text, n))) if n > 1 else prompt
+
+
+class LearnedEmbedding(torch.nn.Module):
+    """Token embedding = the frozen original table for old ids, a trainable table for new ones."""
+
+    def __init__(self, base: torch.nn.Embedding, new: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.first_new = base.num_embeddings
+        self.vectors = torch.nn.Parameter(new.detach().clone().float())
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads the table sees all rows
+        return torch.cat([self.base.weight, self.vectors.to(self.base.weight.dtype)])
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.first_new + self.vectors.shape[0]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        is_new = (ids >= self.first_new)[..., None]
+        old = self.base(ids.clamp(max=self.first_new - 1))
+        new = F.embedding((ids - self.first_new).clamp(min=0), self.vectors).to(old.dtype)
+        return torch.where(is_new, new, old)
+
+
+def initial_vectors(kind: str, n: int, tokenizer, table: torch.Tensor, class_name: str, token: str,
+                    seed: int) -> torch.Tensor:
+    """n starting vectors: the class word's embedding, the rare token's, or random with the table's
+    scale (pure given the seed)."""
+    if kind == "random":
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn((n, table.shape[1]), generator=g) * table.float().std()
+    word = class_name if kind == "class" else token
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(f"identifier.init={kind}: {word!r} has no tokens")
+    rows = table[ids].float()
+    return torch.stack([rows[i % len(ids)] for i in range(n)])
+
+
+def attach(text_encoder, tokenizer, placeholder_text: str, n: int, init: torch.Tensor) -> torch.nn.Parameter:
+    """Add the identifier's tokens to the tokenizer and swap in a LearnedEmbedding; returns the
+    trainable vectors."""
+    names = token_names(placeholder_text, n)
+    clash = [t for t in names if t in tokenizer.get_vocab()]
+    if clash:
+        raise ValueError(f"identifier token(s) {clash} are already in the tokenizer: pick another data.token")
+    base = text_encoder.get_input_embeddings()
+    if len(tokenizer) != base.num_embeddings:
+        raise ValueError(f"tokenizer has {len(tokenizer)} entries but the text encoder {base.num_embeddings}")
+    tokenizer.add_tokens(names)
+    module = LearnedEmbedding(base, init.to(base.weight.device))
+    text_encoder.set_input_embeddings(module)
+    return module.vectors
+
+
+def save(folder: str | Path, vectors: torch.Tensor, metadata: dict[str, str]) -> Path:
+    """<folder>/learned_embeds.safetensors: {"emb_params": [n, dim]} with string metadata."""
+    from . import files
+
+    return files.write_safetensors(Path(folder) / EMBEDDING_FILE,
+                                   {KEY: vectors.detach().to("cpu", torch.float32).contiguous()}, metadata)
+
+
+def embedding_beside(lora_file: str | Path) -> Path | None:
+    path = Path(lora_file).parent / EMBEDDING_FILE
+    return path if path.is_file() else None
+
+
+def load_into(pipe, embedding_file: str | Path, placeholder_text: str) -> None:
+    """Load a learned identifier into a pipeline through diffusers' own textual-inversion loader
+    (once: a second call with the same token is a no-op)."""
+    if placeholder_text in pipe.tokenizer.get_vocab():
+        return
+    pipe.load_textual_inversion(str(embedding_file), token=placeholder_text)
