@@ -134,6 +134,8 @@ class LoraConfig:
     rank: int = 4
     alpha: float | None = None  # None = rank (scaling 1.0)
     dropout: float = 0.0
+    use_dora: bool = False  # DoRA (peft): weight-decomposed LoRA; the kohya export refuses it
+    conv: bool = False  # LoCon: also adapt the UNet's ResNet convolutions (conv1, conv2, conv_shortcut)
     unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     text_encoder_targets: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]

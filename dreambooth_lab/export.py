@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from . import files
-from .config import Config
+from .config import Config, validate_sample
 
 PREFIX = "dreambooth_lab."
 
@@ -43,6 +44,10 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 # ---- kohya / A1111 layout ---------------------------------------------------------------------------
+
+class ExportRefused(ValueError):
+    """This run's adapter cannot be carried by the asked format; the message says what to use."""
+
 
 _KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.(?:lora_(A|B)|lora(?:_linear_layer)?\.(down|up))\.weight$")
 
@@ -75,13 +80,24 @@ def to_kohya(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Te
 
 
 def export_kohya(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the run's LoRA in the kohya layout with metadata; returns the file."""
+    """Write the run's LoRA in the kohya layout with metadata; returns the file.
+
+    `run_dir` is a run folder or the LoRA file inside one."""
     from .report import load_run_config
-    from .sample import LORA_FILE
+    from .sample import find_lora_file
 
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir).resolved()
-    state = load_file(str(run_dir / LORA_FILE))
+    if run_dir.is_file():  # the LoRA file: check it first, the config is beside it
+        lora = find_lora_file(run_dir)
+        run_dir, cfg = lora.parent, load_run_config(lora.parent).resolved()
+    else:
+        cfg = load_run_config(run_dir).resolved()
+        lora = find_lora_file(run_dir)
+    if cfg.lora.use_dora:
+        raise ExportRefused(f"{lora} is a DoRA adapter (lora.use_dora): the kohya/A1111 layout written here has no "
+                            "place for its magnitude vectors, and dropping them would change the images. Use the "
+                            "diffusers-format file itself (pipe.load_lora_weights), or train without lora.use_dora")
+    state = load_file(str(lora))
     meta = {**run_metadata(cfg), PREFIX + "format": "kohya", "ss_network_dim": str(cfg.lora.rank),
             "ss_network_alpha": str(cfg.lora_alpha), "ss_base_model_version": "sd_v1",
             "ss_output_name": f"{cfg.data.token}_{cfg.data.class_name}"}
@@ -89,7 +105,27 @@ def export_kohya(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if target.exists():
         raise FileExistsError(f"{target} exists already: exports are never overwritten; pass another --out")
     kohya = to_kohya(state, cfg.lora_alpha)
-    return files.write_safetensors(target, kohya, meta)
+    written = files.write_safetensors(target, kohya, meta)
+    export_embedding(run_dir, target)
+    return written
+
+
+def embedding_export_path(kohya_file: Path) -> Path:
+    return kohya_file.with_name(kohya_file.stem.removesuffix("_kohya") + "_embedding.safetensors")
+
+
+def export_embedding(run_dir: Path, kohya_file: Path) -> Path | None:
+    """A learned identifier goes beside the kohya LoRA as an A1111/ComfyUI embedding file
+    ({"emb_params": [n, dim]}; prompts then name the file, e.g. <sks-dog_embedding>)."""
+    from .identifier import EMBEDDING_FILE
+
+    source = Path(run_dir) / EMBEDDING_FILE
+    if not source.is_file():
+        return None
+    target = embedding_export_path(kohya_file)
+    if target.exists():
+        raise FileExistsError(f"{target} exists already: exports are never overwritten; pass another --out")
+    return files.write_bytes(target, source.read_bytes())
 
 
 def export_fused(run_dir: str | Path, scale_unet: float | None = None, scale_text_encoder: float | None = None,
@@ -103,6 +139,7 @@ def export_fused(run_dir: str | Path, scale_unet: float | None = None, scale_tex
     cfg = load_run_config(run_dir)
     su = cfg.sample.lora_scale_unet if scale_unet is None else scale_unet
     ste = cfg.sample.lora_scale_text_encoder if scale_text_encoder is None else scale_text_encoder
+    validate_sample(replace(cfg.sample, lora_scale_unet=su, lora_scale_text_encoder=ste))  # same rules as sampling
     target = Path(out) if out else run_dir / "export" / f"fused-unet{su:g}-te{ste:g}"
     if target.exists():
         raise FileExistsError(f"{target} exists already: exports are never overwritten")
@@ -115,17 +152,20 @@ def export_fused(run_dir: str | Path, scale_unet: float | None = None, scale_tex
     tmp = Path(tempfile.mkdtemp(prefix=".fused-", dir=target.parent))
     pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
     (tmp / "pipe" / "dreambooth_lab.json").write_text(json.dumps(
-        {**run_metadata(cfg), PREFIX + "fused_scale_unet": su, PREFIX + "fused_scale_text_encoder": ste}, indent=2))
+        {**run_metadata(cfg), PREFIX + "fused_scale_unet": su, PREFIX + "fused_scale_text_encoder": ste},
+        indent=2, sort_keys=True))
     (tmp / "pipe").rename(target)
     tmp.rmdir()
     return target
 
 
 def format_info(path: str | Path) -> str:
-    """The metadata of a LoRA file and a summary of what it holds."""
-    path = Path(path)
-    meta = read_metadata(path)
-    tensors = load_file(str(path))
+    """The metadata of a LoRA file (or a run folder's) and a summary of what it holds."""
+    from .sample import find_lora_file
+
+    path = find_lora_file(path)  # one-line errors for a missing, pickled, truncated or foreign file
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata() or {}), list(f.keys())
     unet = sum(1 for k in tensors if k.startswith(("unet.", "lora_unet_")))
     te = sum(1 for k in tensors if k.startswith(("text_encoder.", "lora_te_")))
     lines = [f"{path}", f"  tensors: {len(tensors)} ({unet} UNet, {te} text encoder)"]

@@ -18,14 +18,24 @@ def add_adapters(cfg: Config, unet, text_encoder) -> list[torch.nn.Parameter]:
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
     common = dict(r=cfg.lora.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora.dropout,
-                  init_lora_weights="gaussian")
-    unet.add_adapter(LoraConfig(target_modules=list(cfg.lora.unet_targets), **common))
+                  init_lora_weights="gaussian", use_dora=cfg.lora.use_dora)
+    unet.add_adapter(LoraConfig(target_modules=unet_targets(cfg), **common))
     if cfg.train.train_text_encoder:
         text_encoder.add_adapter(LoraConfig(target_modules=list(cfg.lora.text_encoder_targets), **common))
     params = trainable(unet) + (trainable(text_encoder) if cfg.train.train_text_encoder else [])
     for p in params:  # mixed precision keeps the base in fp16 but the LoRA master weights in fp32
         p.data = p.data.float()
     return params
+
+
+CONV_TARGETS = ("conv1", "conv2", "conv_shortcut")  # the ResNet convolutions (LoCon)
+
+
+def unet_targets(cfg: Config) -> list[str]:
+    """The UNet modules that get adapters: the attention projections, and with lora.conv the
+    ResNet convolutions (pure)."""
+    extra = [t for t in CONV_TARGETS if cfg.lora.conv and t not in cfg.lora.unet_targets]
+    return list(cfg.lora.unet_targets) + extra
 
 
 def trainable(module) -> list[torch.nn.Parameter]:
@@ -60,9 +70,8 @@ def save_lora(folder: str | Path, unet, text_encoder, with_text_encoder: bool,
         StableDiffusionPipeline.save_lora_weights(
             tmp.parent, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
             weight_name=tmp.name, safe_serialization=True,
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-            text_encoder_lora_adapter_metadata=(text_encoder.peft_config["default"].to_dict()
-                                                if with_text_encoder else None),
+            unet_lora_adapter_metadata=adapter_metadata(unet),
+            text_encoder_lora_adapter_metadata=adapter_metadata(text_encoder) if with_text_encoder else None,
         )
         # Rewrite with a sorted header (and our metadata): the same LoRA gives the same bytes.
         from safetensors import safe_open
@@ -73,6 +82,27 @@ def save_lora(folder: str | Path, unet, text_encoder, with_text_encoder: bool,
         tmp.write_bytes(files.safetensors_bytes(load_file(str(tmp)), merged))
 
     return files.atomic_write(target, write)
+
+
+def adapter_metadata(model) -> dict:
+    """The adapter's LoraConfig as a dict whose JSON is the same in every process.
+
+    peft keeps `target_modules` as a set, and a set of strings iterates in an order that changes
+    with PYTHONHASHSEED; diffusers writes it as a list in that order, so two runs of the same
+    config would write different bytes. Every set becomes a sorted list.
+    """
+    return sorted_sets(model.peft_config["default"].to_dict())
+
+
+def sorted_sets(value):
+    """value with every set (at any depth) replaced by a sorted list (pure)."""
+    if isinstance(value, (set, frozenset)):
+        return sorted((sorted_sets(v) for v in value), key=repr)
+    if isinstance(value, dict):
+        return {k: sorted_sets(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(sorted_sets(v) for v in value)
+    return value
 
 
 def enable_checkpointing(text_encoder) -> None:
