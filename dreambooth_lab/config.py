@@ -79,6 +79,9 @@ class DataConfig:
     resolution: int | None = None  # None = 512 for real models, 64 for the tiny one
     center_crop: bool = True  # False = random crop
     random_flip: bool = False
+    # Aspect-ratio bucketing (buckets.py): non-square photos keep their shape; a batch comes from one
+    # bucket of about resolution² pixels. Off = every photo is cropped square.
+    buckets: bool = False
 
 
 @dataclass

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config
+from . import buckets
 from .data import ImageSet, crop_box, indices_for_step
 from .losses import min_snr_weights, offset_noise, per_row_loss, snr
 from .prompts import truncation_warning
@@ -103,6 +104,8 @@ class Row:
     index: int
     flip: bool
     box: tuple[int, int, int, int]
+    bucket: tuple[int, int] | None = None  # (width, height) with data.buckets
+    resized: tuple[int, int] | None = None  # the image is resized to this before the crop box
 
 
 class DreamBoothObjective:
@@ -142,8 +145,13 @@ class DreamBoothObjective:
         self.timer = PhaseTimer(profile, accelerator.device)
         self.latent_cache: dict | None = None
         self.text_cache: torch.Tensor | None = None
+        # Aspect-ratio bucketing (buckets.py): each photo's bucket, decided once.
+        self.bucket_of: list | None = None
+        if cfg.data.buckets:
+            sizes = buckets.bucket_sizes(cfg.resolution, buckets.bucket_step(cfg.resolution))
+            self.bucket_of = [buckets.nearest_bucket(im.size, sizes) for im in instance.images]
         if cfg.train.cache_latents and cfg.data.center_crop:
-            self.latent_cache = self._encode_all()
+            self.latent_cache = self._encode_all() if self.bucket_of is None else self._encode_buckets()
         if cfg.train.cache_text_embeddings and not self.text_trained:
             with torch.no_grad():
                 self.text_cache = self.text_encoder(self.prompt_ids.to(self.acc.device))[0]
@@ -179,6 +187,35 @@ class DreamBoothObjective:
                 cache[kind, flip] = (torch.cat(means), torch.cat(stds))
         return cache
 
+    @torch.no_grad()
+    def _encode_buckets(self) -> dict:
+        """(kind, flip, index, bucket) -> (mean, std) of centre crops: each photo in its own bucket,
+        each class image in every bucket a photo uses (class rows follow the step's bucket)."""
+        cache = {}
+        flips = (False, True) if self.cfg.data.random_flip else (False,)
+        wanted = [("instance", i, b) for i, b in enumerate(self.bucket_of)]
+        if self.sets["class"] is not None:
+            wanted += [("class", i, b) for b in sorted(set(self.bucket_of)) for i in range(len(self.sets["class"]))]
+        for kind, i, bucket in wanted:
+            for flip in flips:
+                resized, box = buckets.cover_and_crop_box(self.sets[kind].images[i].size, bucket, True, None)
+                px = self.pixels(Row(kind, i, flip, box, bucket, resized))[None]
+                dist = self.vae.encode(px.to(self.acc.device, self.vae.dtype)).latent_dist
+                cache[kind, flip, i, bucket] = (dist.mean[0], dist.std[0])
+        return cache
+
+    def pixels(self, row: Row) -> torch.Tensor:
+        """The row's crop as a [-1, 1] tensor (resized to cover its bucket first, with buckets)."""
+        images = self.sets[row.kind]
+        if row.resized is None:
+            return images.crop(row.index, row.box, row.flip)
+        from PIL import Image, ImageOps
+
+        from .data import to_tensor
+
+        img = images.images[row.index].resize(row.resized, Image.Resampling.BICUBIC).crop(row.box)
+        return to_tensor(ImageOps.mirror(img) if row.flip else img)
+
     # ---- one micro-batch -----------------------------------------------------------------------
     def plan(self, step: int, micro: int) -> tuple[list[Row], list[int], int, torch.Generator]:
         """Which photos, flips and crops a micro-batch uses: instance rows first, then class rows.
@@ -191,16 +228,24 @@ class DreamBoothObjective:
         world, rank = self.acc.num_processes, self.acc.process_index
         gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, micro))
         flat = step * cfg.train.gradient_accumulation_steps + micro
-        rows, positions, n = [], [], 0
+        rows, positions, n, bucket = [], [], 0, None
         for kind, seed in (("instance", cfg.train.seed), ("class", cfg.train.seed + 1)):
             images = self.sets[kind]
             if images is None:
                 continue
-            for j, i in enumerate(indices_for_step(len(images), B * world, seed, flat)):
+            if self.bucket_of is not None and kind == "instance":  # one bucket per step
+                chosen = buckets.indices_for_step(self.bucket_of, B * world, seed, flat)
+                bucket = self.bucket_of[chosen[0]]
+            else:
+                chosen = indices_for_step(len(images), B * world, seed, flat)
+            for j, i in enumerate(chosen):
                 flip = cfg.data.random_flip and bool(torch.rand((), generator=gen) < 0.5)
-                box = crop_box(images.images[i].size, images.resolution, cfg.data.center_crop, gen)
+                if bucket is None:
+                    box, resized = crop_box(images.images[i].size, images.resolution, cfg.data.center_crop, gen), None
+                else:
+                    resized, box = buckets.cover_and_crop_box(images.images[i].size, bucket, cfg.data.center_crop, gen)
                 if rank * B <= j < (rank + 1) * B:
-                    rows.append(Row(kind, i, flip, box))
+                    rows.append(Row(kind, i, flip, box, bucket, resized))
                     positions.append(n + j)
             n += B * world
         return rows, positions, n, gen
@@ -208,11 +253,14 @@ class DreamBoothObjective:
     def latents(self, rows: list[Row], positions: list[int], n: int, gen: torch.Generator) -> torch.Tensor:
         """Scaled latents of the rows: mean + std * eps, as DiagonalGaussianDistribution.sample."""
         dev = self.acc.device
-        if self.latent_cache is not None:
+        if self.latent_cache is not None and self.bucket_of is not None:
+            mean = torch.stack([self.latent_cache[r.kind, r.flip, r.index, r.bucket][0] for r in rows])
+            std = torch.stack([self.latent_cache[r.kind, r.flip, r.index, r.bucket][1] for r in rows])
+        elif self.latent_cache is not None:
             mean = torch.stack([self.latent_cache[r.kind, r.flip][0][r.index] for r in rows])
             std = torch.stack([self.latent_cache[r.kind, r.flip][1][r.index] for r in rows])
         else:
-            pixels = torch.stack([self.sets[r.kind].crop(r.index, r.box, r.flip) for r in rows])
+            pixels = torch.stack([self.pixels(r) for r in rows])
             with torch.no_grad():
                 dist = self.vae.encode(pixels.to(dev, self.vae.dtype)).latent_dist
             mean, std = dist.mean, dist.std
@@ -289,7 +337,15 @@ class DreamBoothObjective:
         losses = []
         n = len(timesteps)
         for i in range(len(self.sets["instance"])):
-            if self.latent_cache is not None:
+            if self.bucket_of is not None:  # the photo's own bucket, centre crop
+                b = self.bucket_of[i]
+                if self.latent_cache is not None:
+                    mean = self.latent_cache["instance", False, i, b][0][None]
+                else:
+                    resized, box = buckets.cover_and_crop_box(self.sets["instance"].images[i].size, b, True, None)
+                    px = self.pixels(Row("instance", i, False, box, b, resized))[None]
+                    mean = self.vae.encode(px.to(self.acc.device, self.vae.dtype)).latent_dist.mean
+            elif self.latent_cache is not None:
                 mean = self.latent_cache["instance", False][0][i:i + 1]
             else:
                 px = self.sets["instance"].example(i, center_crop=True, flip=False)[None]

@@ -54,6 +54,7 @@ TRAINING_KNOBS = [
     ("prior.dtype", "float16"),
     ("prior.target", "base_model"),
     ("lora.use_dora", True),
+    ("data.buckets", True),
     ("lora.conv", True),
     ("identifier.learned", True),
     ("identifier.num_vectors", 2),
