@@ -316,6 +316,20 @@ def hash_fields(cfg: "Config | None" = None) -> tuple[list[str], list[str]]:
     return ins, outs
 
 
+def experiment_axes(cfg: Config) -> dict[str, Any]:
+    """The beyond-the-recipe settings of a run, flat: what the registry and LoRA metadata record
+    so that runs can be compared along each axis (pure)."""
+    lc, ic = cfg.loss, cfg.identifier
+    return {
+        "identifier": (f"learned x{ic.num_vectors} from {ic.init}" if ic.learned else "rare token"),
+        "prior_target": cfg.prior.target if cfg.prior.enabled else "none",
+        "loss_kind": lc.kind, "min_snr_gamma": lc.min_snr_gamma, "noise_offset": lc.noise_offset,
+        "timesteps": f"{lc.timestep_min}-{lc.timestep_max or 'max'}",
+        "lora_dropout": cfg.lora.dropout, "dora": cfg.lora.use_dora, "locon": cfg.lora.conv,
+        "buckets": cfg.data.buckets,
+    }
+
+
 def fill_prompt(template: str, token: str, class_name: str) -> str:
     # str.format would choke on a literal brace in a user's prompt; replace the two fields only.
     return template.replace("{token}", token).replace("{class}", class_name)

@@ -118,3 +118,20 @@ def test_base_model_prior_trains_without_class_images(tmp_path):
     r = train(tiny_config(tmp_path, **{"prior.target": "base_model", "train.steps": 3}), resume=None, progress=False)
     assert r.class_images_generated == 0 and all(row["prior_loss"] is not None for row in r.history)
     assert not (tmp_path / "class_cache").exists()
+
+
+def test_axes_are_recorded_in_the_lora_metadata_and_the_registry(tmp_path):
+    from dreambooth_lab.config import to_yaml
+    from dreambooth_lab.experiments import run_row
+    from dreambooth_lab.export import PREFIX, run_metadata
+
+    cfg = tiny_config(tmp_path, **{"loss.min_snr_gamma": 5.0, "prior.target": "base_model", "lora.use_dora": True,
+                                   "identifier.learned": True, "data.buckets": True})
+    meta = run_metadata(cfg)
+    assert meta[PREFIX + "min_snr_gamma"] == "5.0" and meta[PREFIX + "prior_target"] == "base_model"
+    assert meta[PREFIX + "identifier"] == "learned x1 from class" and meta[PREFIX + "dora"] == "true"
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(to_yaml(cfg.resolved()))
+    row = run_row(run)
+    assert row["min_snr_gamma"] == 5.0 and row["buckets"] is True and row["prior_target"] == "base_model"
