@@ -175,23 +175,27 @@ def run_sheet_command(args) -> Path:
 
 
 def run_evaluate_command(args) -> str:
-    from .evaluate import evaluate_run
-    from .experiments import format_registry, scan_runs, write_registry
-    from .metrics import Embedder
+    from .evaluate import evaluate_run, written_files
+    from .experiments import format_registry, metrics_note, scan_runs, write_registry
+    from .metrics import Embedder, random_metric_models
     from .report import load_run_config
 
-    lines, embedder = [], None
+    lines, embedder, random_models = [], None, set()
     for run_dir in map(Path, args.run_dirs):
         ev = config_mod.with_overrides(load_run_config(run_dir), _overrides(args.set)).validate().eval
         embedder = embedder or Embedder(ev.dino_model, ev.clip_model, batch_size=ev.batch_size)
         result = evaluate_run(run_dir, ev, embedder=embedder)
+        random_models.update(random_metric_models(result.settings))
         lines.append(f"{run_dir}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                                 for k, v in result.summary.items()))
+        lines += ["  " + w for w in written_files(run_dir, result)]
         if (run_dir.parent / "registry.jsonl").is_file():  # a sweep folder: refresh its registry
             write_registry(run_dir.parent)
-    cols = ("id", "metric_dino", "metric_clip_i", "metric_clip_t", "metric_memorised", "metric_drift")
+            lines.append(f"  registry:     {run_dir.parent / 'registry.csv'} (and registry.jsonl)")
+    cols = ("id", "metric_dino", "metric_clip_i", "metric_clip_t", "metric_memorised", "metric_drift", "metric_models")
     rows = [r for r in scan_runs(Path(args.run_dirs[0]).parent) if "metric_dino" in r]
-    return "\n".join(lines + ["", format_registry(rows, cols)])
+    note = metrics_note(rows, random_models)
+    return "\n".join(lines + ["", format_registry(rows, cols)] + ([note] if note else []))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,46 +52,100 @@ class PipelineCache:
         return pipe
 
 
+METRIC_NAMES = (("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"))
+
+
 def metrics_label(run_dir: Path) -> str:
-    """'DINO 0.67 CLIP-T 0.30' when the run has been evaluated, else nothing."""
-    path = run_dir / "metrics.json"
+    """'DINO 0.67 CLIP-I 0.80 CLIP-T 0.30' when the run has been evaluated (marked when the metric
+    models were the tiny random ones), else nothing."""
+    path = Path(run_dir) / "metrics.json"
     if not path.is_file():
         return ""
-    m = json.loads(path.read_text())["summary"]
-    return f"\nDINO {m['dino']:.2f} CLIP-T {m['clip_t']:.2f}"
+    data = json.loads(path.read_text())
+    m = data.get("summary", {})
+    parts = [f"{label} {m[key]:.2f}" for key, label in METRIC_NAMES if isinstance(m.get(key), (int, float))]
+    if not parts:
+        return ""
+    from .metrics import random_metric_models
+
+    tiny = random_metric_models(data.get("settings", {}))
+    return "\n" + " ".join(parts) + ("\n(tiny metric models: not meaningful)" if tiny else "")
 
 
-def runs_by_prompts(run_dirs: Sequence[str | Path], out: str | Path, *, seeds: Sequence[int] | None = None,
+def column_prompt(template: str, cfgs: Sequence[Config]) -> str:
+    """A column header: the prompt with token and class filled in; where the rows differ, '[token]'
+    ('[class]') stands for each row's own (pure)."""
+    from .config import fill_prompt
+
+    tokens = {c.data.token for c in cfgs}
+    classes = {c.data.class_name for c in cfgs}
+    return fill_prompt(template, tokens.pop() if len(tokens) == 1 else "[token]",
+                       classes.pop() if len(classes) == 1 else "[class]")
+
+
+def row_label(run_dir: Path, cfg: Config, spec: ImageSpec, seeds: Sequence[int] | None = None) -> str:
+    """A row's label: the run, what it trained, its picture settings (and own seeds), its metrics."""
+    te = "TE on" if cfg.train.train_text_encoder else "TE off"
+    label = (f"{cfg.run_name}\n{cfg.data.token}, {te}, {cfg.train.steps} steps\n"
+             f"scales {spec.lora_scale_unet:g}/{spec.lora_scale_text_encoder:g}")
+    if seeds is not None:
+        label += "\nseeds " + " ".join(map(str, seeds))
+    return label + metrics_label(run_dir)
+
+
+def runs_by_prompts(run_dirs: Sequence[str | Path], out: str | Path, *, seeds: Sequence[int] | str | None = None,
                     test_prompts: Sequence[str] | None = None, cache: PipelineCache | None = None,
                     progress: bool = True) -> Path:
     """Rows: runs. Columns: the base prompt with each seed, then every test prompt with the first seed.
 
-    Seeds and prompts default to the first run's config and are the same for every row.
+    Seeds: a list = the same seeds in every row; None = the first run's sample.seeds in every row;
+    "own" = each run's own sample.seeds (the reference study gave every run its own generation
+    seed), columns then being seed #1, #2, ... Prompts default to the first run's test prompts.
+    Column headers show the prompts filled in; row labels name the run, its settings and metrics.
     """
+    if not run_dirs:
+        raise ValueError("runs_by_prompts needs at least one run folder (none were given: has any run finished?)")
     run_dirs = [Path(r) for r in run_dirs]
     cfgs = [load_run_config(r) for r in run_dirs]
-    seeds = list(seeds or cfgs[0].sample.seeds)
+    own = isinstance(seeds, str)
+    if own and seeds != "own":
+        raise ValueError(f"seeds={seeds!r}: give a list of seeds, None (the first run's) or 'own' (each run's)")
+    shared = None if own else list(seeds or cfgs[0].sample.seeds)
     prompts = list(test_prompts if test_prompts is not None else cfgs[0].sample.test_prompts)
     cache = cache or PipelineCache()
     folder = files.new_dir(out, "runs_x_prompts")
     rows, labels, cells = [], [], []
     for run_dir, cfg in zip(run_dirs, cfgs):
-        first = base_spec(cfg, run_dir)
-        specs = [replace(first, seed=s) for s in seeds]
-        specs += [replace(first, prompt=cfg.fill(p), seed=seeds[0]) for p in prompts]
+        row_seeds = list(cfg.sample.seeds) if own else shared
+        first = base_spec(cfg, run_dir, seed=row_seeds[0])
+        specs = [replace(first, seed=s) for s in row_seeds]
+        specs += [replace(first, prompt=cfg.fill(p), seed=row_seeds[0]) for p in prompts]
         images = generate(cache.for_run(run_dir, cfg), specs, batch_size=cfg.sample.batch_size, progress=progress)
         paths = save_with_sidecars(images, specs, folder, run_dir.name)
         rows.append(images)
         cells.append([p.name for p in paths])
-        te = "TE on" if cfg.train.train_text_encoder else "TE off"
-        labels.append(f"{cfg.run_name}\n{cfg.data.token}, {te}\nscales {first.lora_scale_unet:g}/"
-                      f"{first.lora_scale_text_encoder:g}{metrics_label(run_dir)}")
-    base_prompt = cfgs[0].sample.prompt
-    cols = [f"{base_prompt}\nseed {s}" for s in seeds] + [f"{p}\nseed {seeds[0]}" for p in prompts]
+        labels.append(row_label(run_dir, cfg, first, row_seeds if own else None))
+    width = max(len(c.sample.seeds) for c in cfgs) if own else len(shared)
+    if own:  # rows with fewer seeds than the widest leave their extra seed columns empty
+        for i, cfg in enumerate(cfgs):
+            n_base = len(cfg.sample.seeds)
+            rows[i] = rows[i][:n_base] + [None] * (width - n_base) + rows[i][n_base:]
+            cells[i] = cells[i][:n_base] + [None] * (width - n_base) + cells[i][n_base:]
+    templates = {c.sample.prompt for c in cfgs}
+    base = column_prompt(cfgs[0].sample.prompt, cfgs) if len(templates) == 1 else "each run's own prompt"
+    if own:
+        cols = [f"{base}\nseed #{k + 1} (the run's own)" for k in range(width)]
+        cols += [f"{column_prompt(p, cfgs)}\nseed #1 (the run's own)" for p in prompts]
+    else:
+        cols = [f"{base}\nseed {s}" for s in shared] + [f"{column_prompt(p, cfgs)}\nseed {shared[0]}" for p in prompts]
     params = {"runs": len(run_dirs), "guidance": cfgs[0].sample.guidance, "steps": cfgs[0].sample.steps,
-              "sampler": cfgs[0].sample.sampler, "seeds": ",".join(map(str, seeds))}
-    return labeled_grid(rows, labels, cols, folder / "runs_x_prompts.png",
-                        title="runs × prompts (same seeds in every row)", params=params, cell_files=cells)
+              "sampler": cfgs[0].sample.sampler,
+              "seeds": "each run's own (in its row label)" if own else ",".join(map(str, shared))}
+    title = "runs × prompts (" + ("each run with its own seeds" if own else "same seeds in every row") + ")"
+    if any("[token]" in c or "[class]" in c for c in cols):
+        title += "; [token]/[class] = the row's own"
+    return labeled_grid(rows, labels, cols, folder / "runs_x_prompts.png", title=title, params=params,
+                        cell_files=cells)
 
 
 def parameter_grid(run_dir: str | Path, out: str | Path | None = None, *,

@@ -19,6 +19,9 @@ Everything lands in <run>/eval/eval-<timestamp>/ (images with sidecars, sheets) 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +29,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import files
-from .config import EvalConfig, SampleConfig
+from .config import TOYWORLD, EvalConfig, SampleConfig
 from .data import ImageSet
 from .metrics import (Embedder, mean_pairwise_cosine, mean_pairwise_distance, nearest_rows, paired_cosine,
                       strip_token)
@@ -78,14 +81,45 @@ def evaluate_run(run_dir: str | Path, ev: EvalConfig | None = None, *, settings:
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     ev = ev or cfg.eval
-    embedder = embedder or Embedder(ev.dino_model, ev.clip_model, batch_size=ev.batch_size)
+    # The metric models first: one that cannot be loaded fails before a single image is generated.
+    embedder = (embedder or Embedder(ev.dino_model, ev.clip_model, batch_size=ev.batch_size)).load()
     pipe = pipe or PipelineCache().for_run(run_dir, cfg)
     templates = prompt_set(ev.prompt_set, cfg.data.class_name, ev.class_kind)
     first = base_spec(cfg, run_dir, settings=settings)
     specs = [replace(first, prompt=cfg.fill(t), seed=ev.seed + i) for t in templates for i in range(ev.images_per_prompt)]
     images = generate(pipe, specs, batch_size=cfg.sample.batch_size, progress=progress)
-    folder = files.new_dir(run_dir / "eval", "eval")
-    paths = save_with_sidecars(images, specs, folder, "eval")
+    with filled_folder(run_dir / "eval", "eval") as (folder, work):
+        result = _measure(run_dir, cfg, ev, embedder, pipe, first, templates, specs, images, folder, work, progress)
+    files.write_text(run_dir / METRICS_FILE, result.to_json())  # the latest evaluation, for the registry
+    return result
+
+
+@contextmanager
+def filled_folder(parent: Path, name: str):
+    """Yield (parent/name-<timestamp>, a hidden work folder beside it): the block writes into the
+    work folder, which is renamed into place only when the block succeeds. On an error neither is
+    left behind (nor `parent`, when this call created it): no half-filled evaluation folder."""
+    created = not parent.exists()
+    final = files.new_dir(parent, name)  # reserves the name; stays empty until the rename
+    work = parent / f".{final.name}.tmp"  # unique as final's name is; mkdir keeps the umask (mkdtemp: 0700)
+    try:
+        work.mkdir()
+        yield final, work
+        os.replace(work, final)  # final is an empty folder: rename(2) replaces it
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        for empty in (final, parent) if created else (final,):
+            try:
+                empty.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def _measure(run_dir: Path, cfg, ev: EvalConfig, embedder: Embedder, pipe, first: ImageSpec, templates, specs,
+             images, folder: Path, work: Path, progress: bool) -> EvalResult:
+    """Save the images and sheets into `work` and measure them; `folder` is where they will be."""
+    paths = save_with_sidecars(images, specs, work, "eval")
 
     real, real_names = real_photos(cfg)
     gen_dino, real_dino = embedder.dino(images), embedder.dino(real)
@@ -119,17 +153,20 @@ def evaluate_run(run_dir: str | Path, ev: EvalConfig | None = None, *, settings:
         "images": len(per_image),
     }
     if ev.drift_images > 0:
-        summary.update(measure_drift(pipe, cfg, first, ev, embedder, real_dino, folder, progress))
+        summary.update(measure_drift(pipe, cfg, first, ev, embedder, real_dino, work, progress))
+    if cfg.model.name == TOYWORLD:  # the toy world's judge reads what the pictures show
+        from .world.study import judge_metrics
 
-    _memorisation_sheet(folder, images, per_image, real, real_names, ev, run_dir.name)
+        summary.update(judge_metrics(cfg, [sp.prompt for sp in specs], images))
+
+    _memorisation_sheet(work, images, per_image, real, real_names, ev, run_dir.name)
     result = EvalResult(
         run=str(run_dir.resolve()), created=datetime.now().isoformat(timespec="seconds"),
         settings={**asdict(ev), "class_kind": class_kind(cfg.data.class_name, ev.class_kind),
                   "lora_scale_unet": first.lora_scale_unet, "lora_scale_text_encoder": first.lora_scale_text_encoder,
                   "guidance": first.guidance, "steps": first.steps, "sampler": first.sampler},
         summary=summary, per_prompt=per_prompt, per_image=per_image, folder=str(folder))
-    files.write_text(folder / METRICS_FILE, result.to_json())
-    files.write_text(run_dir / METRICS_FILE, result.to_json())  # the latest evaluation, for the registry
+    files.write_text(work / METRICS_FILE, result.to_json())
     return result
 
 
@@ -145,7 +182,13 @@ def measure_drift(pipe, cfg, spec: ImageSpec, ev: EvalConfig, embedder: Embedder
     e_base, e_tuned = emb[: len(base)], emb[len(base):]
     to_subject_base = mean_pairwise_cosine(e_base, real_dino)
     to_subject_tuned = mean_pairwise_cosine(e_tuned, real_dino)
+    judged = {}
+    if cfg.model.name == TOYWORLD:  # drift in the world: the subject's traits in class-prompt images
+        from .world.study import judge_drift
+
+        judged = judge_drift(cfg, images[: len(base)], images[len(base):])
     return {
+        **judged,
         "drift_class_prompt": first.prompt,
         "drift_subject_similarity_base": to_subject_base,
         "drift_subject_similarity_finetuned": to_subject_tuned,
@@ -184,3 +227,28 @@ def evaluate_runs(run_dirs, ev: EvalConfig, *, reuse: bool = True, progress: boo
         cfg = load_run_config(run_dir)
         out.append(evaluate_run(run_dir, ev, pipe=cache.for_run(run_dir, cfg), embedder=embedder, progress=progress))
     return out
+
+
+def written_files(run_dir: str | Path, result: EvalResult) -> list[str]:
+    """Every file an evaluation wrote, as lines to print: metrics.json, each sheet by name, and the
+    images by kind with their count (each PNG has a .json sidecar beside it)."""
+    run_dir = Path(run_dir)
+    lines = [f"metrics:      {run_dir / METRICS_FILE}"]
+    folder = Path(result.folder) if result.folder else None
+    if folder is None or not folder.is_dir():
+        return lines
+    pngs = sorted(folder.glob("*.png"))
+    images = [p for p in pngs if p.with_suffix(".json").is_file() and "-seed" in p.stem]
+    kinds: dict[str, list[Path]] = {}
+    for p in images:
+        kinds.setdefault(p.stem.split("-", 1)[0], []).append(p)
+    for p in pngs:
+        if p not in images:
+            lines.append(f"{p.stem + ':':<13} {p}")
+    for kind, found in kinds.items():
+        lines.append(f"{kind + ' images:':<13} {len(found)} in {folder} ({found[0].name} ... {found[-1].name}, "
+                     "each with a .json sidecar)")
+    others = sorted(p for p in folder.iterdir() if p.suffix not in (".png",) and not
+                    (p.suffix == ".json" and p.with_suffix(".png") in pngs))
+    lines += [f"{'also:':<13} {p}" for p in others]
+    return lines

@@ -10,6 +10,13 @@ A sweep spec (YAML) names a base config and the runs to make from it:
       data.token: [sks, oue]
       train.train_text_encoder: [false, true]
 
+Relative paths (data.instance_dir and output_dir, wherever they are written: the spec, a run's
+config file, a `set`, a grid or `--set`) are taken from the project root — the checkout the
+package lives in (the folder holding configs/), else the nearest folder above the current one
+that holds dreambooth_lab/, else the current folder — which is also where the notebooks take
+them from. So `datasets/study_dog` means the same folder from the CLI, from any working folder,
+and from every notebook.
+
 Runs execute one after another and share the class-image cache. A run whose exact training
 config already finished is skipped; an interrupted one resumes from its checkpoint, so a Colab
 disconnect costs at most the run in flight. The registry is derived from the run folders
@@ -28,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import files
-from .config import Config, ConfigError, from_dict, load, read_yaml, with_overrides
+from .config import Config, ConfigError, experiment_axes, from_dict, load, read_yaml, with_overrides
 
 REGISTRY = "registry"
 FAILURES = "failures.json"
@@ -67,6 +74,25 @@ def run_id(values: dict[str, Any]) -> str:
         parts.append(f"{short}={text}")
     raw = "_".join(parts) or "base"
     return "".join(c if c.isalnum() or c in "=_.-" else "-" for c in raw)
+
+
+def project_root(start: str | Path | None = None) -> Path:
+    """Where relative paths of sweeps (and the notebooks' forms) are taken from (see the module doc)."""
+    import os
+
+    here = Path(__file__).resolve().parents[1]
+    if (here / "configs").is_dir():
+        return here
+    path = Path(start or os.getcwd()).resolve()
+    for p in (path, *path.parents):
+        if (p / "dreambooth_lab").is_dir():
+            return p
+    return path
+
+
+def _from_root(path: str | Path, root: Path) -> str:
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else root / p)
 
 
 def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Sweep:
@@ -112,15 +138,96 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{path}: run ids repeat ({ids}); give explicit runs distinct names")
 
-    folder = Path(spec.get("output_dir") or base.train.output_dir) / name
+    root = project_root()
+    folder = Path(_from_root(spec.get("output_dir") or base.train.output_dir, root)) / name
     if overrides and overrides.get("train.output_dir"):
-        folder = Path(overrides["train.output_dir"]) / name
+        folder = Path(_from_root(overrides["train.output_dir"], root)) / name
     out = []
     for rid, cfg in runs:
         cfg = with_overrides(cfg, {k: v for k, v in (overrides or {}).items() if k != "train.output_dir"})
-        cfg = with_overrides(cfg, {"train.output_dir": str(folder), "train.name": rid})
+        cfg = with_overrides(cfg, {"train.output_dir": str(folder), "train.name": rid,
+                                   "data.instance_dir": _from_root(cfg.data.instance_dir, root)})
         out.append(SweepRun(rid, cfg.validate()))
     return Sweep(name, folder, out)
+
+
+def select_runs(sweep: Sweep, only: str | list[str] | None) -> Sweep:
+    """The sweep cut to the named runs ('exp2,exp8' or a list), in the spec's order (pure)."""
+    if not only:
+        return sweep
+    wanted = [w.strip() for w in (only.split(",") if isinstance(only, str) else only) if w.strip()]
+    known = [r.id for r in sweep.runs]
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise ConfigError(f"--only {','.join(unknown)}: no such run in sweep '{sweep.name}'; its runs are "
+                          f"{', '.join(known)}")
+    return Sweep(sweep.name, sweep.folder, [r for r in sweep.runs if r.id in wanted])
+
+
+def run_status(run: SweepRun, failures: dict | None = None) -> str:
+    """'finished', 'interrupted at step N (resumes)', 'failed last time: ...', 'dataset missing' or 'to run'."""
+    from .checkpoint import list_checkpoints
+    from .runs import find_finished, find_resumable
+
+    if (done := find_finished(run.config)) is not None:
+        return f"finished ({done.name})"
+    from .data import DatasetError, find_images
+
+    try:
+        find_images(run.config.data.instance_dir)
+    except DatasetError:
+        return "dataset missing" if not Path(run.config.data.instance_dir).is_dir() else "no photos in dataset"
+    if (open_run := find_resumable(run.config)) is not None:
+        return f"interrupted at step {list_checkpoints(open_run)[-1].name.split('-')[-1].lstrip('0') or 0} (resumes)"
+    if failures and run.id in failures:
+        return f"failed last time: {failures[run.id].get('error', '?')}"
+    return "to run"
+
+
+def sweep_plan(sweep: Sweep) -> list[dict]:
+    """Per run what it will train and where it stands (reads folders, trains nothing)."""
+    from .data import DatasetError, find_images
+
+    failures = _read_failures(sweep.folder)
+    rows = []
+    for run in sweep.runs:
+        c = run.config
+        folder = Path(c.data.instance_dir)
+        try:
+            photos: int | None = len(find_images(folder))
+        except DatasetError:
+            photos = None
+        rows.append({"id": run.id, "token": c.data.token, "text_encoder": c.train.train_text_encoder,
+                     "steps": c.train.steps, "lr_unet": c.optim.lr_unet,
+                     "lr_text_encoder": c.optim.lr_text_encoder if c.train.train_text_encoder else None,
+                     "dataset": str(folder), "dataset_exists": folder.is_dir(), "photos": photos,
+                     "status": run_status(run, failures)})
+    return rows
+
+
+def format_plan(sweep: Sweep, rows: list[dict]) -> str:
+    """The dry-run table: one line per run, then where the runs go (pure)."""
+    def photos(r):
+        if not r["dataset_exists"]:
+            return "MISSING"
+        return f"{r['photos']} photos" if r["photos"] is not None else "no photos"
+
+    def lr(r):
+        return f"{r['lr_unet']:g}" + (f"/{r['lr_text_encoder']:g}" if r["lr_text_encoder"] is not None else "")
+
+    head = ["run", "token", "text encoder", "steps", "lr unet/te", "dataset", "photos", "status"]
+    table = [[r["id"], r["token"], "trained" if r["text_encoder"] else "frozen", str(r["steps"]), lr(r),
+              r["dataset"], photos(r), r["status"]] for r in rows]
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip() for t in table]
+    todo = sum(not r["status"].startswith("finished") for r in rows)
+    lines.append(f"{len(rows)} run(s), {todo} to train; runs go to {sweep.folder}")
+    missing = sorted({r["dataset"] for r in rows if not r["dataset_exists"]})
+    for m in missing:
+        lines.append(f"! dataset folder {m} does not exist: put the photos there, or pass "
+                     "--set data.instance_dir=FOLDER (relative paths are from the project root)")
+    return "\n".join(lines)
 
 
 def run_sweep(sweep: Sweep, *, progress: bool = True, on_run: Callable[[str, str], None] | None = None) -> list[dict]:
@@ -166,35 +273,68 @@ def _read_failures(folder: Path) -> dict:
 # ---- the registry ------------------------------------------------------------------------------
 
 COLUMNS = ["id", "status", "config_hash", "token", "class", "train_text_encoder", "lr_unet", "lr_text_encoder",
-           "steps", "rank", "batch_size", "seed", "prior", "dataset", "model", "seconds", "final_loss",
-           "final_instance_loss", "final_prior_loss", "eval_instance_loss_before", "eval_instance_loss_after",
-           "run_dir", "lora"]
+           "steps", "rank", "batch_size", "seed", "resolution", "prior", "class_images", "class_images_generated",
+           "lora_scale_unet", "lora_scale_text_encoder", "guidance", "generation_seeds", "dataset", "photos",
+           "dataset_digest", "model", "seconds", "final_loss", "final_instance_loss", "final_prior_loss",
+           "eval_instance_loss_before", "eval_instance_loss_after", "run_dir", "lora"]
+
+
+def _absolute(path: str) -> str:
+    """A path as an absolute one (a relative one against the current folder)."""
+    return str(Path(path).expanduser().resolve())
+
+
+def _model_path(name: str) -> str:
+    """A local model folder as an absolute path; a hub id or a built-in name as it is."""
+    return _absolute(name) if Path(name).expanduser().exists() else name
 
 
 def run_row(run_dir: Path) -> dict:
-    """One registry row from a run folder (its config, summary, last metrics and any metrics.json)."""
+    """One registry row from a run folder (its config, identity, summary, last metrics and any metrics.json).
+
+    Paths are absolute, so a row still finds its files when read from another folder; generation
+    seeds are written as one string ("5 6") so that the CSV cell is one value.
+    """
+    from .runs import read_identity
     from .train import METRICS, SUMMARY, read_metrics
 
+    run_dir = Path(run_dir).resolve()
     cfg = load(run_dir / "config.yaml")
     summary = json.loads((run_dir / SUMMARY).read_text()) if (run_dir / SUMMARY).is_file() else {}
     last = (read_metrics(run_dir) or [{}])[-1] if (run_dir / METRICS).is_file() else {}
-    name = cfg.run_name
+    identity = read_identity(run_dir)
+    digest = summary.get("dataset_digest") or (identity.dataset_digest if identity else None)
+    photos = summary.get("photos") or (len(identity.dataset) if identity else None)
+    lora = run_dir / "pytorch_lora_weights.safetensors"
     row = {
-        "id": name, "status": summary.get("status", "interrupted"), "config_hash": cfg.hash(),
+        "id": cfg.run_name, "status": summary.get("status", "interrupted"), "config_hash": cfg.hash(),
         "token": cfg.data.token, "class": cfg.data.class_name, "train_text_encoder": cfg.train.train_text_encoder,
         "lr_unet": cfg.optim.lr_unet, "lr_text_encoder": cfg.optim.lr_text_encoder, "steps": cfg.train.steps,
         "rank": cfg.lora.rank, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed,
-        "prior": cfg.prior.enabled, "dataset": cfg.data.instance_dir, "model": cfg.model.name,
-        "seconds": summary.get("seconds"), "final_loss": last.get("loss"),
+        "resolution": cfg.resolution, "prior": cfg.prior.enabled,
+        "class_images": cfg.prior.num_class_images if cfg.prior.enabled else 0,
+        "class_images_generated": summary.get("class_images_generated"),
+        "lora_scale_unet": cfg.sample.lora_scale_unet, "lora_scale_text_encoder": cfg.sample.lora_scale_text_encoder,
+        "guidance": cfg.sample.guidance, "generation_seeds": " ".join(str(x) for x in cfg.sample.seeds),
+        "dataset": _absolute(cfg.data.instance_dir), "photos": photos, "dataset_digest": digest,
+        "model": _model_path(cfg.model.name), "seconds": summary.get("seconds"), "final_loss": last.get("loss"),
         "final_instance_loss": last.get("instance_loss"), "final_prior_loss": last.get("prior_loss"),
         "eval_instance_loss_before": summary.get("eval_instance_loss_before"),
         "eval_instance_loss_after": summary.get("eval_instance_loss_after"),
-        "run_dir": str(run_dir), "lora": str(run_dir / "pytorch_lora_weights.safetensors") if summary else None,
+        "run_dir": str(run_dir), "lora": str(lora) if summary and lora.is_file() else None,
+        **experiment_axes(cfg),
     }
     metrics_file = run_dir / "metrics.json"  # written by `evaluate`
     if metrics_file.is_file():
-        for key, value in json.loads(metrics_file.read_text()).get("summary", {}).items():
+        from .metrics import random_metric_models
+
+        evaluation = json.loads(metrics_file.read_text())
+        for key, value in evaluation.get("summary", {}).items():
             row[f"metric_{key}"] = value
+        settings = evaluation.get("settings", {})
+        if settings.get("dino_model") or settings.get("clip_model"):
+            row["metric_models"] = f"{settings.get('dino_model')}, {settings.get('clip_model')}" + (
+                " (random weights): NOT MEANINGFUL" if random_metric_models(settings) else "")
     return row
 
 
@@ -248,3 +388,14 @@ def format_registry(rows: list[dict], columns: tuple[str, ...] = ("id", "status"
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(cell(r.get(c)).ljust(w) for c, w in zip(columns, widths)) for r in rows]
     return "\n".join(lines)
+
+
+def metrics_note(rows: list[dict], random_models: set[str] | None = None) -> str:
+    """A line to print under a metrics table when any of its scores came from the tiny metric
+    models with random weights (which say nothing about a run), else '' (pure)."""
+    if not (random_models or any(str(r.get("metric_models", "")).endswith("NOT MEANINGFUL") for r in rows)):
+        return ""
+    which = ", ".join(sorted(random_models or ())) or "eval.dino_model / eval.clip_model = tiny"
+    return (f"note: scores marked NOT MEANINGFUL come from tiny metric models with random weights ({which}): they "
+            "show that the pipeline runs, not how good a run is. For real numbers use the defaults "
+            "(facebook/dino-vits16, openai/clip-vit-base-patch32).")

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from . import files
-from .config import Config, validate_sample
+from .config import Config, experiment_axes, validate_sample
 
 PREFIX = "dreambooth_lab."
 
@@ -34,6 +34,7 @@ def run_metadata(cfg: Config) -> dict[str, str]:
         "config_hash": cfg.hash(), "recommended_scale_unet": cfg.sample.lora_scale_unet,
         "recommended_scale_text_encoder": cfg.sample.lora_scale_text_encoder,
         "recommended_guidance": cfg.sample.guidance, "unet_targets": ",".join(cfg.lora.unet_targets),
+        **experiment_axes(cfg),
     }
     return {PREFIX + k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in values.items()}
 

@@ -86,6 +86,25 @@ class Embedder:
         self.batch_size = batch_size
         self._dino = self._clip = None
 
+    def load(self) -> "Embedder":
+        """Load both models now, before any image is generated: a model that cannot be loaded
+        (offline, a typo, a folder without weights) is a one-line ConfigError naming the field."""
+        from pathlib import Path
+
+        from .config import ConfigError
+
+        for field, name, loader in (("eval.dino_model", self.dino_name, self._load_dino),
+                                    ("eval.clip_model", self.clip_name, self._load_clip)):
+            try:
+                loader()
+            except (OSError, ValueError) as exc:
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+                    reason = "no such folder"  # transformers would call a missing path a bad repo id
+                raise ConfigError(f"{field}={name!r} could not be loaded ({reason}): download it once while "
+                                  f"online, point it at a local folder, or use {field}=tiny offline") from exc
+        return self
+
     def _load_dino(self):
         if self._dino is None:
             from transformers import AutoImageProcessor, ViTModel
@@ -145,3 +164,11 @@ def _features(output) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
     return output.pooler_output
+
+
+def random_metric_models(settings: dict) -> list[str]:
+    """'eval.dino_model=tiny'-style names of the metric models in an evaluation's settings that have
+    random weights (the offline test models): scores made with them measure nothing (pure)."""
+    from .config import TINY_MODEL
+
+    return [f"eval.{key}={settings[key]}" for key in ("dino_model", "clip_model") if settings.get(key) == TINY_MODEL]

@@ -6,7 +6,7 @@ JSON sidecar, and the sheets as PNGs with their parameters written under the pic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image
@@ -17,7 +17,8 @@ from . import files
 from .data import ImageSet
 from .metrics import nearest
 from .viz import dataset_vs_generation, image_grid, tensor_to_pil
-from .sample import LORA_FILE, ImageSpec, apply_vae_options, generate, load_lora, read_sidecar, save_with_sidecars
+from .sample import (LORA_FILE, ImageSpec, apply_vae_options, find_lora_file, generate, load_lora, read_sidecar,
+                     save_with_sidecars)
 
 SAMPLES = "samples"
 
@@ -34,9 +35,10 @@ def open_run(run_dir: str | Path, device=None):
     from .models import load_pipeline
 
     cfg = load_run_config(run_dir)
+    lora = find_lora_file(run_dir)  # a missing or damaged LoRA is reported before the slow model load
     pipe = load_pipeline(cfg.model, device=device)
     apply_vae_options(pipe, cfg.sample.vae_slicing, cfg.sample.vae_tiling)
-    load_lora(pipe, Path(run_dir) / LORA_FILE)
+    load_lora(pipe, lora)
     return pipe
 
 
@@ -59,15 +61,16 @@ def sample_run(run_dir: str | Path, *, pipe=None, seeds: list[int] | None = None
     """
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    s = settings or cfg.sample
-    seeds = list(seeds if seeds is not None else s.seeds)
-    prompts = [prompt or s.prompt] + list(test_prompts if test_prompts is not None else s.test_prompts)
-    common = dict(negative_prompt=s.negative_prompt, guidance=guidance if guidance is not None else s.guidance,
-                  steps=steps or s.steps, sampler=s.sampler, width=cfg.resolution, height=cfg.resolution,
-                  lora_scale_unet=s.lora_scale_unet if lora_scale_unet is None else lora_scale_unet,
-                  lora_scale_text_encoder=(s.lora_scale_text_encoder if lora_scale_text_encoder is None
-                                           else lora_scale_text_encoder),
-                  model=cfg.model.name, lora=str((run_dir / LORA_FILE).resolve()), run=str(run_dir.resolve()))
+    given = dict(seeds=None if seeds is None else list(seeds), prompt=prompt or None, test_prompts=test_prompts,
+                 lora_scale_unet=lora_scale_unet, lora_scale_text_encoder=lora_scale_text_encoder,
+                 guidance=guidance, steps=steps)  # None = keep; 0 is a value (and refused), not "unset"
+    s = config_mod.validate_sample(replace(settings or cfg.sample, **{k: v for k, v in given.items() if v is not None}))
+    seeds = list(s.seeds)
+    prompts = [s.prompt] + list(s.test_prompts)
+    common = dict(negative_prompt=s.negative_prompt, guidance=s.guidance, steps=s.steps, sampler=s.sampler,
+                  width=cfg.resolution, height=cfg.resolution, lora_scale_unet=s.lora_scale_unet,
+                  lora_scale_text_encoder=s.lora_scale_text_encoder, model=cfg.model.name,
+                  lora=str((run_dir / LORA_FILE).resolve()), run=str(run_dir.resolve()))
     specs = [ImageSpec(prompt=cfg.fill(p), seed=seed, **common) for p in prompts for seed in seeds]
     pipe = pipe or open_run(run_dir)
     images = generate(pipe, specs, batch_size=s.batch_size, progress=progress)

@@ -9,7 +9,11 @@ little meaning attached. Three questions, three functions:
 - ``suggest``: single-token strings of at most 3 letters from the rare tail of the merges that
   are not English words, drawn reproducibly under a seed and ranked with the reason.
 - ``neighbours``: the vocabulary entries nearest to the token's input embedding: the prior the
-  model already attaches to it (why 'sks' is contested).
+  model already attaches to it (why 'sks' is contested: it is also the SKS rifle).
+
+Rare is not meaningless: many short tokens are acronyms, airport codes or brands ('sks', 'jdm',
+'ysl'). ``known_meaning`` names the ones listed here; `neighbours` shows what the model itself
+associates with any token.
 
 CLIP's BPE vocabulary: ids 0–511 are single bytes (with and without the end-of-word mark '</w>'),
 id 512 + r is the string made by merge r, and the last two ids are the special tokens. So for a
@@ -24,6 +28,64 @@ from dataclasses import dataclass, field
 END = "</w>"
 N_BYTE_TOKENS = 512
 COMMON_ZIPF = 3.0  # wordfreq's Zipf scale: 3 = once per million words ("http" 4.8, "sks" 2.3)
+
+# What each column of the tables means, printed under them (people read the output, not this file).
+COLUMNS_HELP = """\
+columns: one = the tokenizer keeps it as a single token (what DreamBooth wants);
+  merge rank = which of CLIP's BPE merges made the token (0 = the first and most frequent string;
+    higher = learnt later = rarer in CLIP's training text);
+  rarity = merge rank / number of merges (1.00 = the very last merge; the rare tail starts near 0.7);
+  zipf = how often the string occurs as English text, on wordfreq's Zipf scale (0 = never seen,
+    3 = once per million words, 7 = 'the'); below 3 it is not a common word"""
+
+# Short tokens with a meaning the base model already knows (acronyms, brands, codes): rare in the
+# merge order is not the same as meaningless. Known to the reference study's sources: 'sks'.
+KNOWN_MEANINGS = {
+    "sks": "the SKS, a Soviet semi-automatic rifle (carbine): images of the token alone can show a rifle",
+    "jdm": "'Japanese domestic market' cars (car-culture slang)",
+    "ysl": "Yves Saint Laurent, the fashion brand",
+    "nmd": "adidas NMD, a sneaker line",
+    "akb": "AKB48, a Japanese pop group",
+    "omd": "OMD, a band (and 'oh my days')",
+    "dcu": "the DC (comics) Universe",
+    "csk": "Chennai Super Kings, a cricket team",
+    "rcb": "Royal Challengers Bangalore, a cricket team",
+    "ksu": "Kansas State University",
+    "ucd": "UC Davis / University College Dublin",
+    "jnu": "Jawaharlal Nehru University",
+    "tbl": "Tampa Bay Lightning (ice hockey)",
+    "lmp": "Le Mans Prototype race cars",
+    "dtm": "DTM, the German touring-car series",
+    "fpv": "first-person-view drones",
+    "hpc": "high-performance computing",
+    "msd": "MSD (Merck), a drug company",
+    "msl": "Mars Science Laboratory (the Curiosity rover)",
+    "kyc": "'know your customer' (banking)",
+    "psd": "Photoshop documents",
+    "pkg": "'package' (software)",
+    "tnx": "'thanks' (chat)",
+    "tmr": "'tomorrow' (chat)",
+    "bnw": "'black and white' photos (a photo hashtag)",
+    "abq": "Albuquerque (its airport code)",
+    "bkk": "Bangkok (its airport code)",
+    "blr": "Bangalore (its airport code)",
+    "icn": "Seoul Incheon (its airport code)",
+    "wpg": "Winnipeg",
+    "mke": "Milwaukee",
+    "yqr": "Regina, Canada (its airport code)",
+    "bmw": "BMW, the car brand",
+    "ufc": "UFC, mixed martial arts",
+    "vw": "Volkswagen",
+    "hp": "Hewlett-Packard / horsepower / Harry Potter",
+    "lg": "LG, the electronics brand",
+    "nyc": "New York City",
+    "kfc": "KFC, the restaurant chain",
+}
+
+
+def known_meaning(token: str) -> str | None:
+    """A meaning the base model is known to attach to this token (an acronym, brand, object), or None."""
+    return KNOWN_MEANINGS.get(token.lower())
 
 
 def word_frequency(word: str) -> float:
@@ -57,6 +119,7 @@ class TokenReport:
     rarity: float | None  # merge rank / number of merges: 1.0 = the last merge learnt
     zipf: float
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # worth knowing, not a reason to avoid the token
 
     @property
     def single(self) -> bool:
@@ -80,6 +143,9 @@ def analyze(tokens: list[str] | str, tokenizer, class_name: str = "dog",
     class_pieces = set(_plain(tokenizer.tokenize(class_name))) if class_name else set()
     reports = []
     for token in tokens:
+        if is_learned(token, tokenizer):
+            reports.append(learned_report(token, tokenizer))
+            continue
         pieces = tokenizer.tokenize(token)
         ids = tokenizer.convert_tokens_to_ids(pieces)
         prompt_ids = tokenizer(fill_prompt(instance_prompt, token, class_name), add_special_tokens=False).input_ids
@@ -96,14 +162,41 @@ def analyze(tokens: list[str] | str, tokenizer, class_name: str = "dog",
         if zipf >= COMMON_ZIPF:
             r.warnings.append(f"is a common English string (Zipf {zipf:.1f}): the model already has a strong "
                               "meaning for it that the subject must overwrite")
-        if class_name and (class_name.lower() in token.lower() or set(_plain(pieces)) & set(class_pieces)):
-            r.warnings.append(f"shares tokens with the class word '{class_name}': the subject and the class "
-                              "would be entangled")
+        shared = sorted(set(_plain(pieces)) & class_pieces)
+        if class_name and shared:
+            r.warnings.append(f"shares the token(s) {shared} with the class word '{class_name}': the subject and "
+                              "the class would be entangled")
+        elif class_name and class_name.lower() in token.lower():
+            made = "a different single token" if len(pieces) == 1 else f"the tokens {_plain(pieces)}"
+            r.warnings.append(f"contains the class word '{class_name}' as a substring: the tokenizer makes it "
+                              f"{made}, but its spelling (and likely its learnt meaning) is close to the class, "
+                              "so the subject and the class would be entangled")
         if rarity is not None and rarity < 0.5:
             r.warnings.append(f"is an early BPE merge (rank {rank:,} of {n_merges(tokenizer):,}): a frequent string "
                               "in CLIP's training text")
+        if (meaning := known_meaning(token)) is not None:
+            r.notes.append(f"has a known prior meaning: {meaning}. Training overwrites it for the prompt, but "
+                           f"it can leak into other images; `tokens neighbours {token}` shows what the model "
+                           "associates with it")
         reports.append(r)
     return reports
+
+
+def is_learned(token: str, tokenizer) -> bool:
+    """A learned identifier: a token added to the tokenizer (pivotal tuning), or a <placeholder>
+    that identifier.learned will add."""
+    return token in tokenizer.get_added_vocab() or (token.startswith("<") and token.endswith(">") and len(token) > 2)
+
+
+def learned_report(token: str, tokenizer) -> TokenReport:
+    """What can be said of a learned identifier: no BPE pieces, no prior meaning, its own embedding."""
+    added = tokenizer.get_added_vocab()
+    ids = [added[token]] if token in added else []
+    r = TokenReport(token, [token], ids, True, None, None, 0.0)
+    r.notes.append("a learned identifier (identifier.learned): a new token whose input embedding is trained "
+                   "with the LoRA, so it has no BPE pieces, no merge rank and no prior meaning to fight"
+                   + ("" if ids else "; it is added when training starts"))
+    return r
 
 
 def _contains(seq: list[int], sub: list[int]) -> bool:
@@ -123,11 +216,15 @@ def format_table(reports: list[TokenReport]) -> str:
         rarity = f"{r.rarity:.2f}" if r.rarity is not None else "-"
         lines.append(f"{r.token:<10} {' '.join(_plain(r.pieces)):<22} {' '.join(map(str, r.ids)):<22} "
                      f"{'yes' if r.single else 'NO':<4} {rank:>11} {rarity:>7} {r.zipf:>5.1f}")
+    lines.append(COLUMNS_HELP)
     for r in reports:
         for w in r.warnings:
             lines.append(f"  ! '{r.token}' {w}")
+        for n in r.notes:
+            lines.append(f"  note '{r.token}' {n}")
         if r.ok:
-            lines.append(f"  ok '{r.token}': one rare token, not an English word, no overlap with the class")
+            lines.append(f"  ok '{r.token}': one rare token, not an English word, no overlap with the class"
+                         + (" (but see the note)" if r.notes else ""))
     return "\n".join(lines)
 
 
@@ -142,10 +239,16 @@ class Suggestion:
     zipf: float
 
     @property
+    def known(self) -> str | None:
+        """An acronym/brand/object meaning the base model likely knows (see KNOWN_MEANINGS)."""
+        return known_meaning(self.token)
+
+    @property
     def reason(self) -> str:
         tail = max(1, round((1 - self.rarity) * 100))
-        return (f"one token (id {self.token_id}); merge {self.merge_rank:,}, among the last {tail}% learnt; "
+        text = (f"one token (id {self.token_id}); merge {self.merge_rank:,}, among the last {tail}% learnt; "
                 f"not an English word (Zipf {self.zipf:.1f})")
+        return text + (f"; KNOWN MEANING: {self.known}" if self.known else "")
 
 
 def rare_candidates(tokenizer, max_chars: int = 3, min_rarity: float = 0.7, max_zipf: float = 2.5) -> list[Suggestion]:
@@ -176,8 +279,22 @@ def suggest(tokenizer, n: int = 10, max_chars: int = 3, seed: int = 0) -> list[S
     return sorted(picked, key=lambda s: (s.zipf, -s.merge_rank))
 
 
+SUGGEST_HELP = """\
+merge = which of CLIP's BPE merges made the token (higher = learnt later = rarer in its training text);
+  'among the last N%' = its place in the merge order; Zipf = English word frequency (0 = never seen,
+  3 = once per million words). Rare is not meaningless: a KNOWN MEANING is an acronym or brand the
+  model may already draw. For any candidate, `python -m dreambooth_lab tokens neighbours TOKEN`
+  (a hub id via --model for the real text encoder) lists the vocabulary entries nearest to it:
+  the meaning the model already gives the token."""
+
+
 def format_suggestions(suggestions: list[Suggestion]) -> str:
-    return "\n".join(f"{s.token:<6} {s.reason}" for s in suggestions)
+    """One line per candidate, flagged when it has a known meaning, then what the numbers mean (pure)."""
+    lines = [f"{s.token:<6} {s.reason}" for s in suggestions]
+    flagged = [s.token for s in suggestions if s.known]
+    if flagged:
+        lines.append(f"  ! known acronyms/brands among these: {', '.join(flagged)} (prefer the others)")
+    return "\n".join(lines + [SUGGEST_HELP])
 
 
 # ---- neighbours ------------------------------------------------------------------------------------
@@ -208,5 +325,14 @@ def neighbours(token: str, text_encoder, tokenizer, k: int = 10) -> list[Neighbo
     return [Neighbour(inv[i].replace(END, ""), int(i), float(c)) for c, i in zip(top.values.tolist(), top.indices.tolist())]
 
 
+NEIGHBOURS_HELP = "(numbers: cosine similarity of the text encoder's input embeddings, 1 = the same direction)"
+RANDOM_WEIGHTS_NOTE = ("note: this model's text encoder has random weights ('tiny'), so these neighbours carry no "
+                       "meaning; pass --model with a hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) for "
+                       "the real ones")
+
+
 def format_neighbours(token: str, found: list[Neighbour]) -> str:
-    return f"nearest to '{token}': " + ", ".join(f"{n.token} ({n.cosine:.2f})" for n in found)
+    line = f"nearest to '{token}': " + ", ".join(f"{n.token} ({n.cosine:.2f})" for n in found)
+    if (meaning := known_meaning(token)) is not None:
+        line += f"\n  known meaning of '{token}': {meaning}"
+    return line

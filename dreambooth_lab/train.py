@@ -431,6 +431,8 @@ def warn_about_token(cfg: Config, tokenizer) -> None:
 
     from .tokens import TokenWarning, analyze
 
+    if cfg.identifier.learned:  # the prompt carries the new <token>: nothing to split
+        return
     report = analyze([cfg.data.token], tokenizer, cfg.data.class_name, cfg.data.instance_prompt)[0]
     if not report.single:
         warnings.warn(f"data.token '{cfg.data.token}' {report.warnings[0]}", TokenWarning, stacklevel=3)

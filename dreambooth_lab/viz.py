@@ -66,6 +66,33 @@ def image_grid(images: Sequence, captions: Sequence[str], path: str | Path, *, t
     return files.save_figure(path, fig)
 
 
+def dataset_sheet(images, path: str | Path, *, title: str = "", params: dict | None = None, ncols: int = 6,
+                  tile: int = 160) -> Path:
+    """The training photos as training sees them (upright, centre crop at the resolution), named.
+
+    `images` is a data.ImageSet; train() writes one into every new run folder (dataset.png). The
+    crops are laid out as one mosaic in a single axes (one imshow, cheap enough for every run).
+    """
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    mosaic = Image.new("RGB", (ncols * tile, nrows * tile), (255, 255, 255))
+    for i in range(n):
+        crop = tensor_to_pil(images.example(i, center_crop=True, flip=False)).resize((tile - 8, tile - 8))
+        mosaic.paste(crop, ((i % ncols) * tile + 4, (i // ncols) * tile + 4))
+    fig = Figure(figsize=(1.6 * ncols, 1.6 * nrows + 0.7))
+    ax = fig.add_axes((0.0, 0.1, 1.0, 0.8))
+    ax.imshow(np.asarray(mosaic))
+    ax.axis("off")
+    for i, p in enumerate(images.paths):
+        ax.text((i % ncols + 0.5) * tile, (i // ncols + 1) * tile - 2, p.name, ha="center", va="bottom", fontsize=6,
+                bbox={"facecolor": "white", "alpha": 0.7, "pad": 1, "linewidth": 0})
+    if title:
+        fig.suptitle(title, fontsize=9)
+    _footer(fig, params)
+    return files.save_figure(path, fig)
+
+
 def plot_loss_curve(history: Sequence[dict], path: str | Path, *, title: str = "", params: dict | None = None,
                     smooth: int = 20) -> Path:
     """Loss, instance loss and prior loss per step, raw and as a moving average."""

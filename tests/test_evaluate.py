@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,14 +86,73 @@ def test_evaluate_run_writes_metrics_and_round_trips(trained_run, embedder):
     assert row["metric_dino"] == s["dino"] and row["metric_clip_t"] == s["clip_t"]
 
 
-def test_drift_is_zero_at_lora_scale_zero(trained_run, embedder):
+def test_drift_baseline_is_the_base_model_without_lora(trained_run, embedder):
+    """The drift baseline (the fine-tuned pipeline at LoRA scale 0) must be the base model itself."""
+    from dreambooth_lab.config import ModelConfig
+    from dreambooth_lab.evaluate import real_photos
+    from dreambooth_lab.models import load_pipeline
+    from dreambooth_lab.report import load_run_config
+    from dreambooth_lab.sample import generate, read_sidecar
+
     ev = EvalConfig(dino_model="tiny", clip_model="tiny", images_per_prompt=1, drift_images=3, prompt_set="study")
-    zero = SampleConfig(lora_scale_unet=0.0, lora_scale_text_encoder=0.0, steps=4)
-    s = evaluate_run(trained_run.run_dir, ev, settings=zero, embedder=embedder, progress=False).summary
-    assert s["drift"] == 0.0 and s["diversity_base"] == s["diversity_finetuned"]
     full = SampleConfig(lora_scale_unet=1.5, lora_scale_text_encoder=1.5, steps=4)
-    s = evaluate_run(trained_run.run_dir, ev, settings=full, embedder=embedder, progress=False).summary
-    assert s["drift"] != 0.0
+    result = evaluate_run(trained_run.run_dir, ev, settings=full, embedder=embedder, progress=False)
+    pngs = sorted(Path(result.folder).glob("drift-*.png"))
+    base_pngs = [p for p in pngs if read_sidecar(p).lora_scale_unet == 0.0]
+    assert len(pngs) == 6 and len(base_pngs) == 3
+
+    base_pipe = load_pipeline(ModelConfig(name="tiny"), device="cpu")  # no LoRA loaded at all
+    assert not base_pipe.get_list_adapters()
+    specs = [read_sidecar(p) for p in base_pngs]
+    fresh = generate(base_pipe, specs, batch_size=4, progress=False)
+    for png, image in zip(base_pngs, fresh):
+        assert np.abs(np.asarray(Image.open(png)).astype(int) - np.asarray(image).astype(int)).max() <= 1, png.name
+    real = embedder.dino(real_photos(load_run_config(trained_run.run_dir))[0])
+    s = result.summary
+    assert s["drift_subject_similarity_base"] == pytest.approx(mean_pairwise_cosine(embedder.dino(fresh), real),
+                                                               abs=1e-4)
+    assert s["drift"] != 0.0  # the fine-tuned images did move
+
+
+def test_a_missing_metric_model_fails_before_any_image_is_generated(trained_run, tmp_path, monkeypatch, capsys):
+    from dreambooth_lab import evaluate
+    from dreambooth_lab.cli import main
+
+    def no_generation(*a, **k):
+        raise AssertionError("images were generated before the metric models loaded")
+
+    monkeypatch.setattr(evaluate, "generate", no_generation)
+    run = trained_run.run_dir
+    before = sorted((run / "eval").glob("*")) if (run / "eval").exists() else []
+    metrics = (run / "metrics.json").read_bytes() if (run / "metrics.json").exists() else None
+    for dotted, value in (("eval.dino_model", str(tmp_path / "no-dino")), ("eval.clip_model", "nobody/no-clip")):
+        assert main(["evaluate", str(run), "--set", "eval.dino_model=tiny", "--set", "eval.clip_model=tiny",
+                     "--set", f"{dotted}={value}"]) == 2
+        err = capsys.readouterr().err  # the tiny DINO's loading bar may come first
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in err, err
+        assert dotted in errors[0] and value in errors[0] and f"{dotted}=tiny" in errors[0], errors[0]
+    assert (sorted((run / "eval").glob("*")) if (run / "eval").exists() else []) == before
+    assert ((run / "metrics.json").read_bytes() if (run / "metrics.json").exists() else None) == metrics
+
+
+def test_a_failure_while_measuring_leaves_no_half_filled_folder(trained_run, embedder, tmp_path, monkeypatch):
+    import shutil
+
+    run = Path(shutil.copytree(trained_run.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("eval", "metrics.json")))
+
+    def broken(images):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(embedder, "dino", broken)
+    ev = EvalConfig(dino_model="tiny", clip_model="tiny", images_per_prompt=1, drift_images=2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluate_run(run, ev, embedder=embedder, progress=False)
+    assert not (run / "eval").exists() and not (run / "metrics.json").exists()
+    monkeypatch.undo()
+    result = evaluate_run(run, ev, embedder=embedder, progress=False)  # and a good evaluation lands whole
+    assert [p.name for p in (run / "eval").iterdir()] == [Path(result.folder).name]
+    assert (Path(result.folder) / "metrics.json").is_file() and (Path(result.folder) / "memorisation.png").is_file()
 
 
 def test_score_scale_multiplies_the_scores(trained_run, embedder):
@@ -111,3 +171,10 @@ def test_evaluate_cli(trained_run, capsys):
     out = capsys.readouterr().out
     assert "dino=" in out and "clip_t=" in out
     assert json.loads((trained_run.run_dir / "metrics.json").read_text())["settings"]["images_per_prompt"] == 1
+    # every file it wrote is printed, and tiny metric models are called what they are
+    folder = Path(json.loads((trained_run.run_dir / "metrics.json").read_text())["folder"])
+    assert f"metrics:      {trained_run.run_dir / 'metrics.json'}" in out
+    assert f"memorisation: {folder / 'memorisation.png'}" in out
+    n_eval = len(list(folder.glob("eval-*.png")))
+    assert f"eval images:  {n_eval} in {folder}" in out and "drift images: 4 in" in out
+    assert "NOT MEANINGFUL" in out and "note: scores marked NOT MEANINGFUL" in out

@@ -81,3 +81,17 @@ def test_a_clashing_identifier_is_refused(tiny_pipe):
     table = pipe.text_encoder.get_input_embeddings().weight
     with pytest.raises(ValueError, match="already in the tokenizer"):
         identifier.attach(pipe.text_encoder, pipe.tokenizer, "dog</w>", 1, table[:1].detach())
+
+
+def test_tokens_analyze_understands_learned_tokens(tiny_pipe):
+    import copy
+
+    from dreambooth_lab.tokens import analyze
+
+    before = analyze(["<sks>"], tiny_pipe.tokenizer)[0]
+    assert before.ok and before.pieces == ["<sks>"] and "added when training starts" in before.notes[0]
+    tok = copy.deepcopy(tiny_pipe.tokenizer)
+    tok.add_tokens(["<sks>"])
+    after = analyze(["<sks>"], tok)[0]
+    assert after.ids == [len(tok) - 1] and "learned identifier" in after.notes[0]
+    assert not analyze(["sks"], tok)[0].notes[0].startswith("a learned"), "a rare token is analysed as before"

@@ -69,7 +69,49 @@ def test_tokens_cli(capsys):
     assert main(["tokens", "analyze", "sks", "hta", "oue", "http"]) == 0
     out = capsys.readouterr().out
     assert all(t in out for t in ("sks", "hta", "oue", "http")) and "common English" in out
+    assert "merge rank = " in out and "zipf = " in out  # the columns are explained
     assert main(["tokens", "suggest", "-n", "4", "--seed", "3"]) == 0
-    assert len(capsys.readouterr().out.strip().splitlines()) == 4
+    out = capsys.readouterr().out
+    picked = [s.token for s in T.suggest(load_tokenizer("tiny"), 4, seed=3)]
+    assert [line.split()[0] for line in out.splitlines()[:4]] == picked
+    assert "tokens neighbours" in out and "Zipf = " in out
     assert main(["tokens", "neighbours", "oue", "-k", "3"]) == 0
-    assert "nearest to 'oue'" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "nearest to 'oue'" in out and "cosine similarity" in out and "random weights" in out
+
+
+def test_table_explains_every_column(tok):
+    text = T.format_table(T.analyze(["oue"], tok))
+    for column in ("one = ", "merge rank = ", "rarity = ", "zipf = "):
+        assert column in text
+
+
+def test_class_substring_is_not_called_shared_tokens(tok):
+    (doggo,) = T.analyze(["doggo"], tok, class_name="dog")
+    assert doggo.single  # 'doggo' is its own token in CLIP's vocabulary: nothing is shared with 'dog'
+    (w,) = [w for w in doggo.warnings if "class word" in w]
+    assert "contains the class word 'dog' as a substring" in w and "a different single token" in w
+    assert "shares" not in w
+    (dogz,) = T.analyze(["dogz"], tok, class_name="dog")  # dog + z: really shares the piece 'dog'
+    assert any("shares the token(s) ['dog']" in w for w in dogz.warnings)
+
+
+def test_sks_names_its_known_meaning_the_rifle(tok):
+    (sks,) = T.analyze(["sks"], tok, class_name="dog")
+    assert sks.ok and any("rifle" in n for n in sks.notes)
+    text = T.format_table([sks])
+    assert "rifle" in text and "tokens neighbours sks" in text
+    (oue,) = T.analyze(["oue"], tok)
+    assert oue.notes == []
+
+
+def test_suggest_flags_known_acronyms_and_points_at_neighbours(tok):
+    everything = T.suggest(tok, 10_000, seed=0)
+    flagged = {s.token for s in everything if s.known}
+    assert {"sks", "jdm", "ysl"} <= flagged and "oue" not in flagged
+    few = [s for s in everything if s.token in ("jdm", "oue")]
+    text = T.format_suggestions(few)
+    assert "KNOWN MEANING" in text.splitlines()[[s.token for s in few].index("jdm")]
+    assert "known acronyms/brands among these: jdm" in text
+    assert "tokens neighbours" in text
+    assert "known acronyms" not in T.format_suggestions([s for s in few if s.token == "oue"])
