@@ -1,21 +1,36 @@
-"""What the notebooks' cells call: environment set-up, the form -> config, live plots, display.
+"""What the notebooks' cells call: set-up, the form -> config, dataset checks, live plots, display.
 
 The notebooks stay thin: a cell sets a few values or calls one function from here and shows what
 it returned. ``DREAMBOOTH_LAB_SMOKE=1`` turns any notebook into a seconds-long run on the tiny
-model (the test suite sets it); the defaults a user sees in the form stay the real ones.
+model (the test suite sets it); the defaults a user sees in the form stay the real ones. Smoke
+mode shrinks steps and sizes only: it never swaps in other photos, so a missing photo folder stops
+a notebook at its dataset cell in smoke mode too.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
+import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from .config import TINY_MODEL, Config, load, with_overrides
+from .config import DEFAULT_MODEL, TINY_MODEL, Config, load, read_yaml, with_overrides
+
+if TYPE_CHECKING:
+    from .config import EvalConfig
 
 SMOKE_ENV = "DREAMBOOTH_LAB_SMOKE"
 OUTPUT_ENV = "DREAMBOOTH_LAB_OUTPUT"  # smoke runs write here instead of the form's OUTPUT_DIR
+
+DRIVE = Path("/content/drive/MyDrive")  # Google Drive, once mounted on Colab
+DRIVE_HOME = DRIVE / "dreambooth_lab"
+DRIVE_RUNS = DRIVE_HOME / "runs"
+DRIVE_DATASETS = DRIVE_HOME / "datasets"
+COLAB_CHECKOUT = Path("/content/dreambooth_lab")
+INSTALL_MARKER = ".install-complete"  # written last by ensure_installed: its absence means "install again"
 
 # Form field -> config field. RANK also sets alpha (scaling 1); USE_8BIT_ADAM picks the optimizer.
 FORM_FIELDS = {
@@ -34,14 +49,53 @@ FORM_FIELDS = {
     "NUM_CLASS_IMAGES": "prior.num_class_images",
     "PRIOR_LOSS_WEIGHT": "prior.loss_weight",
     "RANK": "lora.rank",
+    "RESOLUTION": "data.resolution",
     "MIXED_PRECISION": "train.mixed_precision",
     "USE_8BIT_ADAM": "optim.optimizer",
     "GRADIENT_CHECKPOINTING": "train.gradient_checkpointing",
+    "CHECKPOINT_EVERY": "train.checkpoint_every",
     "LORA_SCALE_UNET": "sample.lora_scale_unet",
     "LORA_SCALE_TEXT_ENCODER": "sample.lora_scale_text_encoder",
     "GUIDANCE": "sample.guidance",
+    "SAMPLE_STEPS": "sample.steps",
+    "NEGATIVE_PROMPT": "sample.negative_prompt",
     "GEN_SEED": "sample.seeds",
 }
+
+# The values main.ipynb's form ships with: a first real run on Colab's T4. tests check that the
+# notebook's parameters cell says the same. With a PRESET, a field still at this value is "not set
+# by you" and the preset's value (or the package default) is used; a field you changed wins.
+FORM_DEFAULTS: dict[str, Any] = {
+    "BASE_MODEL": DEFAULT_MODEL,
+    "DATASET_DIR": str(DRIVE_DATASETS / "my_dog"),
+    "OUTPUT_DIR": "",
+    "RARE_TOKEN": "sks",
+    "CLASS": "dog",
+    "TRAIN_TEXT_ENCODER": True,
+    "STEPS": 800,
+    "BATCH_SIZE": 1,
+    "LR_UNET": 3e-4,
+    "LR_TEXT_ENCODER": 1e-4,
+    "SEED": 42,
+    "PRIOR_PRESERVATION": True,
+    "NUM_CLASS_IMAGES": 100,
+    "PRIOR_LOSS_WEIGHT": 1.0,
+    "RANK": 4,
+    "RESOLUTION": 512,
+    "MIXED_PRECISION": "fp16",
+    "USE_8BIT_ADAM": True,
+    "GRADIENT_CHECKPOINTING": False,
+    # A T4 makes about 1.2 s/step at 512 px in fp16 (batch 1 + 1 class image, 8-bit AdamW), so 400
+    # steps are about 8 minutes: a Colab disconnect loses at most that (10 min even at 1.5 s/step).
+    "CHECKPOINT_EVERY": 400,
+    "LORA_SCALE_UNET": 0.4,
+    "LORA_SCALE_TEXT_ENCODER": 0.4,
+    "GUIDANCE": 6.4,
+    "SAMPLE_STEPS": 30,
+    "NEGATIVE_PROMPT": "",
+    "GEN_SEED": 0,
+}
+ALWAYS_FORM = ("DATASET_DIR", "OUTPUT_DIR")  # where things are on this machine: never from a preset
 
 
 def smoke() -> bool:
@@ -53,9 +107,9 @@ def in_colab() -> bool:
 
 
 def find_repo_root(start: str | Path | None = None) -> Path:
-    """The checkout this package lives in (the folder holding dreambooth_lab/ and datasets/)."""
+    """The checkout this package lives in (the folder holding dreambooth_lab/ and configs/)."""
     here = Path(__file__).resolve().parents[1]
-    if (here / "datasets").is_dir():
+    if (here / "configs").is_dir():
         return here
     path = Path(start or os.getcwd()).resolve()
     for p in (path, *path.parents):
@@ -64,30 +118,130 @@ def find_repo_root(start: str | Path | None = None) -> Path:
     return path
 
 
+class NotebookStop(Exception):
+    """Stops a notebook at this cell with a message and no traceback (what to do is in the message)."""
+
+    def _render_traceback_(self) -> list[str]:  # IPython shows these lines instead of a traceback
+        return [f"{type(self).__name__}: the notebook stops here.", *str(self).splitlines()]
+
+
+class PhotosMissing(NotebookStop, ValueError):
+    """The photo folder is missing or holds no photos."""
+
+
 # ---- set-up -----------------------------------------------------------------------------------
+
+# What `setup` installs on Colab. torch is not listed: Colab's CUDA build is kept.
+INSTALL_COMMANDS = (
+    ("-m", "pip", "install", "-q", "-r", "requirements.txt"),
+    ("-m", "pip", "install", "-q", "--no-deps", "open-clip-torch==3.3.0"),
+)
+
+
+def install_key(root: str | Path) -> str:
+    """What the marker records: the requirements and the commands, so a changed list installs again."""
+    req = Path(root) / "requirements.txt"
+    blob = (req.read_bytes() if req.is_file() else b"") + repr(INSTALL_COMMANDS).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def ensure_installed(root: str | Path, run: Callable[..., Any] = subprocess.run) -> bool:
+    """Install the requirements into this Python unless the marker says it already finished.
+
+    The marker file is written only after every command succeeded, so an install cut short (a
+    disconnect, a failed download) leaves no marker and the next call installs again rather than
+    trusting that the folder exists. Returns True when it installed now.
+    """
+    root = Path(root)
+    marker = root / INSTALL_MARKER
+    key = install_key(root)
+    if marker.is_file() and marker.read_text().strip() == key:
+        return False
+    marker.unlink(missing_ok=True)
+    for args in INSTALL_COMMANDS:
+        run([sys.executable, *args], check=True, cwd=str(root))
+    marker.write_text(key + "\n")
+    return True
+
+
+def restore_checkout(root: str | Path, run: Callable[..., Any] = subprocess.run) -> list[str]:
+    """Check out again any tracked file missing from the clone (a clone cut short); their names."""
+    out = run(["git", "-C", str(root), "ls-files", "--deleted"], capture_output=True, text=True)
+    missing = [line for line in (out.stdout or "").splitlines() if line.strip()]
+    if missing:
+        run(["git", "-C", str(root), "checkout", "--", *missing], check=True)
+    return missing
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the libraries a result depends on (read without importing them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "diffusers", "transformers", "peft", "accelerate"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def bf16_supported() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
 
 def device_report() -> str:
     import torch
 
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
-        return (f"GPU: {torch.cuda.get_device_name(0)}, {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB "
-                f"(torch {torch.__version__})")
-    return f"no GPU (torch {torch.__version__}): training will be slow; BASE_MODEL='tiny' runs the offline CPU model"
+        bf16 = "bf16 yes" if bf16_supported() else "no bf16 (use MIXED_PRECISION='fp16')"
+        return (f"GPU: {torch.cuda.get_device_name(0)}, {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB, "
+                f"{bf16}")
+    return "no GPU: training will be slow; BASE_MODEL='tiny' runs the offline CPU model"
 
 
-def setup(mount_drive: bool = False) -> str:
-    """Drive (Colab, when asked), Colab's widget manager, and a one-line device report."""
+def setup(mount_drive: bool = True, hub_token: bool = False, root: str | Path | None = None,
+          run: Callable[..., Any] = subprocess.run) -> str:
+    """Every notebook's set-up cell: Drive, code, packages, widgets; returns what it found.
+
+    On Colab: mounts Google Drive (runs and class images are kept there across disconnects),
+    restores files a cut-short clone left out, installs the requirements (again, if a previous
+    install did not finish), and turns on Colab's widget manager. Everywhere: the versions of
+    torch/diffusers/transformers/peft/accelerate, the GPU, and where results will go. `run` stands
+    in for subprocess.run (the tests).
+    """
+    root = Path(root) if root else find_repo_root()
+    lines = [f"code: {root}"]
     if in_colab():
-        if mount_drive and not Path("/content/drive/MyDrive").exists():
+        if mount_drive and not DRIVE.exists():
             from google.colab import drive  # type: ignore
 
-            drive.mount("/content/drive")
+            drive.mount(str(DRIVE.parent))
+        if (root / ".git").exists() and (missing := restore_checkout(root, run)):
+            lines.append(f"restored {len(missing)} file(s) an interrupted clone left out")
+        print("installing the requirements (about a minute on a fresh runtime)..." if not
+              (root / INSTALL_MARKER).is_file() else "checking the install...", flush=True)
+        lines.append("packages: installed now" if ensure_installed(root, run) else "packages: already installed")
         from google.colab import output  # type: ignore
 
         output.enable_custom_widget_manager()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return device_report()
+    lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
+    lines.append(device_report())
+    out = _absolute(default_output_dir())
+    if DRIVE.is_dir():
+        lines.append(f"Google Drive: mounted; results go to {out} unless OUTPUT_DIR is set")
+    elif in_colab():
+        lines.append(f"Google Drive: not mounted; results go to {out}, which a disconnect erases "
+                     "(check MOUNT_DRIVE, or set OUTPUT_DIR to a Drive folder)")
+    else:
+        lines.append(f"results go to {out} unless OUTPUT_DIR is set")
+    if hub_token and not smoke():
+        hub_login()  # Colab secret HF_TOKEN, or asks; never printed, never written to disk
+    return "\n".join(lines)
 
 
 def hub_login(prompt: bool = True) -> bool:
@@ -114,31 +268,149 @@ def hub_login(prompt: bool = True) -> bool:
     return True
 
 
+# ---- the photos ------------------------------------------------------------------------------------
+
+def drive_location(path: str | Path) -> str | None:
+    """'My Drive › a › b' for a path on the mounted Drive, else None (pure)."""
+    try:
+        rel = Path(path).relative_to(DRIVE)
+    except ValueError:
+        return None
+    return " › ".join(("My Drive", *rel.parts))
+
+
+def photos_message(folder: str | Path, problem: str, expect: str, *, param: str = "DATASET_DIR",
+                   colab: bool = False, drive_mounted: bool = False) -> str:
+    """The message a notebook stops with when its photos are not there (pure)."""
+    lines = [f"No training photos: {problem}.", f"Put {expect} (JPEG or PNG) in {folder or 'a folder'}"]
+    where = drive_location(folder) if folder else None
+    if where:
+        lines[-1] += f" — in Google Drive: {where}"
+    lines[-1] += f" — or set {param} in the parameters cell to the folder that holds them, then run again."
+    if where and not colab:
+        lines.append(f"This is not Colab, so there is no Google Drive here: set {param} to a folder on this machine "
+                     "(absolute, or relative to the repository root).")
+    elif where and not drive_mounted:
+        lines.append("Google Drive is not mounted: run the set-up cell with MOUNT_DRIVE checked first.")
+    lines.append("To try the workbench without photos of your own, use the synthetic sample: "
+                 f"{param} = \"datasets/sample_subject\" (class 'toy').")
+    return "\n".join(lines)
+
+
+def check_photos(folder: str | Path, expect: str = "3–30 photos of the subject",
+                 param: str = "DATASET_DIR") -> list[Path]:
+    """The photos in `folder` (relative = from the repository root), or stop the notebook with one
+    message: where to put them, how many, which parameter to set. Smoke mode checks the same way."""
+    from .data import DatasetError, find_images
+
+    path = Path(_absolute(folder)) if str(folder).strip() else None
+    if path is None:
+        raise PhotosMissing(photos_message("", f"{param} is empty", expect, param=param,
+                                           colab=in_colab(), drive_mounted=DRIVE.is_dir()))
+    if not path.exists():
+        problem = f"{path} does not exist"
+    else:
+        try:
+            photos = find_images(path)
+        except DatasetError as exc:
+            problem = f"{path} holds no photos" if str(exc).startswith("no images in") else str(exc)
+        else:
+            print(f"{len(photos)} photo(s) in {path}")
+            return photos
+    raise PhotosMissing(photos_message(path, problem, expect, param=param, colab=in_colab(),
+                                       drive_mounted=DRIVE.is_dir()))
+
+
 # ---- the form -> config ---------------------------------------------------------------------------
+
+def field_overrides(name: str, value: Any) -> dict[str, Any]:
+    """One form field as dotted config overrides (pure)."""
+    path = FORM_FIELDS[name]
+    if name == "USE_8BIT_ADAM":
+        return {path: "adamw8bit" if value else "adamw"}
+    if name == "GEN_SEED":
+        return {path: [int(value) + i for i in range(4)]}  # the seed grid: 4 consecutive seeds
+    if name == "RANK":
+        return {path: int(value), "lora.alpha": float(value)}
+    if name == "RESOLUTION":
+        return {path: int(value) if value else None}  # 0 / None = the model's own size
+    if name in ("LR_UNET", "LR_TEXT_ENCODER", "PRIOR_LOSS_WEIGHT", "LORA_SCALE_UNET", "LORA_SCALE_TEXT_ENCODER",
+                "GUIDANCE"):
+        return {path: float(value)}
+    return {path: value}
+
 
 def form_overrides(form: dict[str, Any]) -> dict[str, Any]:
     """Translate the hyperparameter cell's values into dotted config overrides (pure)."""
     missing = [k for k in FORM_FIELDS if k not in form]
     if missing:
         raise KeyError(f"the hyperparameter cell does not define {', '.join(missing)}")
-    out = {}
-    for name, path in FORM_FIELDS.items():
-        value = form[name]
-        if name == "USE_8BIT_ADAM":
-            value = "adamw8bit" if value else "adamw"
-        elif name == "GEN_SEED":
-            value = [int(value) + i for i in range(4)]  # the seed grid: 4 consecutive seeds
-        elif name == "RANK":
-            out["lora.alpha"] = float(value)
-        elif name in ("LR_UNET", "LR_TEXT_ENCODER", "PRIOR_LOSS_WEIGHT", "LORA_SCALE_UNET",
-                      "LORA_SCALE_TEXT_ENCODER", "GUIDANCE"):
-            value = float(value)
-        out[path] = value
+    out: dict[str, Any] = {}
+    for name in FORM_FIELDS:
+        out.update(field_overrides(name, form[name]))
     return out
 
 
+def merge_form(form: dict[str, Any], preset: bool, defaults: dict[str, Any] = FORM_DEFAULTS
+               ) -> tuple[dict[str, Any], list[str]]:
+    """The form's overrides, and the names of the fields they came from (pure).
+
+    Without a preset every field applies. With one, a field applies when it differs from its
+    default in the form (you changed it) or names a folder on this machine; the others are left to
+    the preset, or to the package default when the preset does not set them.
+    """
+    missing = [k for k in FORM_FIELDS if k not in form]
+    if missing:
+        raise KeyError(f"the hyperparameter cell does not define {', '.join(missing)}")
+    used = [name for name in FORM_FIELDS
+            if not preset or name in ALWAYS_FORM or name not in defaults or form[name] != defaults[name]]
+    out: dict[str, Any] = {}
+    for name in used:
+        if name in ALWAYS_FORM and not form[name]:
+            continue  # empty = the preset's / the default folder
+        out.update(field_overrides(name, form[name]))
+    return out, used
+
+
+def flat_keys(data: Any, prefix: str = "") -> set[str]:
+    """Dotted names of the leaves of a nested mapping (pure)."""
+    if not isinstance(data, dict):
+        return {prefix.rstrip(".")} if prefix else set()
+    out: set[str] = set()
+    for key, value in data.items():
+        out |= flat_keys(value, f"{prefix}{key}.")
+    return out
+
+
+def preset_keys(path: str | Path) -> set[str]:
+    """The dotted fields a preset YAML sets, itself or through `extends`."""
+    path = Path(path)
+    data = read_yaml(path) or {}
+    keys = flat_keys({k: v for k, v in data.items() if k != "extends"})
+    if "extends" in data:
+        keys |= preset_keys(path.parent / str(data["extends"]))
+    return keys
+
+
+def preset_path(preset: str | Path) -> Path:
+    return Path(preset) if Path(preset).is_absolute() else find_repo_root() / preset
+
+
+def preset_choices(root: str | Path | None = None) -> list[str]:
+    """Every config preset in configs/ (relative paths), for the form's dropdown: the Colab and
+    tiny presets, then the study's (exp1..exp8, small_dog_*); sweep specs and bases are left out."""
+    root = Path(root) if root else find_repo_root()
+    out = []
+    for path in sorted((root / "configs").rglob("*.yaml")):
+        data = read_yaml(path) or {}
+        if not isinstance(data, dict) or "runs" in data or "grid" in data or path.name == "base.yaml":
+            continue
+        out.append(str(path.relative_to(root)))
+    return sorted(out, key=lambda p: (p.count("/"), p))
+
+
 def smoke_overrides(output_dir: str | None = None) -> dict[str, Any]:
-    """Seconds-long settings on the tiny model: the test suite's switch, same code path."""
+    """Seconds-long settings on the tiny model: the test suite's switch, same code path, same photos."""
     out = {
         "model.name": TINY_MODEL, "data.resolution": None, "train.steps": 12, "train.checkpoint_every": 6,
         "train.mixed_precision": "no", "prior.num_class_images": 4, "prior.steps": 4, "sample.steps": 4,
@@ -156,42 +428,88 @@ def _absolute(path: str | Path) -> str:
     return str(p if p.is_absolute() else find_repo_root() / p)
 
 
-def _resolve_paths(cfg: Config) -> Config:
-    """Absolute data/output paths; smoke runs fall back to the sample subject when the study's
-    photo folder is not on this machine."""
-    cfg.data.instance_dir = _absolute(cfg.data.instance_dir)
-    cfg.train.output_dir = _absolute(cfg.train.output_dir)
-    if smoke() and not Path(cfg.data.instance_dir).is_dir():
-        cfg.data.instance_dir = str(find_repo_root() / "datasets" / "sample_subject")
-    return cfg
-
-
 def machine_overrides(dataset_dir: str = "", output_dir: str = "") -> dict[str, Any]:
-    """Where photos and results live on this machine (absolute), plus the smoke settings when on."""
+    """Where photos and results live on this machine (absolute), plus the smoke settings when on.
+    The photo folder is never replaced: a missing one is reported by `check_photos`."""
     out: dict[str, Any] = smoke_overrides(os.environ.get(OUTPUT_ENV)) if smoke() else {}
     out.setdefault("train.output_dir", output_dir or str(default_output_dir()))
     out["train.output_dir"] = _absolute(out["train.output_dir"])
     if dataset_dir:
         out["data.instance_dir"] = _absolute(dataset_dir)
-        if smoke() and not Path(out["data.instance_dir"]).is_dir():
-            out["data.instance_dir"] = str(find_repo_root() / "datasets" / "sample_subject")
     return out
 
 
-def preset_config(preset: str, dataset_dir: str = "", output_dir: str = "") -> Config:
-    """A YAML preset (path relative to the repository root) with this machine's folders."""
-    path = Path(preset) if Path(preset).is_absolute() else find_repo_root() / preset
-    cfg = with_overrides(load(path), machine_overrides(dataset_dir, output_dir))
-    return _cpu_precision(_resolve_paths(cfg)).validate()
-
-
-def _cpu_precision(cfg: Config) -> Config:
+def _machine_precision(cfg: Config, sources: dict[str, str]) -> Config:
+    """fp16 needs CUDA (CPU autocast is bf16 only); bf16 needs a GPU that has it (a T4 has not)."""
     import torch
 
-    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+    mp = cfg.train.mixed_precision
+    if mp == "fp16" and not torch.cuda.is_available():
         print("note: no CUDA here, so MIXED_PRECISION='fp16' is off for this run")
-        cfg.train.mixed_precision = "no"
+        cfg.train.mixed_precision, sources["train.mixed_precision"] = "no", "this machine"
+    elif mp == "bf16" and torch.cuda.is_available() and not bf16_supported():
+        print(f"warning: {torch.cuda.get_device_name(0)} has no bf16; using MIXED_PRECISION='fp16' instead")
+        cfg.train.mixed_precision, sources["train.mixed_precision"] = "fp16", "this machine"
     return cfg
+
+
+def _finish(base: Config, preset_set: set[str], form_over: dict[str, Any], dataset_dir: str,
+            output_dir: str) -> tuple[Config, dict[str, str]]:
+    cfg = with_overrides(base, form_over)
+    sources = {k: "preset" for k in preset_set}
+    sources.update({k: "form" for k in form_over})
+    if smoke():
+        small = smoke_overrides()
+        cfg = with_overrides(cfg, small)
+        sources.update({k: "smoke" for k in small})
+    env_out = os.environ.get(OUTPUT_ENV) if smoke() else None
+    if env_out:
+        cfg.train.output_dir, sources["train.output_dir"] = _absolute(env_out), "smoke"
+    elif output_dir:
+        cfg.train.output_dir, sources["train.output_dir"] = _absolute(output_dir), "form"
+    else:  # Drive when mounted, else runs/
+        cfg.train.output_dir, sources["train.output_dir"] = _absolute(default_output_dir()), "this machine"
+    if dataset_dir:
+        sources["data.instance_dir"] = "form"
+        cfg.data.instance_dir = dataset_dir
+    cfg.data.instance_dir = _absolute(cfg.data.instance_dir) if cfg.data.instance_dir else ""
+    cfg = _machine_precision(cfg, sources)
+    return cfg.validate(), sources
+
+
+def configure(form: dict[str, Any], preset: str = "") -> tuple[Config, dict[str, str]]:
+    """The run's config from the hyperparameter cell and an optional YAML preset, with where each
+    value came from: 'form', 'preset', 'default' (the package's), 'smoke' or 'this machine'.
+
+    Without a preset the form is the config. With one, the preset is the base and the fields you
+    changed in the form go on top (see `merge_form`). Relative paths are taken from the repository
+    root; without CUDA, fp16 is turned off, and bf16 on a GPU without it becomes fp16, with a note.
+    """
+    if preset:
+        path = preset_path(preset)
+        base, keys = load(path), preset_keys(path)
+    else:
+        base, keys = Config(), set()
+    over, _ = merge_form(form, bool(preset))
+    over = {k: v for k, v in over.items() if k not in ("data.instance_dir", "train.output_dir")}
+    if not preset and not form["DATASET_DIR"]:
+        over["data.instance_dir"] = ""  # no silent fallback: validation names DATASET_DIR's field
+    return _finish(base, keys, over, form["DATASET_DIR"], form["OUTPUT_DIR"])
+
+
+def build_config(form: dict[str, Any], preset: str = "") -> Config:
+    """`configure` without the sources."""
+    return configure(form, preset)[0]
+
+
+def preset_settings(preset: str, dataset_dir: str = "", output_dir: str = "") -> tuple[Config, dict[str, str]]:
+    """A YAML preset (path relative to the repository root) with this machine's folders, and sources."""
+    path = preset_path(preset)
+    return _finish(load(path), preset_keys(path), {}, dataset_dir, output_dir)
+
+
+def preset_config(preset: str, dataset_dir: str = "", output_dir: str = "") -> Config:
+    return preset_settings(preset, dataset_dir, output_dir)[0]
 
 
 def eval_settings(**values) -> "EvalConfig":
@@ -206,31 +524,140 @@ def eval_settings(**values) -> "EvalConfig":
     return ev
 
 
-def build_config(form: dict[str, Any], preset: str = "") -> Config:
-    """The run's config from the hyperparameter cell, or from a YAML preset when one is chosen.
-
-    Relative paths are taken from the repository root. Without CUDA, fp16 mixed precision is
-    turned off (CPU autocast supports bf16 only) with a note.
-    """
-    if preset:
-        return preset_config(preset, form["DATASET_DIR"], form["OUTPUT_DIR"])
-    cfg = with_overrides(Config(), form_overrides(form))
-    cfg = with_overrides(cfg, machine_overrides(form["DATASET_DIR"], form["OUTPUT_DIR"]))
-    return _cpu_precision(_resolve_paths(cfg)).validate()
-
-
-DRIVE_RUNS = Path("/content/drive/MyDrive/dreambooth_lab/runs")
-
-
 def default_output_dir() -> Path:
     """Google Drive when it is mounted (results survive a Colab disconnect), else ./runs."""
-    return DRIVE_RUNS if DRIVE_RUNS.parents[1].is_dir() else Path("runs")
+    return DRIVE_RUNS if DRIVE.is_dir() else Path("runs")
 
 
-def summary(cfg: Config) -> str:
+def leaves(cfg: Config) -> list[tuple[str, Any]]:
+    """(dotted name, value) of every field, in the dataclasses' order (pure)."""
+    out: list[tuple[str, Any]] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                out.append((f"{prefix}{f.name}", value))
+
+    walk(cfg, "")
+    return out
+
+
+def format_sources(cfg: Config, sources: dict[str, str], skip: tuple[str, ...] = ("eval.",)) -> str:
+    """Every value with where it came from; unlisted fields are the package's defaults (pure)."""
+    rows = [(k, v, sources.get(k, "default")) for k, v in leaves(cfg) if not k.startswith(skip)]
+    width = max(len(k) for k, _, _ in rows)
+    lines = []
+    for k, v, src in rows:
+        text = repr(v) if isinstance(v, str) else str(v)
+        text = text if len(text) <= 70 else text[:67] + "..."
+        lines.append(f"{k:<{width}}  {text:<40}  {src}")
+    counts = {s: sum(1 for _, _, src in rows if src == s) for s in dict.fromkeys(src for _, _, src in rows)}
+    lines.append("(" + ", ".join(f"{n} from {s}" for s, n in counts.items()) + f"; config hash {cfg.hash()})")
+    return "\n".join(lines)
+
+
+def summary(cfg: Config, sources: dict[str, str] | None = None) -> str:
+    """The run's values: with sources, every field and where it came from; else the main ones."""
+    if sources is not None:
+        return format_sources(cfg, sources)
     from .train import run_params
 
     return "\n".join(f"{k:>20}: {v}" for k, v in run_params(cfg).items())
+
+
+# ---- training and sweeps from a notebook ---------------------------------------------------------
+
+def train_run(cfg: Config, every: int = 25):
+    """Train (or resume, or reuse the finished run) with a live loss plot; prints where it all went."""
+    from .train import train
+
+    live = LiveLoss(every=4 if smoke() else every)
+    result = train(cfg, on_step=live, reuse_finished=True)
+    print(f"run folder: {result.run_dir}")
+    print(f"LoRA:       {result.lora_path}")
+    print(f"loss curve: {result.run_dir / 'loss.png'}")
+    print(f"metrics:    {result.run_dir / 'metrics.jsonl'}, {result.run_dir / 'summary.json'}")
+    return result
+
+
+def load_study(spec: str | Path, dataset_dir: str = "", output_dir: str = ""):
+    """A sweep spec (relative = from the repository root) with this machine's folders."""
+    from .experiments import load_sweep
+
+    return load_sweep(Path(_absolute(spec)), machine_overrides(dataset_dir, output_dir))
+
+
+def sweep_status(sweep) -> tuple[dict[str, Path], list[str]]:
+    """Each run of the sweep, finished (its folder) or not, printed as a table; nothing is trained."""
+    from .runs import find_finished
+
+    done, todo = {}, []
+    for run in sweep.runs:
+        found = find_finished(run.config)
+        if found is None:
+            todo.append(run.id)
+        else:
+            done[run.id] = found
+        c = run.config
+        print(f"{run.id:<10} token={c.data.token:<6} text encoder={c.train.train_text_encoder!s:<5} "
+              f"steps={c.train.steps:<5} {'finished: ' + str(found) if found else 'not trained yet'}")
+    print(f"runs go to {sweep.folder}")
+    return done, todo
+
+
+def finished_runs(sweep, train_in: str = "02_token_sweep.ipynb") -> list[Path]:
+    """The finished runs of a sweep (for evaluation), naming the missing ones; stops when none is."""
+    done, todo = sweep_status(sweep)
+    if not done:
+        raise NotebookStop(f"none of the {len(sweep.runs)} runs of '{sweep.name}' has finished in {sweep.folder}: "
+                           f"train them with {train_in} (same DATASET_DIR and OUTPUT_DIR), then run this "
+                           "notebook again. This notebook evaluates; it never trains.")
+    if todo:
+        print(f"missing (not evaluated): {', '.join(todo)} — train with {train_in}; "
+              f"evaluating the {len(done)} finished run(s)")
+    return list(done.values())
+
+
+def sweep_results(rows: list[dict], folder: Path) -> list[dict]:
+    """After run_sweep: the registry table, where it was written, failures; stops when nothing finished."""
+    from .experiments import REGISTRY, format_registry
+
+    print(format_registry(rows))
+    for r in rows:
+        if r.get("run_dir"):
+            print(f"{r['id']}: {r['run_dir']}")
+    print(f"registry: {folder / (REGISTRY + '.csv')}, {folder / (REGISTRY + '.jsonl')}")
+    failed = [r for r in rows if r.get("status") == "failed"]
+    for r in failed:
+        print(f"failed: {r['id']}: {r.get('error', '')} (details in {folder / 'failures.json'})")
+    done = [r for r in rows if r.get("status") == "finished"]
+    if not done:
+        raise NotebookStop(f"no run of this sweep finished (see above and {folder}); fix the cause and run again")
+    return done
+
+
+def evaluate_finished(run_dirs: list[Path], ev) -> list:
+    """Evaluate each run (reusing results made with the same settings); prints what was written."""
+    from .evaluate import METRICS_FILE, evaluate_runs
+
+    results = evaluate_runs(run_dirs, ev)
+    for run_dir, r in zip(run_dirs, results):
+        pictures = f"; pictures in {r.folder}" if r.folder else ""
+        print(f"{Path(run_dir).name}: {Path(run_dir) / METRICS_FILE}{pictures}")
+    return results
+
+
+def write_registry(folder: Path) -> list[dict]:
+    """The sweep folder's registry, rewritten from its run folders; prints where."""
+    from .experiments import REGISTRY
+    from .experiments import write_registry as write
+
+    rows = write(folder)
+    print(f"registry: {folder / (REGISTRY + '.csv')}, {folder / (REGISTRY + '.jsonl')}")
+    return rows
 
 
 # ---- showing things -----------------------------------------------------------------------------
@@ -240,19 +667,23 @@ def show(*paths: str | Path) -> None:
     from IPython.display import Image, display
 
     for p in paths:
-        print(p)
+        print(f"written: {p}")
         display(Image(filename=str(p)))
 
 
 def show_dataset(cfg: Config, out: str | Path | None = None) -> Path:
-    """The training photos as they will be seen (upright, cropped), as a grid PNG."""
+    """The training photos as they will be seen (upright, cropped), as a grid PNG beside the runs,
+    named after the photo folder (another dataset's sheet is not overwritten)."""
     from .data import ImageSet
     from .viz import image_grid, tensor_to_pil
 
     images = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution)
     pils = [tensor_to_pil(images.example(i, center_crop=True, flip=False)) for i in range(len(images))]
-    out = Path(out) if out else Path(cfg.train.output_dir) / "dataset.png"
-    return image_grid(pils, [p.name for p in images.paths], out, title=f"{len(pils)} photos in {cfg.data.instance_dir}",
+    if out is None:
+        tag = hashlib.sha256(str(Path(cfg.data.instance_dir).resolve()).encode()).hexdigest()[:8]
+        out = Path(cfg.train.output_dir) / "dataset_sheets" / f"{Path(cfg.data.instance_dir).name}-{tag}.png"
+    return image_grid(pils, [p.name for p in images.paths], Path(out),
+                      title=f"{len(pils)} photos in {cfg.data.instance_dir}",
                       params={"resolution": cfg.resolution, "token": cfg.data.token, "class": cfg.data.class_name},
                       ncols=min(6, len(pils)))
 
