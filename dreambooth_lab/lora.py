@@ -91,7 +91,12 @@ def adapter_metadata(model) -> dict:
     with PYTHONHASHSEED; diffusers writes it as a list in that order, so two runs of the same
     config would write different bytes. Every set becomes a sorted list.
     """
-    return sorted_sets(model.peft_config["default"].to_dict())
+    meta = sorted_sets(model.peft_config["default"].to_dict())
+    # peft records where the base model was loaded from: a path in the user's cache, which would
+    # make files differ across machines and put a home folder into LoRAs people share.
+    if meta.get("base_model_name_or_path"):
+        meta["base_model_name_or_path"] = None
+    return meta
 
 
 def sorted_sets(value):

@@ -201,6 +201,7 @@ def set_up(cfg: Config, acc, opened: runs.Opened, instance: ImageSet, ident: run
     set_seed(cfg.train.seed)
     with acc.main_process_first():  # the tiny model is built once, by the main process
         pipe = load_pipeline(cfg.model, device=acc.device, dtype=weight_dtype)
+    pipe.vae.requires_grad_(False)  # never trained: no gradients kept for it
     warn_about_token(cfg, pipe.tokenizer)
     classes, generated = class_images(cfg, acc, pipe, weight_dtype, progress)
 

@@ -220,34 +220,39 @@ class DreamBoothObjective:
     def plan(self, step: int, micro: int) -> tuple[list[Row], list[int], int, torch.Generator]:
         """Which photos, flips and crops a micro-batch uses: instance rows first, then class rows.
 
-        With N processes the step draws one global batch of N x batch_size rows per kind, exactly
-        as a single process with that batch size would, and this process takes its share. Returns
-        (this process's rows, their positions in the global batch, global row count, generator).
+        The step draws one global batch of processes x accumulation x batch_size rows per kind,
+        exactly as a single process with that batch size would, and this micro-batch of this
+        process takes its slice. Returns (its rows, their positions in the global batch, global row
+        count, generator).
         """
         cfg, B = self.cfg, self.cfg.train.batch_size
         world, rank = self.acc.num_processes, self.acc.process_index
-        gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, micro))
-        flat = step * cfg.train.gradient_accumulation_steps + micro
+        # One generator per step, replayed by every micro-batch and process: each draws the whole
+        # step's rows (N processes x G micro-batches x batch_size) and takes its own slice, so
+        # accumulation and several processes see exactly what one large batch would.
+        gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step))
+        per_step = B * world * cfg.train.gradient_accumulation_steps
+        first = (micro * world + rank) * B
         rows, positions, n, bucket = [], [], 0, None
         for kind, seed in (("instance", cfg.train.seed), ("class", cfg.train.seed + 1)):
             images = self.sets[kind]
             if images is None:
                 continue
             if self.bucket_of is not None and kind == "instance":  # one bucket per step
-                chosen = buckets.indices_for_step(self.bucket_of, B * world, seed, flat)
+                chosen = buckets.indices_for_step(self.bucket_of, per_step, seed, step)
                 bucket = self.bucket_of[chosen[0]]
             else:
-                chosen = indices_for_step(len(images), B * world, seed, flat)
+                chosen = indices_for_step(len(images), per_step, seed, step)
             for j, i in enumerate(chosen):
                 flip = cfg.data.random_flip and bool(torch.rand((), generator=gen) < 0.5)
                 if bucket is None:
                     box, resized = crop_box(images.images[i].size, images.resolution, cfg.data.center_crop, gen), None
                 else:
                     resized, box = buckets.cover_and_crop_box(images.images[i].size, bucket, cfg.data.center_crop, gen)
-                if rank * B <= j < (rank + 1) * B:
+                if first <= j < first + B:
                     rows.append(Row(kind, i, flip, box, bucket, resized))
                     positions.append(n + j)
-            n += B * world
+            n += per_step
         return rows, positions, n, gen
 
     def latents(self, rows: list[Row], positions: list[int], n: int, gen: torch.Generator) -> torch.Tensor:
