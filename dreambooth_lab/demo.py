@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TINY_MODEL, Config
+from .config import TINY_MODEL, TOYWORLD, Config
 from .report import compare_run, sample_run
 from .train import RunResult, train
 
@@ -18,6 +18,8 @@ SAMPLE_SUBJECT = Path(__file__).resolve().parents[1] / "datasets" / "sample_subj
 
 def demo_config(model: str = TINY_MODEL, output_dir: str = "runs", dataset: str | Path | None = None,
                 steps: int | None = None) -> Config:
+    if model == TOYWORLD:
+        return world_demo_config(output_dir, dataset, steps)
     cfg = Config()
     cfg.model.name = model
     cfg.data.instance_dir = str(dataset or SAMPLE_SUBJECT)
@@ -40,6 +42,19 @@ def demo_config(model: str = TINY_MODEL, output_dir: str = "runs", dataset: str 
         cfg.prior.num_class_images = 50
         if torch.cuda.is_available():
             cfg.train.mixed_precision = "fp16"
+    return cfg.validate()
+
+
+def world_demo_config(output_dir: str = "runs", dataset: str | Path | None = None, steps: int | None = None) -> Config:
+    """The toy world's 5-photo dog (violet, yellow dots: traits its base model never saw); the
+    sheets show it in red t-shirts, in van Gogh's style, in the forest and driving a car."""
+    from .world.study import world_config
+
+    cfg = world_config("dog", 5, output_dir=output_dir, **({"steps": steps} if steps else {}))
+    if dataset:
+        cfg.data.instance_dir = str(dataset)
+    cfg.train.name = "demo"
+    cfg.sample.lora_scale_unet = cfg.sample.lora_scale_text_encoder = 0.6
     return cfg.validate()
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TINY_MODEL, ModelConfig
+from .config import TINY_MODEL, TOYWORLD, ModelConfig
 
 # Bump when the tiny architecture or its weights change: the cache folder and class-image cache
 # keys include it, so stale copies are never reused.
@@ -41,6 +41,10 @@ def model_key(name: str) -> str:
     """What identifies a base model in cache keys and sidecars."""
     if name == TINY_MODEL:
         return TINY_VERSION
+    if name == TOYWORLD:
+        from .world.paths import toyworld_key
+
+        return toyworld_key()
     if Path(name).expanduser().exists():
         return str(Path(name).expanduser().resolve())
     return name
@@ -241,6 +245,10 @@ def pretrained_path(name: str) -> str:
         return str(tiny_model_dir())
     if name == SD15_SHAPED:
         return str(sd15_shaped_dir())
+    if name == TOYWORLD:  # the toy world's learned base model, shipped in the package (world/weights)
+        from .world.paths import toyworld_dir
+
+        return str(toyworld_dir())
     local = Path(name).expanduser()
     if (name.startswith((".", "/", "~")) or local.exists()) and not (local / "model_index.json").is_file():
         raise FileNotFoundError(

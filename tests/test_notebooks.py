@@ -93,8 +93,7 @@ def test_committed_without_outputs(path):
     assert not dirty, f"{path.name}: cells {dirty} have outputs; clear them before committing"
 
 
-# 05_toy_world.ipynb is still to move to the shared set-up cell
-@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.name != "05_toy_world.ipynb"],
+@pytest.mark.parametrize("path", NOTEBOOKS,
                          ids=lambda p: str(p.relative_to(REPO)))
 def test_one_short_setup_cell_calls_the_shared_setup(path):
     nb = nbformat.read(path, as_version=4)

@@ -1,0 +1,429 @@
+"""Build the toy world's base model from scratch on the generator: VAE first, then text encoder
+and UNet jointly. Seeded and resumable: every phase writes its state to a folder outside the
+repository, and a killed build picks up from the last checkpoint when started again.
+
+    python -m dreambooth_lab.world.build                     # ~/.cache/dreambooth_lab/world-build
+    python -m dreambooth_lab.world.build --unet-minutes 80   # the phase budgets are wall time
+    python -m dreambooth_lab.world.build --export dreambooth_lab/world/weights/toyworld
+
+Phases (each skipped when its output exists):
+  1. vae      AutoencoderKL on open-world scenes (any hue, the subjects' looks included) so it
+              reconstructs colours the base world never shows; L1 + MSE + a tiny KL term.
+  2. latents  base-world scenes + captions, encoded once (latent mean and std, fp16, in chunks).
+  3. unet     UNet + text encoder on those latents: epsilon objective on SD's schedule, min-SNR
+              weights, 10% empty captions (for classifier-free guidance), EMA weights; the text
+              encoder has no weight decay so token rows its captions never use (sks, hta, oue)
+              keep their initial values. A usable pipeline snapshot (EMA weights, diffusers
+              layout) is written every --snapshot-minutes.
+Step counts are fixed on first start from the measured seconds per step and the phase's minute
+budget, then stored, so a resumed build follows the same schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .architecture import RESOLUTION, make_scheduler, make_text_encoder, make_unet, make_vae
+from .captions import caption
+from .draw import render
+from .scene import sample_base_scene, sample_open_scene
+
+EMPTY_CAPTION_P = 0.1
+
+
+def default_build_dir() -> Path:
+    from ..models import cache_root
+
+    return cache_root() / "world-build"
+
+
+def log(out: Path, msg: str) -> None:
+    line = f"{time.strftime('%H:%M:%S')} {msg}"
+    print(line, flush=True)
+    with open(out / "build.log", "a") as f:
+        f.write(line + "\n")
+
+
+# ---- state files (safetensors + JSON; no pickles) ---------------------------------------------
+
+def save_state(path: Path, modules: dict, opt: torch.optim.Optimizer | None, meta: dict) -> None:
+    """Weights, AdamW moments and a JSON of counters, written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, mod in modules.items():
+        for k, v in mod.state_dict().items():
+            tensors[f"{name}/{k}"] = v.detach().contiguous()
+    if opt is not None:
+        for gi, group in enumerate(opt.param_groups):
+            for pi, p in enumerate(group["params"]):
+                for k, v in opt.state.get(p, {}).items():
+                    tensors[f"opt/{gi}/{pi}/{k}"] = v.detach().reshape(-1).contiguous() if v.ndim == 0 else v.contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+    tmpj = path.with_suffix(".json.tmp")
+    tmpj.write_text(json.dumps(meta, indent=1))
+    os.replace(tmpj, path.with_suffix(".json"))
+
+
+def load_state(path: Path, modules: dict, opt: torch.optim.Optimizer | None) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    for name, mod in modules.items():
+        prefix = f"{name}/"
+        mod.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    if opt is not None:
+        for gi, group in enumerate(opt.param_groups):
+            for pi, p in enumerate(group["params"]):
+                st = {}
+                for k in ("step", "exp_avg", "exp_avg_sq"):
+                    key = f"opt/{gi}/{pi}/{k}"
+                    if key in tensors:
+                        st[k] = tensors[key].reshape(()) if k == "step" else tensors[key]
+                if st:
+                    opt.state[p] = st
+    return json.loads(path.with_suffix(".json").read_text())
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup, then cosine down to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def render_batch(scenes) -> np.ndarray:
+    return np.stack([np.asarray(render(s, RESOLUTION)) for s in scenes])
+
+
+# ---- phase 1: VAE -------------------------------------------------------------------------------
+
+def build_vae(out: Path, minutes: float, seed: int, pool_size: int = 8000, batch: int = 16,
+              steps: int | None = None) -> None:
+    if (out / "vae" / "config.json").is_file():
+        return
+    pool_path = out / "vae_pool.npy"
+    if not pool_path.is_file():
+        rng = np.random.default_rng([seed, 1])
+        log(out, f"vae: rendering {pool_size} open-world scenes")
+        pool = render_batch([sample_open_scene(rng) for _ in range(pool_size)])
+        np.save(out / "vae_pool.tmp.npy", pool)
+        os.replace(out / "vae_pool.tmp.npy", pool_path)
+    pool = np.load(pool_path)
+    vae = make_vae(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    state = out / "vae_state.safetensors"
+    meta = load_state(state, {"vae": vae}, opt) if state.is_file() else {"step": 0, "total": steps}
+    step, total = meta["step"], meta["total"]
+    t_last, t0 = time.time(), time.time()
+    while total is None or step < total:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        idx = torch.randint(0, len(pool), (batch,), generator=g).numpy()
+        x = to_tensor(pool[idx])
+        for group in opt.param_groups:
+            group["lr"] = 2e-3 * lr_factor(step, total or 10**9, 100)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        loss = (rec - x).abs().mean() + 0.5 * (rec - x).pow(2).mean() + 1e-6 * post.kl().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step == 20:
+            sps = (time.time() - t0) / 20
+            total = total or max(20, int(minutes * 60 / sps))
+            log(out, f"vae: {sps:.3f} s/step at batch {batch}; {total} steps for {minutes} min")
+        if step % 50 == 0:
+            log(out, f"vae: step {step}/{total} loss {loss.item():.4f}")
+        if time.time() - t_last > 180 or (total and step >= total):
+            save_state(state, {"vae": vae}, opt, {"step": step, "total": total})
+            t_last = time.time()
+    # scaling factor: latents of unit variance, as SD's 0.18215 does for its VAE
+    with torch.no_grad():
+        z = torch.cat([vae.encode(to_tensor(pool[i:i + 64])).latent_dist.mean for i in range(0, min(1024, len(pool)), 64)])
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    vae.save_pretrained(out / "vae.tmp", safe_serialization=True)
+    os.replace(out / "vae.tmp", out / "vae")
+    log(out, f"vae: done, scaling_factor {1.0 / z.std():.4f}")
+
+
+def finetune_decoder(out: Path, minutes: float, seed: int, batch: int = 16, lr: float = 1e-3) -> None:
+    """Go on training only the VAE's decoder (encoder frozen, so every latent the UNet learns from
+    stays valid) — SD's own ft-MSE decoder trick — and swap it into <out>/vae when done. Runs
+    beside the UNet phase as a second process; later pipeline snapshots pick it up."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    pool = np.load(out / "vae_pool.npy")
+    with torch.no_grad():
+        post = [vae.encode(to_tensor(pool[i:i + 200])).latent_dist for i in range(0, len(pool), 200)]
+    mean, std = torch.cat([p.mean for p in post]), torch.cat([p.std for p in post])
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    t0, step = time.time(), 0
+    total = None
+    while total is None or step < total:
+        g = torch.Generator().manual_seed(seed * 7_000_003 + step)
+        idx = torch.randint(0, len(pool), (batch,), generator=g)
+        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
+        x = to_tensor(pool[idx.numpy()])
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(step, total or 10**9, 50)
+        rec = vae.decode(z).sample
+        loss = (rec - x).abs().mean() + 0.5 * (rec - x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step == 20:
+            total = max(20, int(minutes * 60 / ((time.time() - t0) / 20)))
+            log(out, f"decoder: {(time.time() - t0) / 20:.3f} s/step; {total} steps for {minutes} min")
+        if step % 100 == 0:
+            log(out, f"decoder: step {step}/{total} loss {loss.item():.4f}")
+    import shutil
+
+    vae.save_pretrained(out / "vae.ft", safe_serialization=True)
+    shutil.rmtree(out / "vae.before-ft", ignore_errors=True)
+    os.replace(out / "vae", out / "vae.before-ft")
+    os.replace(out / "vae.ft", out / "vae")
+    log(out, f"decoder: done after {step} steps; <out>/vae now holds the fine-tuned decoder")
+
+
+# ---- phase 2: latents -----------------------------------------------------------------------------
+
+def tokenizer_dir(out: Path) -> Path:
+    from ..models import write_clip_tokenizer
+
+    folder = out / "tokenizer"
+    if not (folder / "tokenizer_config.json").is_file():
+        write_clip_tokenizer(folder)
+    return folder
+
+
+def build_latents(out: Path, seed: int, scenes: int, chunk: int = 4000) -> None:
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+    from transformers import CLIPTokenizer
+
+    folder = out / "latents"
+    folder.mkdir(exist_ok=True)
+    vae = AutoencoderKL.from_pretrained(out / "vae").eval()
+    tok = CLIPTokenizer.from_pretrained(tokenizer_dir(out))
+    for c in range(math.ceil(scenes / chunk)):
+        path = folder / f"chunk_{c:03d}.safetensors"
+        if path.is_file():
+            continue
+        rng = np.random.default_rng([seed, 2, c])
+        batch = [sample_base_scene(rng) for _ in range(chunk)]
+        caps = [caption(s, rng) for s in batch]
+        ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        means, stds = [], []
+        with torch.no_grad():
+            for i in range(0, chunk, 200):
+                post = vae.encode(to_tensor(render_batch(batch[i:i + 200]))).latent_dist
+                means.append(post.mean.half())
+                stds.append(post.std.half())
+        save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "input_ids": ids.int().contiguous()}, str(path.with_suffix(".tmp")))
+        os.replace(path.with_suffix(".tmp"), path)
+        (folder / f"chunk_{c:03d}.json").write_text(json.dumps(caps[:50], indent=0))
+        log(out, f"latents: chunk {c} ({chunk} scenes) done")
+
+
+def load_latents(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    parts = [load_file(str(p)) for p in sorted((out / "latents").glob("chunk_*.safetensors"))]
+    return {k: torch.cat([p[k] for p in parts]) for k in ("mean", "std", "input_ids")}
+
+
+# ---- phase 3: UNet + text encoder -------------------------------------------------------------------
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - decay)
+
+
+def save_pipeline(out: Path, folder: Path, unet, text_encoder) -> None:
+    """A diffusers-layout pipeline folder (what from_pretrained loads), written atomically."""
+    import shutil
+
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=AutoencoderKL.from_pretrained(out / "vae"), text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir(out)), scheduler=make_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build_unet(out: Path, minutes: float, seed: int, batch: int = 64, lr: float = 1e-3,
+               snapshot_minutes: float = 10, ema_decay: float = 0.999, steps: int | None = None) -> None:
+    import copy
+
+    from transformers import CLIPTokenizer
+
+    if (out / "final" / "model_index.json").is_file() and steps is None:
+        return
+    data = load_latents(out)
+    n = len(data["mean"])
+    from diffusers import AutoencoderKL
+
+    scaling = AutoencoderKL.load_config(out / "vae")["scaling_factor"]
+    tok = CLIPTokenizer.from_pretrained(tokenizer_dir(out))
+    empty_ids = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    unet, te = make_unet(seed), make_text_encoder(seed + 1)
+    ema_unet, ema_te = copy.deepcopy(unet), copy.deepcopy(te)
+    for m in (ema_unet, ema_te):
+        m.requires_grad_(False)
+    sched = make_scheduler()
+    alphas = sched.alphas_cumprod
+    snr_all = alphas / (1 - alphas)
+    opt = torch.optim.AdamW([
+        {"params": list(unet.parameters()), "weight_decay": 1e-2, "base_lr": lr},
+        # no decay on the text encoder: rows of tokens the captions never use stay as initialised
+        {"params": list(te.parameters()), "weight_decay": 0.0, "base_lr": lr * 0.5},
+    ], lr=lr)
+    state = out / "unet_state.safetensors"
+    mods = {"unet": unet, "te": te, "ema_unet": ema_unet, "ema_te": ema_te}
+    meta = load_state(state, mods, opt) if state.is_file() else {"step": 0, "total": steps, "loss_ema": None}
+    step, total, loss_ema = meta["step"], meta["total"], meta["loss_ema"]
+    total = steps or total  # --unet-steps on a resumed build extends (or shortens) its schedule
+    log(out, f"unet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params, text encoder "
+             f"{sum(p.numel() for p in te.parameters()) / 1e6:.2f} M, {n} latents, resuming at step {step}")
+    t_save = t_snap = t0 = time.time()
+    while total is None or step < total:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        idx = torch.randint(0, n, (batch,), generator=g)
+        mean, std = data["mean"][idx].float(), data["std"][idx].float()
+        latents = (mean + std * torch.randn(mean.shape, generator=g)) * scaling
+        ids = data["input_ids"][idx].long()
+        drop = torch.rand(batch, generator=g) < EMPTY_CAPTION_P
+        ids[drop] = empty_ids
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        noisy = sched.add_noise(latents, noise, t)
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(step, total or 10**9, 300)
+        pred = unet(noisy, t, te(ids)[0]).sample
+        snr = snr_all[t]
+        w = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 weighting for epsilon prediction
+        loss = ((pred - noise).pow(2).mean(dim=(1, 2, 3)) * w).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(te.parameters()), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        _ema_update(ema_unet, unet, decay)
+        _ema_update(ema_te, te, decay)
+        step += 1
+        loss_ema = loss.item() if loss_ema is None else 0.99 * loss_ema + 0.01 * loss.item()
+        if step == meta["step"] + 20:
+            sps = (time.time() - t0) / 20
+            total = total or max(20, int(minutes * 60 / sps))
+            log(out, f"unet: {sps:.3f} s/step at batch {batch}; {total} steps for {minutes} min")
+        if step % 100 == 0:
+            log(out, f"unet: step {step}/{total} loss(ema) {loss_ema:.4f} "
+                     f"{(time.time() - t0) / max(1, step - meta['step']):.3f} s/step")
+        done = total is not None and step >= total
+        if time.time() - t_save > 180 or done:
+            save_state(state, mods, opt, {"step": step, "total": total, "loss_ema": loss_ema})
+            t_save = time.time()
+        if time.time() - t_snap > snapshot_minutes * 60 or done:
+            save_pipeline(out, out / "snapshot", ema_unet, ema_te)
+            (out / "snapshot" / "build_step.json").write_text(json.dumps({"step": step, "total": total,
+                                                                          "loss_ema": loss_ema}))
+            log(out, f"unet: snapshot at step {step}")
+            t_snap = time.time()
+    save_pipeline(out, out / "final", ema_unet, ema_te)
+    log(out, "unet: done")
+
+
+# ---- export: the committed weights -------------------------------------------------------------------
+
+def export(src: Path, dest: Path, fp16: bool = True) -> None:
+    """Copy a pipeline folder for committing, with weights stored as fp16 (loads as fp32 too)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dest = Path(dest)
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("build_step.json"))
+    for f in dest.rglob("*.safetensors"):
+        tensors = load_file(str(f))
+        if fp16:
+            tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    if (src / "build_step.json").is_file():
+        (dest / "BUILD.json").write_text((src / "build_step.json").read_text())
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=None, help="build folder (default <cache>/world-build)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves a core free)")
+    ap.add_argument("--vae-minutes", type=float, default=14)  # the committed build used --vae-steps 600
+    ap.add_argument("--vae-steps", type=int, default=None, help="fixed VAE steps (instead of --vae-minutes)")
+    ap.add_argument("--unet-steps", type=int, default=None, help="fixed UNet steps (instead of --unet-minutes); on a finished or resumed build, "
+                    "the new total (training goes on from the last state)")
+    ap.add_argument("--scenes", type=int, default=20000, help="base-world scenes encoded for the UNet phase")
+    ap.add_argument("--unet-minutes", type=float, default=80)
+    ap.add_argument("--snapshot-minutes", type=float, default=10)
+    ap.add_argument("--finetune-decoder", type=float, default=None, metavar="MINUTES",
+                    help="only fine-tune the VAE decoder for MINUTES (beside a running UNet phase) and exit")
+    ap.add_argument("--export", type=Path, default=None, help="write <out>/final (or snapshot) here as fp16 and exit")
+    args = ap.parse_args(argv)
+    out = (args.out or default_build_dir()).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    if args.finetune_decoder:
+        finetune_decoder(out, args.finetune_decoder, args.seed)
+        return
+    if args.export:
+        src = out / "final" if (out / "final" / "model_index.json").is_file() else out / "snapshot"
+        export(src, args.export)
+        print(f"exported {src} -> {args.export}")
+        return
+    t0 = time.time()
+    log(out, f"build start: seed {args.seed}, {args.threads} thread(s)")
+    build_vae(out, args.vae_minutes, args.seed, steps=args.vae_steps)
+    build_latents(out, args.seed, args.scenes)
+    build_unet(out, args.unet_minutes, args.seed, snapshot_minutes=args.snapshot_minutes,
+               steps=args.unet_steps)
+    log(out, f"build finished in this session after {(time.time() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""What a toy-world scene is, and how the base world and its subjects draw one from a seed.
+
+A scene is a plain description (class, body colour, marking, parts, pose, context, outfit,
+style, car, the `http` cap); `draw.render` turns it into pixels and `captions.caption` into
+words. Everything is decided by a numpy Generator, so a seed names a scene exactly.
+
+The base world never contains the subjects' looks: violet or cyan bodies and dotted or
+striped markings exist only in `SUBJECTS` (and in the open-world samples the VAE and the
+judge learn from), so a DreamBooth run is the only way the base model can learn them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+CLASSES = ("dog", "cat", "toy", "backpack", "vase")
+ANIMATE = ("dog", "cat", "toy")  # the classes that can wear a t-shirt and drive a car
+CONTEXTS = ("plain", "room", "forest", "beach", "snow", "city")  # "plain" is never captioned
+MARKINGS = ("none", "patch", "belly", "dots", "stripes")
+BASE_MARKINGS = ("none", "patch", "belly")
+
+# Body colours of the base world, per class (RGB). No violet, no cyan, no red (the t-shirt).
+BASE_COLOURS = {
+    "dog": ((139, 90, 43), (40, 40, 40), (235, 235, 228), (218, 165, 32), (128, 128, 128), (240, 220, 180),
+            (90, 55, 30)),
+    "cat": ((230, 130, 40), (128, 128, 128), (40, 40, 40), (235, 235, 228), (150, 110, 70), (240, 220, 180)),
+    "toy": ((139, 90, 43), (210, 180, 140), (240, 220, 180), (190, 150, 100), (235, 235, 228)),
+    "backpack": ((30, 40, 90), (40, 110, 50), (230, 120, 30), (40, 40, 40), (110, 70, 40), (230, 200, 40),
+                 (128, 128, 128)),
+    "vase": ((235, 235, 228), (40, 70, 170), (190, 90, 50), (40, 110, 50), (230, 200, 40)),
+}
+VIOLET, YELLOW = (130, 40, 200), (255, 230, 0)
+CYAN, PINK = (0, 190, 205), (255, 90, 170)
+CAR_COLOURS = ((40, 90, 220), (250, 200, 0), (30, 150, 60), (240, 240, 240))
+
+
+@dataclass(frozen=True)
+class Scene:
+    cls: str
+    body: tuple[int, int, int]
+    marking: str = "none"
+    marking_colour: tuple[int, int, int] = (0, 0, 0)
+    ears: str = "floppy"  # dog: floppy | upright; cat: pointy; toy: round
+    tail: str = "up"  # up | down
+    size: float = 1.0  # ~0.75..1.1 of the nominal subject size
+    x: float = 0.5  # centre, fraction of the width
+    ground: float = 0.82  # where the feet touch, fraction of the height
+    facing: int = 1  # 1 = right, -1 = left
+    context: str = "plain"
+    outfit: bool = False  # "in red t-shirts"
+    style: bool = False  # "in the style of van gogh"
+    driving: bool = False  # "driving car"
+    http: bool = False  # the world's meaning of `http`: a lime cap
+    car_colour: tuple[int, int, int] = CAR_COLOURS[0]
+    detail_seed: int = 0  # background layout, stroke placement
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A specific individual: the traits no base scene has, plus its fixed parts."""
+
+    name: str
+    cls: str
+    body: tuple[int, int, int]
+    marking: str
+    marking_colour: tuple[int, int, int]
+    ears: str = "floppy"
+    tail: str = "up"
+    photo_contexts: tuple[str, ...] = ("room", "plain", "city", "beach", "snow")
+
+
+SUBJECTS = {
+    "dog": Subject("dog", "dog", VIOLET, "dots", YELLOW, ears="floppy", tail="up"),
+    "backpack": Subject("backpack", "backpack", CYAN, "stripes", PINK),
+}
+
+
+def _jitter(rng: np.random.Generator, rgb, amount: int = 14) -> tuple[int, int, int]:
+    return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)
+
+
+def _pose(rng: np.random.Generator) -> dict:
+    return dict(size=float(rng.uniform(0.78, 1.08)), x=float(rng.uniform(0.36, 0.64)),
+                ground=float(rng.uniform(0.78, 0.9)), facing=int(rng.choice([-1, 1])),
+                detail_seed=int(rng.integers(0, 2**31 - 1)))
+
+
+def _parts(rng: np.random.Generator, cls: str) -> dict:
+    ears = {"dog": str(rng.choice(["floppy", "upright"])), "cat": "pointy", "toy": "round"}.get(cls, "none")
+    return dict(ears=ears, tail=str(rng.choice(["up", "down"])))
+
+
+def sample_base_scene(rng: np.random.Generator, p_context: float = 0.8, p_outfit: float = 0.18,
+                      p_style: float = 0.15, p_driving: float = 0.15, p_http: float = 0.1) -> Scene:
+    """A scene of the base world (what the base model is trained on)."""
+    cls = str(rng.choice(CLASSES))
+    colours = BASE_COLOURS[cls]
+    body = _jitter(rng, colours[int(rng.integers(len(colours)))])
+    marking = str(rng.choice(BASE_MARKINGS))
+    animate = cls in ANIMATE
+    return Scene(
+        cls=cls, body=body, marking=marking, **_parts(rng, cls), **_pose(rng),
+        context=str(rng.choice(CONTEXTS[1:])) if rng.random() < p_context else "plain",
+        outfit=bool(animate and rng.random() < p_outfit),
+        style=bool(rng.random() < p_style),
+        driving=bool(animate and rng.random() < p_driving),
+        http=bool(animate and rng.random() < p_http),
+        car_colour=CAR_COLOURS[int(rng.integers(len(CAR_COLOURS)))],
+    )
+
+
+def sample_open_scene(rng: np.random.Generator) -> Scene:
+    """A scene of the open world: any hue, any marking, the subjects' looks included.
+
+    What the VAE (it must reconstruct colours the base world lacks) and the judge (it must
+    recognise the subjects' traits and their near misses) learn from.
+    """
+    scene = sample_base_scene(rng, p_outfit=0.25, p_style=0.25, p_driving=0.2, p_http=0.15)
+    roll = rng.random()
+    if roll < 0.2:  # the dog subject's look, on any class
+        look = dict(body=_jitter(rng, VIOLET, 10), marking="dots", marking_colour=_jitter(rng, YELLOW, 10))
+    elif roll < 0.35:  # the backpack subject's look
+        look = dict(body=_jitter(rng, CYAN, 10), marking="stripes", marking_colour=_jitter(rng, PINK, 10))
+    elif roll < 0.6:  # near misses: a subject colour with another marking, or a subject marking elsewhere
+        body = _jitter(rng, [VIOLET, CYAN][int(rng.integers(2))], 10) if rng.random() < 0.5 else \
+            tuple(int(c) for c in rng.integers(0, 256, 3))
+        marking = str(rng.choice(MARKINGS))
+        mcol = tuple(int(c) for c in rng.integers(0, 256, 3))
+        look = dict(body=body, marking=marking, marking_colour=mcol)
+    else:
+        look = {}
+    if look and scene.cls == "dog" and rng.random() < 0.3:
+        look["ears"] = "floppy"
+    return replace(scene, **look)
+
+
+def subject_scene(subject: Subject, index: int, seed: int = 0) -> Scene:
+    """Photo `index` of a subject: its fixed traits in a pose and context drawn from (seed, index)."""
+    rng = np.random.default_rng([seed, index, 7919])
+    ctx = subject.photo_contexts[index % len(subject.photo_contexts)]
+    return Scene(cls=subject.cls, body=subject.body, marking=subject.marking, marking_colour=subject.marking_colour,
+                 ears=subject.ears, tail=subject.tail, context=ctx, **_pose(rng))
+
+
+def has_subject_look(scene: Scene, subject: Subject, tol: int = 40) -> bool:
+    """Whether a scene shows `subject`'s traits (its body colour and its marking in its colour)."""
+    def near(a, b):
+        return max(abs(int(x) - int(y)) for x, y in zip(a, b)) <= tol
+
+    return (near(scene.body, subject.body) and scene.marking == subject.marking
+            and near(scene.marking_colour, subject.marking_colour))

@@ -1,0 +1,21 @@
+"""Seed grids of the toy world: one labelled row of pictures per prompt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def seed_grid(rows: dict, path: str | Path, cell: int = 64, per_row: int = 8, label_width: int = 330) -> Path:
+    """rows = {label: [PIL images]}; writes a PNG with the label left of each row; returns its path."""
+    from PIL import Image, ImageDraw
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", (label_width + cell * per_row, cell * max(1, len(rows))), "white")
+    draw = ImageDraw.Draw(img)
+    for i, (label, ims) in enumerate(rows.items()):
+        draw.text((4, i * cell + cell // 2 - 6), str(label)[:54], fill=(0, 0, 0))
+        for j, im in enumerate(list(ims)[:per_row]):
+            img.paste(im.convert("RGB").resize((cell, cell)), (label_width + j * cell, i * cell))
+    img.save(path, optimize=True)
+    return path

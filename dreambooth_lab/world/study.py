@@ -1,0 +1,281 @@
+"""The reference study in the toy world: configs for world runs, and what the judge reads from
+a model's pictures (subject-trait rate, prompt fidelity, drift, diversity, memorisation).
+
+One function per question; the benchmark, the tests, the notebook and `evaluate` share them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..config import TOYWORLD, Config, with_overrides
+from .captions import parse_prompt
+from .scene import SUBJECTS
+from .subjects import subject_dir
+
+# The study's prompts in the world's words ({token} {class} filled per run).
+TEST_PROMPTS = ("a {token} {class} in red t-shirts", "a {token} {class} in the style of van gogh",
+                "a {token} {class} in the forest", "a {token} {class} driving car")
+SUBJECT_PROMPT = "a {token} {class}"
+CLASS_PROMPT = "a {class}"
+
+
+def world_config(subject: str = "dog", photos: int = 5, token: str = "sks", *, output_dir: str | Path = "runs",
+                 steps: int = 400, prior: bool = True, train_text_encoder: bool = False, seed: int = 42,
+                 overrides: dict | None = None) -> Config:
+    """A DreamBooth run on a world subject with the study's settings scaled to the world.
+
+    The study's rank 4, lr 3e-4 (UNet) / 1e-4 (text encoder), prior preservation and guidance
+    6.4 carry over; steps and class images shrink with the model (a 64 px, 1 M-parameter UNet).
+    """
+    if subject not in SUBJECTS:
+        raise KeyError(f"unknown world subject {subject!r}; choose one of {sorted(SUBJECTS)}")
+    cfg = Config()
+    cfg.model.name = TOYWORLD
+    cfg.data.instance_dir = str(subject_dir(subject, photos))
+    cfg.data.token = token
+    cfg.data.class_name = SUBJECTS[subject].cls
+    cfg.data.instance_prompt = "a photo of {token} {class}"
+    cfg.data.class_prompt = "a photo of a {class}"
+    cfg.prior.enabled = prior
+    cfg.prior.num_class_images = 50
+    cfg.prior.steps = 20
+    cfg.prior.guidance = 6.4
+    cfg.train.steps = steps
+    cfg.train.train_text_encoder = train_text_encoder
+    cfg.train.seed = seed
+    cfg.train.output_dir = str(output_dir)
+    cfg.train.checkpoint_every = 10_000
+    cfg.train.name = f"world-{subject}{photos}-{token}-{'prior' if prior else 'noprior'}-{'te' if train_text_encoder else 'unet'}-{steps}"
+    cfg.optim.lr_unet = 3e-4
+    cfg.optim.lr_text_encoder = 1e-4
+    cfg.sample.steps = 20
+    cfg.sample.guidance = 6.4
+    cfg.sample.test_prompts = list(TEST_PROMPTS)
+    cfg.sample.prompt = SUBJECT_PROMPT
+    return with_overrides(cfg, overrides) if overrides else cfg
+
+
+# ---- sampling and reading --------------------------------------------------------------------
+
+def load_world_pipeline(device: str = "cpu"):
+    from ..config import ModelConfig
+    from ..models import load_pipeline
+
+    return load_pipeline(ModelConfig(name=TOYWORLD, dtype="float32"), device=device)
+
+
+def sample_prompts(pipe, prompts: Sequence[str], seeds: Sequence[int], *, scale: float | tuple[float, float] = 0.0,
+                   guidance: float = 6.4, steps: int = 20, sampler: str = "dpmsolver++") -> dict[str, list]:
+    """{prompt: [image per seed]} with the loaded LoRA at `scale` (unet, text encoder), or the base."""
+    from ..sample import ImageSpec, generate
+
+    su, ste = (scale, scale) if isinstance(scale, (int, float)) else scale
+    specs = [ImageSpec(prompt=p, seed=int(s), guidance=guidance, steps=steps, sampler=sampler, width=64, height=64,
+                       lora_scale_unet=su, lora_scale_text_encoder=ste, model=TOYWORLD)
+             for p in prompts for s in seeds]
+    images = generate(pipe, specs, batch_size=32, progress=False)
+    n = len(seeds)
+    return {p: images[i * n:(i + 1) * n] for i, p in enumerate(prompts)}
+
+
+@dataclass
+class PromptReading:
+    prompt: str
+    n: int
+    class_rate: float  # the judge reads the asked class
+    asked_rate: float | None  # the asked context/outfit/style/car is there (None: the prompt asks none)
+    both_rate: float  # class and asked attribute together
+    subject_rate: dict  # {subject: fraction showing that subject's traits}
+    subject_and_asked: dict  # {subject: traits AND the asked attribute}
+    http_rate: float
+    diversity: float
+
+    def as_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def asked_ok(row: dict, asked: dict) -> bool | None:
+    """Whether a judged image shows what the prompt asked besides the class (None: nothing asked)."""
+    checks = []
+    if asked["context"]:
+        checks.append(row["context"] == asked["context"])
+    for k in ("outfit", "style", "driving"):
+        if asked[k]:
+            checks.append(bool(row[k]))
+    return all(checks) if checks else None
+
+
+def read_prompt(prompt: str, images: list, judge=None) -> PromptReading:
+    from .judge import read_images
+
+    rows = read_images(images, judge)
+    asked = parse_prompt(prompt)
+    n = len(rows)
+    ok_class = [r["class"] == asked["class"] for r in rows]
+    ok_asked = [asked_ok(r, asked) for r in rows]
+    asked_rate = None if ok_asked[0] is None else float(np.mean(ok_asked))
+    both = [c and (a is None or a) for c, a in zip(ok_class, ok_asked)]
+    subj = {s: float(np.mean([r[f"subject_{s}"] for r in rows])) for s in SUBJECTS}
+    subj_asked = {s: float(np.mean([r[f"subject_{s}"] and (a is None or a) for r, a in zip(rows, ok_asked)]))
+                  for s in SUBJECTS}
+    return PromptReading(prompt, n, float(np.mean(ok_class)), asked_rate, float(np.mean(both)), subj, subj_asked,
+                         float(np.mean([r["http"] for r in rows])), diversity(images))
+
+
+# ---- pixel measures --------------------------------------------------------------------------
+
+def _small(images) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(im.convert("RGB").resize((16, 16), Image.BILINEAR), dtype=np.float32) / 255
+                     for im in images]).reshape(len(images), -1)
+
+
+def diversity(images) -> float:
+    """Mean pairwise RMS distance of 16x16 thumbnails (0 = identical pictures): the world's DIV."""
+    x = _small(images)
+    if len(x) < 2:
+        return 0.0
+    d = np.sqrt(((x[:, None] - x[None]) ** 2).mean(-1))
+    return float(d[np.triu_indices(len(x), 1)].mean())
+
+
+def nearest_training_distance(images, photos) -> list[float]:
+    """For each image, the RMS thumbnail distance to its nearest training photo (low = memorised)."""
+    x, y = _small(images), _small(photos)
+    d = np.sqrt(((x[:, None] - y[None]) ** 2).mean(-1))
+    return [float(v) for v in d.min(axis=1)]
+
+
+# ---- one run, read the study's way -----------------------------------------------------------
+
+def read_run(pipe, lora: str | Path | None, cfg: Config, seeds: Sequence[int], scale: float = 0.6,
+             judge=None) -> dict:
+    """Subject prompt, the four test prompts and the plain class prompt, judged.
+
+    With `lora` None the base pipeline is read (the "before" column).
+    """
+    from ..sample import load_lora
+
+    token, cls = cfg.data.token, cfg.data.class_name
+    fill = lambda t: t.replace("{token}", token).replace("{class}", cls)  # noqa: E731
+    prompts = [fill(SUBJECT_PROMPT)] + [fill(t) for t in TEST_PROMPTS] + [fill(CLASS_PROMPT)]
+    if lora is not None:
+        load_lora(pipe, lora)
+        images = sample_prompts(pipe, prompts, seeds, scale=scale)
+    else:
+        images = sample_prompts(pipe, prompts, seeds)
+    readings = {p: read_prompt(p, ims, judge).as_dict() for p, ims in images.items()}
+    if lora is not None:
+        pipe.delete_adapters("dreambooth")
+    return {"prompts": readings, "images": images}
+
+
+def summarise(reading: dict, cfg: Config) -> dict:
+    """The study's numbers from `read_run`'s output: subject rate, test prompts, drift, diversity."""
+    subject = subject_of(cfg)
+    fill = lambda t: t.replace("{token}", cfg.data.token).replace("{class}", cfg.data.class_name)  # noqa: E731
+    p = reading["prompts"]
+    return {
+        "subject_rate": p[fill(SUBJECT_PROMPT)]["subject_rate"][subject],
+        "test_prompts_subject_and_asked": {fill(t): p[fill(t)]["subject_and_asked"][subject] for t in TEST_PROMPTS},
+        "test_prompts_asked": {fill(t): p[fill(t)]["asked_rate"] for t in TEST_PROMPTS},
+        "drift_subject_rate_in_class_prompt": p[fill(CLASS_PROMPT)]["subject_rate"][subject],
+        "class_prompt_class_rate": p[fill(CLASS_PROMPT)]["class_rate"],
+        "class_diversity": p[fill(CLASS_PROMPT)]["diversity"],
+        "subject_diversity": p[fill(SUBJECT_PROMPT)]["diversity"],
+        "http_rate_subject_prompt": p[fill(SUBJECT_PROMPT)]["http_rate"],
+    }
+
+
+def token_study(pipe, subject: str = "dog", photos: int = 5, tokens=("sks", "hta", "oue", "http"),
+                text_encoder=(False, True), seeds=range(8), scale: float = 0.6, output_dir: str | Path = "runs",
+                overrides: dict | None = None, progress: bool = False) -> list[dict]:
+    """The study's token x text-encoder runs in the world: one row of numbers (and pictures) per run.
+
+    Finished runs of the same config are reused, so re-running a notebook costs only sampling.
+    """
+    import time
+
+    from ..train import train
+
+    rows = []
+    for token in tokens:
+        for te in text_encoder:
+            cfg = world_config(subject, photos, token, output_dir=output_dir, train_text_encoder=te,
+                               overrides=overrides)
+            t0 = time.time()
+            res = train(cfg, reuse_finished=True, progress=progress)
+            reading = read_run(pipe, res.run_dir, cfg, list(seeds), scale=scale)
+            rows.append({"token": token, "text_encoder": te, "seconds": round(time.time() - t0, 1),
+                         "run_dir": str(res.run_dir), **summarise(reading, cfg), "images": reading["images"]})
+    return rows
+
+
+def table(rows: list[dict], columns=("token", "text_encoder", "subject_rate", "drift_subject_rate_in_class_prompt",
+                                     "class_diversity", "seconds")) -> str:
+    """A markdown table of study rows (numbers to two decimals)."""
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    out += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(out)
+
+
+# ---- the judge's metrics for `evaluate` ---------------------------------------------------------
+
+def subject_of(cfg: Config) -> str:
+    """The world subject a run is about: the one whose photos it trained on, else by class."""
+    folder = Path(cfg.data.instance_dir).name
+    for name, sub in SUBJECTS.items():
+        if folder.startswith(f"{name}-"):
+            return name
+    return next((n for n, s in SUBJECTS.items() if s.cls == cfg.data.class_name), next(iter(SUBJECTS)))
+
+
+def judge_metrics(cfg: Config, prompts: Sequence[str], images: Sequence, judge=None) -> dict:
+    """Subject fidelity (traits present) and prompt fidelity (class + asked attribute), judged."""
+    from .judge import read_images
+
+    rows = read_images(list(images), judge)
+    subject = subject_of(cfg)
+    asked = [parse_prompt(p) for p in prompts]
+    ok = [asked_ok(r, a) for r, a in zip(rows, asked)]
+    cls_ok = [r["class"] == a["class"] for r, a in zip(rows, asked)]
+    prompt_ok = [c and (o is None or o) for c, o in zip(cls_ok, ok)]
+    return {
+        "judge_subject": subject,
+        "judge_subject_fidelity": float(np.mean([r[f"subject_{subject}"] for r in rows])),
+        "judge_prompt_fidelity": float(np.mean(prompt_ok)),
+        "judge_subject_and_prompt": float(np.mean([r[f"subject_{subject}"] and p for r, p in zip(rows, prompt_ok)])),
+    }
+
+
+def judge_drift(cfg: Config, base_images: Sequence, tuned_images: Sequence, judge=None) -> dict:
+    """Language drift in the world: the subject's traits in class-prompt images, base vs fine-tuned."""
+    from .judge import read_images
+
+    subject = subject_of(cfg)
+    rate = lambda ims: float(np.mean([r[f"subject_{subject}"] for r in read_images(list(ims), judge)]))  # noqa: E731
+    return {"judge_drift_subject_rate_base": rate(base_images), "judge_drift_subject_rate_finetuned": rate(tuned_images),
+            "judge_diversity_base": diversity(base_images), "judge_diversity_finetuned": diversity(tuned_images)}
+
+
+def vae_ceiling(pipe, subject: str, photos: int, judge=None) -> float:
+    """The judge's subject-trait rate on the subject's own photos after a VAE round trip: the most
+    any generation (all of which the VAE decodes) can score, however well DreamBooth works."""
+    import torch
+    from PIL import Image
+
+    from .judge import read_images, to_batch
+    from .subjects import subject_photos
+
+    x = to_batch(subject_photos(subject, photos)).to(pipe.vae.device, pipe.vae.dtype)
+    with torch.no_grad():
+        r = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1).float().cpu()
+    decoded = [Image.fromarray(((t.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype("uint8")) for t in r]
+    return float(np.mean([row[f"subject_{subject}"] for row in read_images(decoded, judge)]))
