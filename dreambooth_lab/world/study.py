@@ -162,7 +162,7 @@ def read_run(pipe, lora: str | Path | None, cfg: Config, seeds: Sequence[int], s
     """
     from ..sample import load_lora
 
-    token, cls = cfg.data.token, cfg.data.class_name
+    token, cls = cfg.prompt_token, cfg.data.class_name  # <sks> with a learned identifier
     fill = lambda t: t.replace("{token}", token).replace("{class}", cls)  # noqa: E731
     prompts = [fill(SUBJECT_PROMPT)] + [fill(t) for t in TEST_PROMPTS] + [fill(CLASS_PROMPT)]
     if lora is not None:
@@ -179,7 +179,7 @@ def read_run(pipe, lora: str | Path | None, cfg: Config, seeds: Sequence[int], s
 def summarise(reading: dict, cfg: Config) -> dict:
     """The study's numbers from `read_run`'s output: subject rate, test prompts, drift, diversity."""
     subject = subject_of(cfg)
-    fill = lambda t: t.replace("{token}", cfg.data.token).replace("{class}", cfg.data.class_name)  # noqa: E731
+    fill = lambda t: t.replace("{token}", cfg.prompt_token).replace("{class}", cfg.data.class_name)  # noqa: E731
     p = reading["prompts"]
     return {
         "subject_rate": p[fill(SUBJECT_PROMPT)]["subject_rate"][subject],
