@@ -295,7 +295,7 @@ def run_row(run_dir: Path) -> dict:
     Paths are absolute, so a row still finds its files when read from another folder; generation
     seeds are written as one string ("5 6") so that the CSV cell is one value.
     """
-    from .runs import read_identity
+    from .runs import LORA_FILE, read_identity
     from .train import METRICS, SUMMARY, read_metrics
 
     run_dir = Path(run_dir).resolve()
@@ -305,7 +305,7 @@ def run_row(run_dir: Path) -> dict:
     identity = read_identity(run_dir)
     digest = summary.get("dataset_digest") or (identity.dataset_digest if identity else None)
     photos = summary.get("photos") or (len(identity.dataset) if identity else None)
-    lora = run_dir / "pytorch_lora_weights.safetensors"
+    lora = run_dir / LORA_FILE
     row = {
         "id": cfg.run_name, "status": summary.get("status", "interrupted"), "config_hash": cfg.hash(),
         "token": cfg.data.token, "class": cfg.data.class_name, "train_text_encoder": cfg.train.train_text_encoder,

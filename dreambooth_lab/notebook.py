@@ -108,14 +108,9 @@ def in_colab() -> bool:
 
 def find_repo_root(start: str | Path | None = None) -> Path:
     """The checkout this package lives in (the folder holding dreambooth_lab/ and configs/)."""
-    here = Path(__file__).resolve().parents[1]
-    if (here / "configs").is_dir():
-        return here
-    path = Path(start or os.getcwd()).resolve()
-    for p in (path, *path.parents):
-        if (p / "dreambooth_lab").is_dir():
-            return p
-    return path
+    from .experiments import project_root
+
+    return project_root(start)
 
 
 class NotebookStop(Exception):

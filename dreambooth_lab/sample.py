@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 
 from . import files
 from .config import TINY_MODEL, ModelConfig
+from .runs import LORA_FILE  # noqa: F401 (re-exported: the run-folder layout lives in runs.py)
 
 ADAPTER = "dreambooth"
-LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def make_scheduler(name: str, config: dict):

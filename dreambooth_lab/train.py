@@ -359,12 +359,13 @@ def stop_failed(s: Session, exc: FloatingPointError) -> NonFiniteLoss:
     step = s.step + 1
     hint = ("fp16 overflow is the usual cause: use train.mixed_precision=bf16 or no"
             if s.cfg.train.mixed_precision == "fp16" else "lower optim.lr_unet / optim.lr_text_encoder (e.g. halve it)")
+    ckpts = checkpoint.list_checkpoints(s.run_dir)
     note = last_checkpoint_note(s.run_dir)
     if s.acc.is_main_process:
         files.write_json(s.run_dir / SUMMARY, {
-            "status": "failed", "error": str(exc), "failed_at_step": step, "last_checkpoint":
-            str(checkpoint.list_checkpoints(s.run_dir)[-1]) if checkpoint.list_checkpoints(s.run_dir) else None,
-            "config_hash": s.cfg.hash(), "steps": s.cfg.train.steps})
+            "status": "failed", "error": str(exc), "failed_at_step": step,
+            "last_checkpoint": str(ckpts[-1]) if ckpts else None, "config_hash": s.cfg.hash(),
+            "steps": s.cfg.train.steps})
     return NonFiniteLoss(f"loss became non-finite at step {step} in {s.run_dir}: {hint}; also try full precision "
                          f"(train.mixed_precision=no); {note} (start again with resume=<that run> and "
                          f"allow_change=True to keep its steps)")

@@ -56,3 +56,20 @@ def trained_run(tmp_path_factory):
     cfg = tiny_config(tmp, **{"train.steps": 12, "train.train_text_encoder": True, "optim.lr_unet": 3e-3,
                               "optim.lr_text_encoder": 3e-3})
     return train(cfg, resume=None, progress=False)
+
+
+def poison_loss_after(monkeypatch, good_calls: int) -> dict:
+    """Make the objective's loss NaN after `good_calls` calls; returns the call counter (reset it
+    with counter["n"] = 0 to poison a second run at the same point)."""
+    from dreambooth_lab import trainer
+
+    real = trainer.dreambooth_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, inst, prior = real(*args, **kwargs)
+        return (loss * float("nan"), inst, prior) if calls["n"] > good_calls else (loss, inst, prior)
+
+    monkeypatch.setattr(trainer, "dreambooth_loss", poisoned)
+    return calls

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, SAMPLE_SUBJECT, tiny_config
+from conftest import REPO, SAMPLE_SUBJECT, poison_loss_after, tiny_config
 from dreambooth_lab import config as C
 from dreambooth_lab import data
 from dreambooth_lab.train import read_metrics, train
@@ -235,17 +235,7 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    from dreambooth_lab import trainer
-
-    real = trainer.dreambooth_loss
-    calls = {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        loss, inst, prior = real(*args, **kwargs)
-        return (loss * float("nan"), inst, prior) if calls["n"] > 4 else (loss, inst, prior)
-
-    monkeypatch.setattr(trainer, "dreambooth_loss", poisoned)
+    poison_loss_after(monkeypatch, 4)
     cfg = tiny_config(tmp_path, **{"train.steps": 10, "train.checkpoint_every": 2, "train.mixed_precision": "bf16"})
     with pytest.raises(FloatingPointError, match="train.mixed_precision=no") as exc:
         train(cfg, resume=None, progress=False)

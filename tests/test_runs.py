@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SAMPLE_SUBJECT, tiny_config
+from conftest import SAMPLE_SUBJECT, poison_loss_after, tiny_config
 from dreambooth_lab import checkpoint, runs, trainer
 from dreambooth_lab import train as train_mod
 from dreambooth_lab.export import PREFIX, read_metadata
@@ -213,15 +213,7 @@ def test_fp16_resume_restores_the_scaler_and_the_schedule_waits_on_skipped_steps
 def test_nan_loss_ends_with_one_line_and_marks_the_run_failed(tmp_path, monkeypatch, capsys):
     from dreambooth_lab import cli, config
 
-    real = trainer.dreambooth_loss
-    calls = {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        loss, inst, prior = real(*args, **kwargs)
-        return (loss * float("nan"), inst, prior) if calls["n"] > 4 else (loss, inst, prior)
-
-    monkeypatch.setattr(trainer, "dreambooth_loss", poisoned)
+    calls = poison_loss_after(monkeypatch, 4)
     cfg = tiny_config(tmp_path, **{"train.steps": 10, "train.checkpoint_every": 2})
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(config.to_yaml(cfg))
