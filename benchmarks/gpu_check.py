@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py                  # on a CUDA machine; about 10-20 minutes
     python benchmarks/gpu_check.py --steps 30 --resolution 512 --no-resume-check
+    python benchmarks/gpu_check.py --sdxl-only      # only the SDXL cases (sdxl-random, 1024 px)
 
 On a machine without CUDA it says so and exits 0 (nothing is run or written).
 
@@ -23,6 +24,15 @@ generation and loading do not count) and over the whole process, the memory mode
 (fp16, AdamW): one run killed (SIGKILL, as a Colab disconnect) after its step-10 checkpoint and
 resumed, against an uninterrupted run of the same config; a second uninterrupted run gives the
 run-to-run noise on this GPU (kernels need not be deterministic). The LoRA tensors are compared.
+
+Then the SDXL cases, on `sdxl-random` (SDXL base 1.0's architecture with random weights, built
+offline by the package on first use: ~7 GB on disk) on top of configs/colab_t4_sdxl.yaml (fp16,
+gradient checkpointing, 8-bit AdamW, both text encoders' outputs and the latents cached, SDXL's VAE
+in fp32 for the one-time encoding) at its 1024 px, 12 steps (3 warm-up): the preset; + both text
+encoders trained; the preset without gradient checkpointing (predicted not to fit a T4: on a
+larger GPU it measures how far off). Each records the same figures, plus the memory model's
+set-up-phase prediction against the whole process's peak (class images at 1024 px and the caches
+are where SDXL's set-up peaks).
 
 Results go to benchmarks/gpu.json and a "## GPU check" section of BENCHMARKS.md (replaced when
 the script runs again).
@@ -58,6 +68,18 @@ CASES = [
 ]
 RESUME_CASE = {"train.mixed_precision": "fp16", "optim.optimizer": "adamw"}
 
+# SDXL (`sdxl-random`: SDXL base 1.0's architecture, random weights) on top of configs/colab_t4_sdxl.yaml
+# (fp16, gradient checkpointing, 8-bit AdamW, latents and both text encoders' outputs cached, VAE and
+# text encoders offloaded after caching), at the preset's 1024 px unless --sdxl-resolution says otherwise.
+SDXL_PRESET = ROOT / "configs" / "colab_t4_sdxl.yaml"
+SDXL_STEPS = 12  # SDXL steps are slow: fewer steps, fewer warm-up steps
+SDXL_WARMUP = 3
+SDXL_CASES = [
+    ("SDXL: the colab_t4_sdxl preset", {}),
+    ("SDXL: preset + both text encoders trained", {"train.train_text_encoder": True}),
+    ("SDXL: preset without gradient checkpointing", {"train.gradient_checkpointing": False}),
+]
+
 
 def case_overrides(extra: dict, *, steps: int, resolution: int, out: str, cache: str,
                    checkpoint_every: int = 10_000) -> dict:
@@ -69,10 +91,22 @@ def case_overrides(extra: dict, *, steps: int, resolution: int, out: str, cache:
             **extra}
 
 
-def make_config(overrides: dict):
-    from dreambooth_lab.config import Config, with_overrides
+def sdxl_case_overrides(extra: dict, *, steps: int, resolution: int | None, out: str, cache: str) -> dict:
+    """The dotted overrides of one SDXL case, on top of the SDXL preset (pure)."""
+    over = case_overrides(extra, steps=steps, resolution=resolution, out=out, cache=cache)
+    over["model.name"] = "sdxl-random"
+    del over["lora.rank"]  # the preset's
+    if resolution is None:
+        del over["data.resolution"]  # the preset's
+    return {"preset": str(SDXL_PRESET), **over}
 
-    return with_overrides(Config(), overrides).validate()
+
+def make_config(overrides: dict):
+    from dreambooth_lab.config import Config, load, with_overrides
+
+    overrides = dict(overrides)
+    preset = overrides.pop("preset", None)
+    return with_overrides(load(preset) if preset else Config(), overrides).validate()
 
 
 # ---- children: one training each -----------------------------------------------------------------
@@ -84,6 +118,7 @@ def child_case(overrides: dict) -> dict:
     from dreambooth_lab.memory import estimate
     from dreambooth_lab.train import read_metrics, train
 
+    warmup = overrides.pop("warmup", WARMUP)
     cfg = make_config(overrides)
     torch.cuda.reset_peak_memory_stats()
     before_steps = {"peak": 0}
@@ -97,11 +132,12 @@ def child_case(overrides: dict) -> dict:
     result = train(cfg, resume=None, progress=False, on_step=after_step)
     torch.cuda.synchronize()
     steps_peak = torch.cuda.max_memory_allocated()
-    times = [r["step_seconds"] for r in read_metrics(result.run_dir)][WARMUP:]
+    times = [r["step_seconds"] for r in read_metrics(result.run_dir)][warmup:]
     predicted = estimate(cfg, "cuda")
     return {"step_seconds": sum(times) / len(times), "timed_steps": len(times),
             "peak_bytes": steps_peak, "peak_bytes_whole": max(before_steps["peak"], steps_peak),
-            "predicted_bytes": predicted.total, "predicted_gib": predicted.as_gib(),
+            "predicted_bytes": predicted.total, "predicted_peak_bytes": predicted.peak,
+            "predicted_gib": predicted.as_gib(), "model": cfg.model.name, "resolution": cfg.resolution,
             "final_loss": result.final_loss, "run_dir": str(result.run_dir)}
 
 
@@ -231,6 +267,25 @@ def to_markdown(data: dict) -> str:
         fits = "yes" if whole < 15.0 * 0.9 else ("tight" if whole < 15.0 else "no")
         lines.append(f"| {case['name']} | {case['step_seconds']:.3f} | {peak:.2f} | {whole:.2f} | {pred:.2f} | "
                      f"{peak / pred:.2f} | {fits} |")
+    if data.get("sdxl_cases"):
+        lines += ["", f"SDXL (`sdxl-random`: SDXL base 1.0's architecture, random weights) on top of "
+                  f"`configs/colab_t4_sdxl.yaml`, {data['settings'].get('sdxl_steps', SDXL_STEPS)} steps (s/step after "
+                  f"{SDXL_WARMUP} warm-up steps). Whole process includes class images and the caches (SDXL's VAE "
+                  "in fp32); predicted set-up = the memory model's set-up phase.", "",
+                  "| configuration | px | s/step | peak GiB | peak GiB, whole process | predicted GiB | "
+                  "predicted set-up GiB | measured / predicted | whole / predicted peak | fits a 15 GB T4? |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for case in data["sdxl_cases"]:
+            if "error" in case:
+                lines.append(f"| {case['name']} | | failed: {case['error'][:120]} | | | | | | | |")
+                continue
+            peak, whole = case["peak_bytes"] / 2**30, case["peak_bytes_whole"] / 2**30
+            pred, pred_peak = case["predicted_bytes"] / 2**30, case["predicted_peak_bytes"] / 2**30
+            setup = case["predicted_gib"]["setup"]
+            fits = "yes" if whole < 15.0 * 0.9 else ("tight" if whole < 15.0 else "no")
+            lines.append(f"| {case['name']} | {case['resolution']} | {case['step_seconds']:.3f} | {peak:.2f} | "
+                         f"{whole:.2f} | {pred:.2f} | {setup:.2f} | {peak / pred:.2f} | {whole / pred_peak:.2f} | "
+                         f"{fits} |")
     r = data.get("resume")
     if r:
         lines.append("")
@@ -259,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--no-resume-check", action="store_true")
+    p.add_argument("--sdxl-steps", type=int, default=SDXL_STEPS)
+    p.add_argument("--sdxl-resolution", type=int, default=None, help="default: the SDXL preset's (1024)")
+    p.add_argument("--no-sdxl", action="store_true", help="skip the SDXL cases")
+    p.add_argument("--sdxl-only", action="store_true", help="only the SDXL cases (no SD1.5 cases, no resume check)")
     p.add_argument("--child", choices=["case", "train"], help=argparse.SUPPRESS)
     p.add_argument("--overrides", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -275,12 +334,15 @@ def main(argv: list[str] | None = None) -> int:
               "python benchmarks/gpu_check.py")
         return 0
 
-    print(f"GPU check on {torch.cuda.get_device_name(0)}: building/loading sd15-random, {len(CASES)} cases x "
-          f"{args.steps} steps at {args.resolution} px" + ("" if args.no_resume_check else ", then kill-and-resume"))
+    sd15_cases = [] if args.sdxl_only else CASES
+    print(f"GPU check on {torch.cuda.get_device_name(0)}: building/loading sd15-random, {len(sd15_cases)} cases x "
+          f"{args.steps} steps at {args.resolution} px"
+          + ("" if args.no_resume_check or args.sdxl_only else ", then kill-and-resume")
+          + ("" if args.no_sdxl else f"; sdxl-random, {len(SDXL_CASES)} cases x {args.sdxl_steps} steps"))
     base = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     cache = str(base / "class_images")
     cases = []
-    for i, (name, extra) in enumerate(CASES):
+    for i, (name, extra) in enumerate(sd15_cases):
         over = case_overrides(extra, steps=args.steps, resolution=args.resolution, out=str(base / f"case{i}"),
                               cache=cache)
         result = run_child("case", over)
@@ -291,11 +353,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: {result['step_seconds']:.3f} s/step, peak {result['peak_bytes'] / 2**30:.2f} GiB, "
                   f"predicted {result['predicted_bytes'] / 2**30:.2f} GiB "
                   f"(ratio {result['peak_bytes'] / result['predicted_bytes']:.2f})")
-    resume = None if args.no_resume_check else resume_check(base, args.steps, args.resolution, cache)
+    resume = None if args.no_resume_check or args.sdxl_only else resume_check(base, args.steps, args.resolution,
+                                                                               cache)
     if resume:
         print(f"  kill-and-resume: {resume.get('verdict') or resume.get('error')}")
+    sdxl_cases = []
+    for i, (name, extra) in enumerate([] if args.no_sdxl else SDXL_CASES):
+        over = sdxl_case_overrides(extra, steps=args.sdxl_steps, resolution=args.sdxl_resolution,
+                                   out=str(base / f"sdxl{i}"), cache=cache)
+        result = run_child("case", {**over, "warmup": SDXL_WARMUP}, timeout=3600)
+        sdxl_cases.append({"name": name, "overrides": extra, **result})
+        if "error" in result:
+            print(f"  {name}: failed: {result['error']}")
+        else:
+            print(f"  {name}: {result['step_seconds']:.3f} s/step, peak {result['peak_bytes'] / 2**30:.2f} GiB "
+                  f"(whole {result['peak_bytes_whole'] / 2**30:.2f}), predicted "
+                  f"{result['predicted_bytes'] / 2**30:.2f} GiB (set-up {result['predicted_gib']['setup']:.2f})")
     data = {"machine": machine(), "settings": {"steps": args.steps, "resolution": args.resolution,
-                                               "warmup_steps": WARMUP}, "cases": cases, "resume": resume}
+                                               "warmup_steps": WARMUP, "sdxl_steps": args.sdxl_steps,
+                                               "sdxl_resolution": args.sdxl_resolution},
+            "cases": cases, "sdxl_cases": sdxl_cases, "resume": resume}
     GPU_JSON.write_text(json.dumps(data, indent=2) + "\n")
     BENCHMARKS_MD.write_text(replace_section(BENCHMARKS_MD.read_text(), to_markdown(data)))
     print(f"wrote {GPU_JSON} and the '{SECTION}' section of {BENCHMARKS_MD}")

@@ -23,7 +23,8 @@ def _overrides(pairs: list[str]) -> dict:
 
 # Options that fill a config field: a ConfigError about the field names the option the user typed.
 SAMPLE_OPTIONS = {"seeds": "--seeds", "lora_scale_unet": "--scale-unet",
-                  "lora_scale_text_encoder": "--scale-text-encoder", "guidance": "--guidance", "steps": "--steps"}
+                  "lora_scale_text_encoder": "--scale-text-encoder",
+                  "lora_scale_text_encoder_2": "--scale-text-encoder-2", "guidance": "--guidance", "steps": "--steps"}
 
 
 def _name_options(exc: config_mod.ConfigError, given: dict[str, str]) -> config_mod.ConfigError:
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a LoRA; writes runs/<name>-<timestamp>/")
     t.add_argument("--config", help="YAML config (missing keys take the defaults)")
-    t.add_argument("--model", help="hub id, local diffusers folder, 'tiny' or 'toyworld' (offline)")
+    t.add_argument("--model", help="hub id, local diffusers folder, 'tiny', 'tiny-sdxl', 'tiny-sd2v' or 'toyworld' (offline)")
     t.add_argument("--data", help="folder of instance photos")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=800")
     t.add_argument("--new-run", action="store_true", help="do not resume an unfinished run of the same config")
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", help='base prompt template, e.g. "A {token} {class} on the beach"')
     s.add_argument("--scale-unet", type=float)
     s.add_argument("--scale-text-encoder", type=float)
+    s.add_argument("--scale-text-encoder-2", type=float,
+                   help="SDXL's second text encoder (default: the --scale-text-encoder value)")
     s.add_argument("--guidance", type=float)
     s.add_argument("--steps", type=int)
 
@@ -225,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             given = {f: opt for f, opt in SAMPLE_OPTIONS.items() if getattr(args, opt[2:].replace("-", "_")) is not None}
             try:
                 out = sample_run(args.run_dir, seeds=args.seeds, prompt=args.prompt, lora_scale_unet=args.scale_unet,
-                                 lora_scale_text_encoder=args.scale_text_encoder, guidance=args.guidance,
+                                 lora_scale_text_encoder=args.scale_text_encoder,
+                                 lora_scale_text_encoder_2=args.scale_text_encoder_2, guidance=args.guidance,
                                  steps=args.steps)
             except config_mod.ConfigError as exc:
                 raise _name_options(exc, given) from exc
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"kohya LoRA: {export_kohya(args.run_dir, args.out)}")
             else:
                 given = {f: opt for f, opt in SAMPLE_OPTIONS.items() if f.startswith("lora_scale")
-                         and getattr(args, opt[2:].replace("-", "_")) is not None}
+                         and getattr(args, opt[2:].replace("-", "_"), None) is not None}
                 try:
                     path = export_fused(args.run_dir, args.scale_unet, args.scale_text_encoder, args.out)
                 except config_mod.ConfigError as exc:

@@ -31,7 +31,8 @@ def base_spec(cfg: Config, run_dir: Path, prompt: str | None = None, seed: int |
     return ImageSpec(prompt=cfg.fill(prompt or s.prompt), seed=s.seeds[0] if seed is None else seed,
                      negative_prompt=s.negative_prompt, guidance=s.guidance, steps=s.steps, sampler=s.sampler,
                      width=cfg.resolution, height=cfg.resolution, lora_scale_unet=s.lora_scale_unet,
-                     lora_scale_text_encoder=s.lora_scale_text_encoder, model=cfg.model.name,
+                     lora_scale_text_encoder=s.lora_scale_text_encoder,
+                     lora_scale_text_encoder_2=s.lora_scale_text_encoder_2, model=cfg.model.name,
                      lora=str((run_dir / LORA_FILE).resolve()), run=str(run_dir.resolve()))
 
 
@@ -53,6 +54,8 @@ class PipelineCache:
 
 
 METRIC_NAMES = (("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"))
+# toyworld runs: what the world's judge reads (subject traits present; asked class + attribute present)
+JUDGE_NAMES = (("judge_subject_fidelity", "judge: subject"), ("judge_prompt_fidelity", "prompt"))
 
 
 def metrics_label(run_dir: Path) -> str:
@@ -64,12 +67,16 @@ def metrics_label(run_dir: Path) -> str:
     data = json.loads(path.read_text())
     m = data.get("summary", {})
     parts = [f"{label} {m[key]:.2f}" for key, label in METRIC_NAMES if isinstance(m.get(key), (int, float))]
-    if not parts:
+    judged = [f"{label} {m[key]:.2f}" for key, label in JUDGE_NAMES if isinstance(m.get(key), (int, float))]
+    if not parts and not judged:
         return ""
     from .metrics import random_metric_models
 
     tiny = random_metric_models(data.get("settings", {}))
-    return "\n" + " ".join(parts) + ("\n(tiny metric models: not meaningful)" if tiny else "")
+    lines = [" ".join(parts)] if parts else []
+    lines += ["(tiny metric models: not meaningful)"] if tiny and parts else []
+    lines += [" ".join(judged)] if judged else []
+    return "".join("\n" + line for line in lines)
 
 
 def column_prompt(template: str, cfgs: Sequence[Config]) -> str:

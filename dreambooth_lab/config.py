@@ -24,6 +24,13 @@ from typing import Any
 import yaml
 
 TINY_MODEL = "tiny"
+# The other offline test models: SDXL-shaped (two text encoders, text_time embeddings) and SD2-style
+# v-prediction, built like "tiny" (models.py); "sdxl-random" is SDXL's real architecture with random
+# weights (benchmarks), as "sd15-random" is SD1.5's.
+TINY_SDXL = "tiny-sdxl"
+TINY_SD2V = "tiny-sd2v"
+TINY_MODELS = (TINY_MODEL, TINY_SDXL, TINY_SD2V)
+SDXL_SHAPED = "sdxl-random"
 TOYWORLD = "toyworld"  # the learned offline base model of the toy world (dreambooth_lab/world)
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SAMPLERS = ("dpmsolver++", "ddim", "euler", "euler_a", "pndm", "ddpm")
@@ -150,6 +157,9 @@ class OptimConfig:
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
     lr_unet: float = 3e-4
     lr_text_encoder: float = 1e-4
+    # SDXL's second text encoder (OpenCLIP bigG); None = lr_text_encoder. Left out of the hash while
+    # None, so configs written before it existed keep their hash.
+    lr_text_encoder_2: float | None = field(default=None, metadata={"hash": True, "omit_if_none": True})
     weight_decay: float = 1e-2
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -198,6 +208,7 @@ class SampleConfig:
     sampler: str = "dpmsolver++"
     lora_scale_unet: float = 0.4
     lora_scale_text_encoder: float = 0.4
+    lora_scale_text_encoder_2: float | None = None  # SDXL's second text encoder; None = lora_scale_text_encoder
     batch_size: int = 4
     vae_slicing: bool = True  # decode a batch one image at a time: less memory, same pixels
     vae_tiling: bool = False  # decode in tiles: for images much larger than the training size
@@ -237,13 +248,13 @@ class Config:
     # ---- derived values -------------------------------------------------------------------
     @property
     def is_tiny(self) -> bool:
-        return self.model.name == TINY_MODEL
+        return self.model.name in TINY_MODELS
 
     @property
     def resolution(self) -> int:
         if self.data.resolution is not None:
             return self.data.resolution
-        return 64 if self.is_tiny or self.model.name == TOYWORLD else 512
+        return default_resolution(self.model.name)
 
     @property
     def run_name(self) -> str:
@@ -297,7 +308,8 @@ class Config:
 def _hashed(obj: Any) -> dict[str, Any]:
     """The fields of a dataclass tree that are in the hash, as plain JSON values."""
     return {f.name: _hashed(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else copy.deepcopy(v)
-            for f in dataclasses.fields(obj) if f.metadata.get("hash", True)}
+            for f in dataclasses.fields(obj) if f.metadata.get("hash", True)
+            and not (f.metadata.get("omit_if_none") and getattr(obj, f.name) is None)}
 
 
 def hash_fields(cfg: "Config | None" = None) -> tuple[list[str], list[str]]:
@@ -328,6 +340,29 @@ def experiment_axes(cfg: Config) -> dict[str, Any]:
         "lora_dropout": cfg.lora.dropout, "dora": cfg.lora.use_dora, "locon": cfg.lora.conv,
         "buckets": cfg.data.buckets,
     }
+
+
+def looks_like_sdxl(name: str) -> bool:
+    """Does a model name say SDXL (sdxl-random, stabilityai/stable-diffusion-xl-base-1.0, a folder
+    whose model_index.json names an XL pipeline)? Only for the default resolution (pure but for
+    reading a local model_index.json); models.detect_family is what training goes by."""
+    if name == SDXL_SHAPED or name == TINY_SDXL:
+        return True
+    index = Path(name).expanduser() / "model_index.json"
+    if index.is_file():
+        try:
+            return "XL" in str(json.loads(index.read_text()).get("_class_name", ""))
+        except (OSError, ValueError):
+            return False
+    low = name.lower()
+    return "sdxl" in low or "stable-diffusion-xl" in low or low.endswith("-xl")
+
+
+def default_resolution(name: str) -> int:
+    """data.resolution when it is null: 64 for the offline test models, 1024 for SDXL, else 512."""
+    if name in TINY_MODELS or name == TOYWORLD:
+        return 64
+    return 1024 if looks_like_sdxl(name) else 512
 
 
 def fill_prompt(template: str, token: str, class_name: str) -> str:
@@ -393,6 +428,9 @@ def validation_errors(cfg: Config) -> list[str]:
     need(cfg.optim.lr_unet > 0, f"optim.lr_unet={cfg.optim.lr_unet}: use a positive learning rate (3e-4 for LoRA)")
     need(cfg.optim.lr_text_encoder > 0,
          f"optim.lr_text_encoder={cfg.optim.lr_text_encoder}: use a positive learning rate (1e-4)")
+    need(cfg.optim.lr_text_encoder_2 is None or cfg.optim.lr_text_encoder_2 > 0,
+         f"optim.lr_text_encoder_2={cfg.optim.lr_text_encoder_2}: use a positive learning rate, or null (= "
+         "optim.lr_text_encoder)")
     need(cfg.optim.max_grad_norm > 0, f"optim.max_grad_norm={cfg.optim.max_grad_norm}: use a positive norm (1.0)")
     need(cfg.optim.lr_warmup_steps >= 0, f"optim.lr_warmup_steps={cfg.optim.lr_warmup_steps}: use 0 or more")
     need(cfg.train.steps > 0, f"train.steps={cfg.train.steps}: use a positive number of steps")
@@ -420,6 +458,9 @@ def validation_errors(cfg: Config) -> list[str]:
     for name in ("sample.lora_scale_unet", "sample.lora_scale_text_encoder"):
         value = _get(cfg, name)
         need(0 <= value <= 2, f"{name}={value}: use a scale in [0, 2] (0 = base model, 1 = as trained)")
+    te2 = cfg.sample.lora_scale_text_encoder_2
+    need(te2 is None or 0 <= te2 <= 2, f"sample.lora_scale_text_encoder_2={te2}: use a scale in [0, 2], or null "
+         "(= sample.lora_scale_text_encoder)")
     ev = cfg.eval
     need(ev.prompt_set in ("study", "dreambench"), f"eval.prompt_set={ev.prompt_set!r}: use study or dreambench")
     need(ev.class_kind in ("auto", "live", "object"), f"eval.class_kind={ev.class_kind!r}: use auto, live or object")

@@ -91,6 +91,15 @@ def open_image(path: str | Path, target: int | None = None) -> Image.Image:
     return im.convert("RGB")
 
 
+def photo_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of a photo as it stands upright (EXIF orientation applied), from its header
+    alone: the size before any resizing or JPEG draft decoding (SDXL's original-size condition)."""
+    with Image.open(path) as im:
+        w, h = im.size
+        orientation = im.getexif().get(0x0112, 1)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 def load_images(paths: list[Path], target: int | None = None) -> list[Image.Image]:
     """Open every file; if any cannot be read, raise one error that lists them all."""
     images, bad = [], []
@@ -237,6 +246,7 @@ class ImageSet:
     paths: list[Path]
     images: list[Image.Image]
     resolution: int
+    original_sizes: list[tuple[int, int]] | None = None  # (width, height) of each file, upright
 
     @classmethod
     def from_paths(cls, paths: list[Path], resolution: int, check: bool = False) -> "ImageSet":
@@ -245,7 +255,12 @@ class ImageSet:
             check_sizes(paths, originals, resolution)
             check_duplicates(paths, originals)
             check_background(Path(paths[0]).parent if paths else "", originals)
-        return cls(list(paths), [resize_shorter_side(im, resolution) for im in originals], resolution)
+        return cls(list(paths), [resize_shorter_side(im, resolution) for im in originals], resolution,
+                   [photo_size(p) for p in paths])
+
+    def original_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of photo `index` before it was resized."""
+        return self.original_sizes[index] if self.original_sizes else self.images[index].size
 
     @classmethod
     def from_folder(cls, folder: str | Path, resolution: int, check: bool = True) -> "ImageSet":

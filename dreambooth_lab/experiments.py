@@ -275,7 +275,7 @@ def _read_failures(folder: Path) -> dict:
 COLUMNS = ["id", "status", "config_hash", "token", "class", "train_text_encoder", "lr_unet", "lr_text_encoder",
            "steps", "rank", "batch_size", "seed", "resolution", "prior", "class_images", "class_images_generated",
            "lora_scale_unet", "lora_scale_text_encoder", "guidance", "generation_seeds", "dataset", "photos",
-           "dataset_digest", "model", "seconds", "final_loss", "final_instance_loss", "final_prior_loss",
+           "dataset_digest", "model", "family", "seconds", "final_loss", "final_instance_loss", "final_prior_loss",
            "eval_instance_loss_before", "eval_instance_loss_after", "run_dir", "lora"]
 
 
@@ -317,7 +317,7 @@ def run_row(run_dir: Path) -> dict:
         "lora_scale_unet": cfg.sample.lora_scale_unet, "lora_scale_text_encoder": cfg.sample.lora_scale_text_encoder,
         "guidance": cfg.sample.guidance, "generation_seeds": " ".join(str(x) for x in cfg.sample.seeds),
         "dataset": _absolute(cfg.data.instance_dir), "photos": photos, "dataset_digest": digest,
-        "model": _model_path(cfg.model.name), "seconds": summary.get("seconds"), "final_loss": last.get("loss"),
+        "model": _model_path(cfg.model.name), "family": summary.get("family"), "seconds": summary.get("seconds"), "final_loss": last.get("loss"),
         "final_instance_loss": last.get("instance_loss"), "final_prior_loss": last.get("prior_loss"),
         "eval_instance_loss_before": summary.get("eval_instance_loss_before"),
         "eval_instance_loss_after": summary.get("eval_instance_loss_after"),

@@ -2,9 +2,11 @@
 
 The diffusers file (`pytorch_lora_weights.safetensors`) is what `pipe.load_lora_weights` reads.
 The kohya layout (`lora_unet_…`, `lora_te_…`, `.lora_down` / `.lora_up` / `.alpha`) is what
-AUTOMATIC1111, ComfyUI and kohya's sd-scripts read. Both carry the run's metadata in the
-safetensors header under `dreambooth_lab.*` keys: base model, rare token, class, rank, alpha,
-steps, resolution, training-config hash, and the LoRA scales the run recommends.
+AUTOMATIC1111, ComfyUI and kohya's sd-scripts read; for SDXL the two text encoders are
+`lora_te1_…` (CLIP ViT-L) and `lora_te2_…` (OpenCLIP bigG), as SDXL LoRAs name them. Both carry the
+run's metadata in the safetensors header under `dreambooth_lab.*` keys: base model, model family
+(sd1 / sd2 / sdxl), rare token, class, rank, alpha, steps, resolution, training-config hash, and
+the LoRA scales the run recommends.
 """
 
 from __future__ import annotations
@@ -24,11 +26,17 @@ from .config import Config, experiment_axes, validate_sample
 PREFIX = "dreambooth_lab."
 
 
-def run_metadata(cfg: Config) -> dict[str, str]:
-    """String metadata for a LoRA file of this run (safetensors headers hold strings only)."""
+# kohya's ss_base_model_version per family (what A1111 / ComfyUI and LoRA browsers show)
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+def run_metadata(cfg: Config, family: str | None = None) -> dict[str, str]:
+    """String metadata for a LoRA file of this run (safetensors headers hold strings only);
+    `family` (sd1 / sd2 / sdxl) is recorded when given."""
     cfg = cfg.resolved()
     values = {
-        "base_model": cfg.model.name, "token": cfg.data.token, "class": cfg.data.class_name,
+        "base_model": cfg.model.name, **({"family": family} if family else {}),
+        "token": cfg.data.token, "class": cfg.data.class_name,
         "instance_prompt": cfg.fill(cfg.data.instance_prompt), "rank": cfg.lora.rank, "alpha": cfg.lora_alpha,
         "steps": cfg.train.steps, "resolution": cfg.resolution, "train_text_encoder": cfg.train.train_text_encoder,
         "config_hash": cfg.hash(), "recommended_scale_unet": cfg.sample.lora_scale_unet,
@@ -50,11 +58,14 @@ class ExportRefused(ValueError):
     """This run's adapter cannot be carried by the asked format; the message says what to use."""
 
 
-_KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.(?:lora_(A|B)|lora(?:_linear_layer)?\.(down|up))\.weight$")
+_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(?:lora_(A|B)|lora(?:_linear_layer)?\.(down|up))"
+                  r"\.weight$")
 
 
-def to_kohya(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+def to_kohya(state: dict[str, torch.Tensor], alpha: float, family: str = "sd1") -> dict[str, torch.Tensor]:
     """diffusers LoRA keys -> kohya/A1111 keys, with one alpha tensor per adapted module (pure).
+
+    family "sdxl" names the text encoders lora_te1_ / lora_te2_ (SD1/SD2: lora_te_).
 
     Accepts the peft style (`.lora_A.weight`) and diffusers' own (`.lora.down.weight`,
     `.lora_linear_layer.down.weight`). Text-encoder modules are named as in CLIP's original
@@ -64,16 +75,23 @@ def to_kohya(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Te
       -> 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight'
     'text_encoder.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight'
       -> 'lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight'
+    SDXL: 'text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight'
+      -> 'lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight'
     """
+    xl = family == "sdxl"
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if xl else "lora_te_", "text_encoder_2": "lora_te2_"}
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         m = _KEY.match(key)
         if not m:
             raise ValueError(f"unexpected LoRA key {key!r}: not a diffusers-format UNet/text-encoder LoRA")
         part, module, ab, downup = m.groups()
-        if part == "text_encoder" and not module.startswith("text_model."):
+        if part == "text_encoder_2" and not xl:
+            raise ValueError(f"LoRA key {key!r} is for SDXL's second text encoder, but the family is {family}: "
+                             "pass family='sdxl'")
+        if part != "unet" and not module.startswith("text_model."):
             module = "text_model." + module
-        name = ("lora_unet_" if part == "unet" else "lora_te_") + module.replace(".", "_")
+        name = prefixes[part] + module.replace(".", "_")
         down = ab == "A" or downup == "down"
         out[f"{name}.{'lora_down' if down else 'lora_up'}.weight"] = tensor.contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(alpha))
@@ -99,16 +117,32 @@ def export_kohya(run_dir: str | Path, out: str | Path | None = None) -> Path:
                             "place for its magnitude vectors, and dropping them would change the images. Use the "
                             "diffusers-format file itself (pipe.load_lora_weights), or train without lora.use_dora")
     state = load_file(str(lora))
-    meta = {**run_metadata(cfg), PREFIX + "format": "kohya", "ss_network_dim": str(cfg.lora.rank),
-            "ss_network_alpha": str(cfg.lora_alpha), "ss_base_model_version": "sd_v1",
+    family = lora_family(lora, cfg)
+    meta = {**run_metadata(cfg, family), PREFIX + "format": "kohya", "ss_network_dim": str(cfg.lora.rank),
+            "ss_network_alpha": str(cfg.lora_alpha), "ss_base_model_version": BASE_MODEL_VERSION[family],
             "ss_output_name": f"{cfg.data.token}_{cfg.data.class_name}"}
+    if family == "sd2":
+        meta["ss_v2"] = "True"
     target = Path(out) if out else run_dir / "export" / f"{run_dir.name}_kohya.safetensors"
     if target.exists():
         raise FileExistsError(f"{target} exists already: exports are never overwritten; pass another --out")
-    kohya = to_kohya(state, cfg.lora_alpha)
+    kohya = to_kohya(state, cfg.lora_alpha, family)
     written = files.write_safetensors(target, kohya, meta)
     export_embedding(run_dir, target)
     return written
+
+
+def lora_family(lora: Path, cfg: Config) -> str:
+    """The family a LoRA file says it was trained on (its metadata), else the run's base model's."""
+    family = read_metadata(lora).get(PREFIX + "family")
+    if family:
+        if family not in BASE_MODEL_VERSION:
+            raise ValueError(f"{lora}: metadata {PREFIX}family={family!r} is not a known family "
+                             f"({', '.join(BASE_MODEL_VERSION)})")
+        return family
+    from .models import detect_family
+
+    return detect_family(cfg.model.name, cfg.model.revision)
 
 
 def embedding_export_path(kohya_file: Path) -> Path:
@@ -135,6 +169,7 @@ def export_fused(run_dir: str | Path, scale_unet: float | None = None, scale_tex
     import tempfile
 
     from .report import load_run_config, open_run
+    from .sample import find_lora_file
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -145,15 +180,22 @@ def export_fused(run_dir: str | Path, scale_unet: float | None = None, scale_tex
     if target.exists():
         raise FileExistsError(f"{target} exists already: exports are never overwritten")
     pipe = open_run(run_dir, device=device or "cpu")
+    adapters = pipe.get_list_adapters()
+    ste2 = cfg.sample.lora_scale_text_encoder_2
+    ste2 = ste if ste2 is None or scale_text_encoder is not None else ste2
     pipe.fuse_lora(components=["unet"], lora_scale=su)
     if "text_encoder" in pipe.get_list_adapters():
         pipe.fuse_lora(components=["text_encoder"], lora_scale=ste)
+    if "text_encoder_2" in pipe.get_list_adapters():
+        pipe.fuse_lora(components=["text_encoder_2"], lora_scale=ste2)
     pipe.unload_lora_weights()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".fused-", dir=target.parent))
     pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
     (tmp / "pipe" / "dreambooth_lab.json").write_text(json.dumps(
-        {**run_metadata(cfg), PREFIX + "fused_scale_unet": su, PREFIX + "fused_scale_text_encoder": ste},
+        {**run_metadata(cfg, lora_family(find_lora_file(run_dir), cfg)), PREFIX + "fused_scale_unet": su,
+         PREFIX + "fused_scale_text_encoder": ste,
+         **({PREFIX + "fused_scale_text_encoder_2": ste2} if "text_encoder_2" in adapters else {})},
         indent=2, sort_keys=True))
     (tmp / "pipe").rename(target)
     tmp.rmdir()
@@ -168,7 +210,9 @@ def format_info(path: str | Path) -> str:
     with safe_open(str(path), framework="pt") as f:
         meta, tensors = dict(f.metadata() or {}), list(f.keys())
     unet = sum(1 for k in tensors if k.startswith(("unet.", "lora_unet_")))
-    te = sum(1 for k in tensors if k.startswith(("text_encoder.", "lora_te_")))
-    lines = [f"{path}", f"  tensors: {len(tensors)} ({unet} UNet, {te} text encoder)"]
+    te = sum(1 for k in tensors if k.startswith(("text_encoder.", "lora_te_", "lora_te1_")))
+    te2 = sum(1 for k in tensors if k.startswith(("text_encoder_2.", "lora_te2_")))
+    second = f", {te2} text encoder 2" if te2 else ""
+    lines = [f"{path}", f"  tensors: {len(tensors)} ({unet} UNet, {te} text encoder{second})"]
     lines += [f"  {k.removeprefix(PREFIX)}: {v}" for k, v in sorted(meta.items()) if k != "lora_adapter_metadata"]
     return "\n".join(lines)

@@ -1,4 +1,8 @@
-"""LoRA adapters on the UNet and text encoder (peft), and the diffusers-format LoRA file."""
+"""LoRA adapters on the UNet and text encoder(s) (peft), and the diffusers-format LoRA file.
+
+SDXL has two text encoders: with text-encoder training both get adapters (the same targets and
+rank) and the file holds `text_encoder.*` and `text_encoder_2.*` keys, as
+StableDiffusionXLPipeline.save_lora_weights writes them."""
 
 from __future__ import annotations
 
@@ -11,18 +15,24 @@ from .config import Config
 from .sample import LORA_FILE
 
 
-def add_adapters(cfg: Config, unet, text_encoder) -> list[torch.nn.Parameter]:
-    """Freeze the base weights, add LoRA, return the trainable parameters (kept in fp32)."""
+def add_adapters(cfg: Config, unet, text_encoder, text_encoder_2=None) -> list[torch.nn.Parameter]:
+    """Freeze the base weights, add LoRA, return the trainable parameters (kept in fp32).
+
+    text_encoder_2: SDXL's second text encoder, adapted like the first when the text encoder trains."""
     from peft import LoraConfig
 
+    encoders = [text_encoder] + ([text_encoder_2] if text_encoder_2 is not None else [])
     unet.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    for te in encoders:
+        te.requires_grad_(False)
     common = dict(r=cfg.lora.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora.dropout,
                   init_lora_weights="gaussian", use_dora=cfg.lora.use_dora)
     unet.add_adapter(LoraConfig(target_modules=unet_targets(cfg), **common))
+    params = trainable(unet)
     if cfg.train.train_text_encoder:
-        text_encoder.add_adapter(LoraConfig(target_modules=list(cfg.lora.text_encoder_targets), **common))
-    params = trainable(unet) + (trainable(text_encoder) if cfg.train.train_text_encoder else [])
+        for te in encoders:
+            te.add_adapter(LoraConfig(target_modules=list(cfg.lora.text_encoder_targets), **common))
+            params += trainable(te)
     for p in params:  # mixed precision keeps the base in fp16 but the LoRA master weights in fp32
         p.data = p.data.float()
     return params
@@ -44,34 +54,43 @@ def trainable(module) -> list[torch.nn.Parameter]:
 
 def lora_state_dicts(unet, text_encoder, with_text_encoder: bool) -> tuple[dict, dict | None]:
     """The adapters' weights with diffusers key names (what load_lora_weights reads)."""
+    return _state(unet), _state(text_encoder) if with_text_encoder else None
+
+
+def _state(module) -> dict:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    unet_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    te_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder)) if with_text_encoder else None
-    return unet_sd, te_sd
+    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
 
 
 def save_lora(folder: str | Path, unet, text_encoder, with_text_encoder: bool,
-              metadata: dict[str, str] | None = None) -> Path:
+              metadata: dict[str, str] | None = None, text_encoder_2=None) -> Path:
     """Write <folder>/pytorch_lora_weights.safetensors atomically (diffusers LoRA format), with
-    `metadata` (strings) added to the safetensors header."""
-    from diffusers import StableDiffusionPipeline
+    `metadata` (strings) added to the safetensors header. text_encoder_2 (SDXL) makes it an SDXL
+    file: its adapters go under text_encoder_2.* when the text encoders were trained."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    unet_sd, te_sd = lora_state_dicts(unet, text_encoder, with_text_encoder)
-    unet_sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in unet_sd.items()}
-    if te_sd is not None:
-        te_sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in te_sd.items()}
+    unet_sd = _state(unet)
+    te_sd = _state(text_encoder) if with_text_encoder else None
+    xl = text_encoder_2 is not None
+    extra = {}
+    if xl:
+        extra = dict(text_encoder_2_lora_layers=_state(text_encoder_2) if with_text_encoder else None,
+                     text_encoder_2_lora_adapter_metadata=adapter_metadata(text_encoder_2) if with_text_encoder
+                     else None)
     target = Path(folder) / LORA_FILE
 
     def write(tmp: Path) -> None:
         # The adapters' LoraConfig (rank, alpha, targets) goes into the file: without it a loader
         # assumes alpha = rank and a LoRA trained with another alpha comes back at the wrong scale.
-        StableDiffusionPipeline.save_lora_weights(
+        (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).save_lora_weights(
             tmp.parent, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
             weight_name=tmp.name, safe_serialization=True,
             unet_lora_adapter_metadata=adapter_metadata(unet),
             text_encoder_lora_adapter_metadata=adapter_metadata(text_encoder) if with_text_encoder else None,
+            **extra,
         )
         # Rewrite with a sorted header (and our metadata): the same LoRA gives the same bytes.
         from safetensors import safe_open

@@ -96,6 +96,14 @@ FORM_DEFAULTS: dict[str, Any] = {
     "GEN_SEED": 0,
 }
 ALWAYS_FORM = ("DATASET_DIR", "OUTPUT_DIR")  # where things are on this machine: never from a preset
+# BASE_MODEL's dropdown (any other hub id or folder can be typed in): SD1.5 and SDXL base. The family
+# comes from the model itself (models.detect_family); the form has no per-family code.
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+BASE_MODELS = (DEFAULT_MODEL, SDXL_BASE)
+T4_GIB = 15.0  # what memory_note compares with when there is no GPU here (a Colab T4)
+# The memory model's measured / predicted on the CPU runs (BENCHMARKS.md): up to ~1.3-1.4 beyond
+# the weights. memory_note warns when the prediction times this margin does not fit.
+MEMORY_MARGIN = 1.3
 
 
 def smoke() -> bool:
@@ -561,6 +569,40 @@ def summary(cfg: Config, sources: dict[str, str] | None = None) -> str:
     from .train import run_params
 
     return "\n".join(f"{k:>20}: {v}" for k, v in run_params(cfg).items())
+
+
+def memory_note(cfg: Config, gpu_gib: float | None = None, gpu_name: str | None = None) -> str:
+    """One line: the memory model's predicted peak for this config on this GPU (a 15 GB T4 when
+    there is none), and what to change when it would not fit. Never raises: a model whose configs
+    cannot be read here gets a line saying so."""
+    try:
+        from .memory import estimate
+
+        est = estimate(cfg, "cuda")
+    except Exception as exc:  # noqa: BLE001 - a note, not a gate
+        return f"memory model: no estimate for {cfg.model.name!r} here ({type(exc).__name__}: {str(exc)[:120]})"
+    if gpu_gib is None:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+            gpu_name = gpu_name or torch.cuda.get_device_name(0)
+        else:
+            gpu_gib = T4_GIB
+    where = f"{gpu_name or 'this GPU'} ({gpu_gib:.1f} GiB)" if gpu_name or gpu_gib != T4_GIB else \
+        "a 15 GB T4 (no GPU here)"
+    g = est.as_gib()
+    line = (f"memory model: {g['peak']:.1f} GiB predicted peak (training steps {g['total']:.1f}, set-up "
+            f"{g['setup']:.1f}) for {cfg.resolution} px on {where}")
+    if g["peak"] * MEMORY_MARGIN <= gpu_gib:
+        return line + ": fits"
+    fixes = [name for name, off in (("GRADIENT_CHECKPOINTING", not cfg.train.gradient_checkpointing),
+                                    ("USE_8BIT_ADAM", cfg.optim.optimizer != "adamw8bit"),
+                                    ("MIXED_PRECISION='fp16'", cfg.train.mixed_precision == "no")) if off]
+    advice = (f"turn on {', '.join(fixes)}, " if fixes else "") + "lower RESOLUTION or BATCH_SIZE"
+    if cfg.model.name == SDXL_BASE:
+        advice += ", or use PRESET configs/colab_t4_sdxl.yaml"
+    return line + f": likely out of memory (× {MEMORY_MARGIN} margin) — {advice}"
 
 
 # ---- training and sweeps from a notebook ---------------------------------------------------------

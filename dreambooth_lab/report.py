@@ -52,7 +52,8 @@ class Samples:
 
 def sample_run(run_dir: str | Path, *, pipe=None, seeds: list[int] | None = None, prompt: str | None = None,
                test_prompts: list[str] | None = None, lora_scale_unet: float | None = None,
-               lora_scale_text_encoder: float | None = None, guidance: float | None = None,
+               lora_scale_text_encoder: float | None = None, lora_scale_text_encoder_2: float | None = None,
+               guidance: float | None = None,
                steps: int | None = None, settings: SampleConfig | None = None, progress: bool = True) -> Samples:
     """Seed grid of the base prompt and the test prompts × the same seeds.
 
@@ -63,20 +64,23 @@ def sample_run(run_dir: str | Path, *, pipe=None, seeds: list[int] | None = None
     cfg = load_run_config(run_dir)
     given = dict(seeds=None if seeds is None else list(seeds), prompt=prompt or None, test_prompts=test_prompts,
                  lora_scale_unet=lora_scale_unet, lora_scale_text_encoder=lora_scale_text_encoder,
+                 lora_scale_text_encoder_2=lora_scale_text_encoder_2,
                  guidance=guidance, steps=steps)  # None = keep; 0 is a value (and refused), not "unset"
     s = config_mod.validate_sample(replace(settings or cfg.sample, **{k: v for k, v in given.items() if v is not None}))
     seeds = list(s.seeds)
     prompts = [s.prompt] + list(s.test_prompts)
     common = dict(negative_prompt=s.negative_prompt, guidance=s.guidance, steps=s.steps, sampler=s.sampler,
                   width=cfg.resolution, height=cfg.resolution, lora_scale_unet=s.lora_scale_unet,
-                  lora_scale_text_encoder=s.lora_scale_text_encoder, model=cfg.model.name,
+                  lora_scale_text_encoder=s.lora_scale_text_encoder,
+                  lora_scale_text_encoder_2=s.lora_scale_text_encoder_2, model=cfg.model.name,
                   lora=str((run_dir / LORA_FILE).resolve()), run=str(run_dir.resolve()))
     specs = [ImageSpec(prompt=cfg.fill(p), seed=seed, **common) for p in prompts for seed in seeds]
     pipe = pipe or open_run(run_dir)
     images = generate(pipe, specs, batch_size=s.batch_size, progress=progress)
     folder = files.new_dir(run_dir / SAMPLES, "samples")
     paths = save_with_sidecars(images, specs, folder, "img")
-    params = {k: v for k, v in common.items() if k not in ("model", "lora", "run", "width", "height")}
+    params = {k: v for k, v in common.items() if k not in ("model", "lora", "run", "width", "height")
+              and not (k == "lora_scale_text_encoder_2" and v is None)}
     params.update(run=run_dir.name, model=cfg.model.name, size=cfg.resolution)
     n = len(seeds)
     grid = _sheet(folder / "seed_grid.png", images[:n], specs[:n], f'"{specs[0].prompt}" × {n} seeds', params, n)

@@ -65,6 +65,8 @@ class ImageSpec:
     lora: str | None = None  # path of the LoRA file, None for the base model
     run: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # SDXL's second text encoder; None = lora_scale_text_encoder (both encoders at one scale)
+    lora_scale_text_encoder_2: float | None = None
 
 
 # ---- LoRA on a pipeline ----------------------------------------------------------------------
@@ -148,19 +150,23 @@ def apply_vae_options(pipe, slicing: bool, tiling: bool) -> None:
     (pipe.vae.enable_tiling if tiling else pipe.vae.disable_tiling)()
 
 
-def set_lora_scales(pipe, unet: float, text_encoder: float) -> None:
-    """Scale the UNet and text-encoder LoRA separately (0 = base model, 1 = as trained)."""
+def set_lora_scales(pipe, unet: float, text_encoder: float, text_encoder_2: float | None = None) -> None:
+    """Scale the UNet and text-encoder LoRA separately (0 = base model, 1 = as trained);
+    text_encoder_2 is SDXL's second text encoder (None = the text_encoder scale)."""
     loaded = pipe.get_list_adapters()
     if ADAPTER not in (loaded.get("unet") or []):
         raise RuntimeError("no LoRA is loaded: call load_lora(pipe, run_dir) first")
     weights = {"unet": float(unet)}
     if ADAPTER in (loaded.get("text_encoder") or []):
         weights["text_encoder"] = float(text_encoder)
+    if ADAPTER in (loaded.get("text_encoder_2") or []):
+        weights["text_encoder_2"] = float(text_encoder if text_encoder_2 is None else text_encoder_2)
     pipe.set_adapters([ADAPTER], adapter_weights=[weights])
 
 
-def has_text_encoder_lora(pipe) -> bool:
-    return ADAPTER in (pipe.get_list_adapters().get("text_encoder") or [])
+def has_text_encoder_lora(pipe, component: str = "text_encoder") -> bool:
+    """Is the LoRA loaded on the text encoder (component="text_encoder_2": SDXL's second)?"""
+    return ADAPTER in (pipe.get_list_adapters().get(component) or [])
 
 
 # ---- generation ------------------------------------------------------------------------------
@@ -171,13 +177,13 @@ def generate(pipe, specs: Sequence[ImageSpec], batch_size: int = 4, progress: bo
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(specs):
         key = (s.negative_prompt, s.guidance, s.steps, s.sampler, s.width, s.height,
-               s.lora_scale_unet, s.lora_scale_text_encoder)
+               s.lora_scale_unet, s.lora_scale_text_encoder, s.lora_scale_text_encoder_2)
         groups.setdefault(key, []).append(i)
     bar = tqdm(total=len(specs), desc="generating", unit="img", disable=not progress)
-    for (neg, guidance, steps, sampler, w, h, su, ste), idx in groups.items():
+    for (neg, guidance, steps, sampler, w, h, su, ste, ste2), idx in groups.items():
         pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
         if ADAPTER in (pipe.get_list_adapters().get("unet") or []):  # a base pipeline has no scales
-            set_lora_scales(pipe, su, ste)
+            set_lora_scales(pipe, su, ste, ste2)
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             result = pipe(

@@ -52,21 +52,19 @@ def log_scalars(acc, record: dict) -> None:
 @torch.no_grad()
 def log_validation(acc, cfg: Config, trainer, step: int, run_dir: Path) -> list:
     """Generate validation images with the LoRA as it is now; log them and save a grid PNG."""
-    from diffusers import StableDiffusionPipeline
-
     from .sample import make_scheduler
     from .viz import image_grid
 
     dev = acc.device
-    vae_dev, te_dev = trainer.vae.device, trainer.text_encoder.device
+    vae_dev, te_devs = trainer.vae.device, [te.device for te in trainer.text_encoders]
     trainer.vae.to(dev)
-    trainer.text_encoder.to(dev)
-    unet, te = acc.unwrap_model(trainer.unet), acc.unwrap_model(trainer.text_encoder)
+    for te in trainer.text_encoders:
+        te.to(dev)
+    unet, tes = acc.unwrap_model(trainer.unet), [acc.unwrap_model(te) for te in trainer.text_encoders]
     unet.eval()
-    te.eval()
-    pipe = StableDiffusionPipeline(vae=trainer.vae, text_encoder=te, tokenizer=trainer.tokenizer, unet=unet,
-                                   scheduler=make_scheduler(cfg.sample.sampler, trainer.noise_scheduler.config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    for te in tes:
+        te.eval()
+    pipe = trainer.pipeline(make_scheduler(cfg.sample.sampler, trainer.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     prompt = cfg.fill(cfg.train.validation_prompt)
     seeds = [cfg.sample.seeds[i % len(cfg.sample.seeds)] + i // len(cfg.sample.seeds)
@@ -76,9 +74,10 @@ def log_validation(acc, cfg: Config, trainer, step: int, run_dir: Path) -> list:
                       generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
                       height=cfg.resolution, width=cfg.resolution).images
     unet.train()
-    te.train(cfg.train.train_text_encoder)
+    for te, te_dev in zip(tes, te_devs):
+        te.train(cfg.train.train_text_encoder)
+        te.to(te_dev)
     trainer.vae.to(vae_dev)
-    trainer.text_encoder.to(te_dev)
     image_grid(images, [f"seed {s}" for s in seeds], run_dir / "validation" / f"step-{step:06d}.png",
                title=f'step {step}: "{prompt}"', params={"guidance": cfg.sample.guidance, "steps": cfg.sample.steps})
     for tracker in acc.trackers:

@@ -119,6 +119,13 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
     phase (data, VAE, text encoder, UNet forward, backward, optimizer).
     """
     cfg = cfg.resolved().validate()
+    if cfg.identifier.learned:  # refused before a run folder exists (not yet for SDXL's two encoders)
+        from .config import ConfigError
+        from .models import detect_family
+
+        if detect_family(cfg.model.name, cfg.model.revision) == "sdxl":
+            raise ConfigError("identifier.learned is not supported for SDXL models yet (its tokens would need both "
+                              "text encoders): use a rare token (identifier.learned: false)")
     ident = runs.Identity.of(cfg)  # reads the photos' bytes: a missing folder fails here, in a second
     if reuse_finished and (done := runs.check_reusable(cfg, ident)) is not None:
         if progress:
@@ -165,9 +172,20 @@ def make_accelerator(cfg: Config):
     from . import tracking
 
     AcceleratorState._reset_state()
+    handlers = []
+    if cfg.train.train_text_encoder and not cfg.identifier.learned:
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        from .models import detect_family
+
+        # SDXL conditions on the first text encoder's penultimate layer: its last layer's LoRA gets
+        # no gradient, which DistributedDataParallel must be told (no effect on one process).
+        if detect_family(cfg.model.name, cfg.model.revision) == "sdxl":
+            handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     return Accelerator(mixed_precision=cfg.train.mixed_precision,
                        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-                       log_with=tracking.tracker_backend(cfg), project_config=tracking.project_config(cfg))
+                       log_with=tracking.tracker_backend(cfg), project_config=tracking.project_config(cfg),
+                       kwargs_handlers=handlers)
 
 
 @contextmanager
@@ -207,29 +225,33 @@ def set_up(cfg: Config, acc, opened: runs.Opened, instance: ImageSet, ident: run
 
     objective = DreamBoothObjective(cfg, pipe, instance, classes, acc, profile=profile)
     torch.manual_seed(cfg.train.seed)  # LoRA init draws from the global generator
-    params = add_adapters(cfg, objective.unet, objective.text_encoder)
+    second = {"text_encoder_2": objective.text_encoders[1]} if len(objective.text_encoders) > 1 else {}
+    params = add_adapters(cfg, objective.unet, objective.text_encoder, **second)
     if objective.identifier is not None:  # add_adapters froze the text encoder: the identifier learns
         objective.identifier.requires_grad_(True)
         params.append(objective.identifier)
     if cfg.train.gradient_checkpointing:
         objective.unet.enable_gradient_checkpointing()
         if cfg.train.train_text_encoder:
-            enable_checkpointing(objective.text_encoder)
+            for te in objective.text_encoders:
+                enable_checkpointing(te)
     eval_before = objective.eval_instance_loss()
 
     configure_speed(cfg, objective.unet)
-    optimizer = make_optimizer(cfg, objective.unet, objective.text_encoder, objective.identifier)
+    encoders = objective.text_encoders if len(objective.text_encoders) > 1 else objective.text_encoder
+    optimizer = make_optimizer(cfg, objective.unet, encoders, objective.identifier)
     lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.lr_warmup_steps,
                                  num_training_steps=cfg.train.steps)
-    models = [objective.unet] + ([objective.text_encoder] if objective.text_trained else [])
+    encoders = list(objective.text_encoders) if objective.text_trained else []
+    models = [objective.unet] + encoders
     *models, optimizer = acc.prepare(*models, optimizer)
     objective.unet = models[0]
     if objective.text_trained:
-        objective.text_encoder = models[1]
+        objective.text_encoders[:] = models[1:]
     named = {f"unet.{n}": p for n, p in acc.unwrap_model(objective.unet).named_parameters() if p.requires_grad}
     if objective.text_trained:
-        named.update({f"text_encoder.{n}": p for n, p in acc.unwrap_model(objective.text_encoder).named_parameters()
-                      if p.requires_grad})
+        for prefix, te in zip(("text_encoder", "text_encoder_2"), objective.text_encoders):
+            named.update({f"{prefix}.{n}": p for n, p in acc.unwrap_model(te).named_parameters() if p.requires_grad})
 
     run_dir, start, resumed_from = opened.path, 0, None
     if acc.is_main_process:  # a kill during a checkpoint write leaves its temp folder behind
@@ -294,7 +316,8 @@ def run_loop(s: Session, callbacks: list) -> None:
     on_micro = [cb.on_micro for cb in callbacks if hasattr(cb, "on_micro")]
     on_step = [cb.on_step for cb in callbacks if hasattr(cb, "on_step")]
     objective.unet.train()
-    objective.text_encoder.train(objective.text_trained)
+    for te in objective.text_encoders:
+        te.train(objective.text_trained)
     for step in range(s.start, cfg.train.steps):
         t_step = time.time()
         sums = torch.zeros(3)
@@ -343,10 +366,13 @@ def step_record(s: Session, step: int, sums: list[float], seconds: float) -> dic
     """The line metrics.jsonl gets for one optimizer step."""
     lrs = {g.get("name", "unet"): lr for g, lr in zip(s.optimizer.param_groups, s.lr_scheduler.get_last_lr())}
     prior = sums[2] if s.objective.sets["class"] is not None or s.objective.base_model_prior else None
-    return {"step": step + 1, "loss": sums[0], "instance_loss": sums[1], "prior_loss": prior, "lr": lrs["unet"],
-            "lr_text_encoder": lrs.get("text_encoder"), "lr_identifier": lrs.get("identifier"),
-            "loss_scale": s.acc.scaler.get_scale() if s.acc.scaler is not None else None,
-            "step_seconds": round(seconds, 4), "seconds": round(time.time() - s.t0, 3)}
+    record = {"step": step + 1, "loss": sums[0], "instance_loss": sums[1], "prior_loss": prior, "lr": lrs["unet"],
+              "lr_text_encoder": lrs.get("text_encoder"), "lr_identifier": lrs.get("identifier"),
+              "loss_scale": s.acc.scaler.get_scale() if s.acc.scaler is not None else None,
+              "step_seconds": round(seconds, 4), "seconds": round(time.time() - s.t0, 3)}
+    if "text_encoder_2" in lrs:  # SDXL with its text encoders trained
+        record["lr_text_encoder_2"] = lrs["text_encoder_2"]
+    return record
 
 
 def last_checkpoint_note(run_dir: Path) -> str:
@@ -384,7 +410,8 @@ def finish(s: Session, ident: runs.Identity, callbacks: list, *, progress: bool,
     """Evaluate, write the LoRA, the loss plot and summary.json; every process returns the result."""
     cfg, acc, objective = s.cfg, s.acc, s.objective
     objective.unet.eval()
-    objective.text_encoder.eval()
+    for te in objective.text_encoders:
+        te.eval()
     eval_after = objective.eval_instance_loss()
     for cb in callbacks:
         if isinstance(cb, RankReport):
@@ -394,7 +421,7 @@ def finish(s: Session, ident: runs.Identity, callbacks: list, *, progress: bool,
         from .export import PREFIX, run_metadata
         from .viz import plot_loss_curve
 
-        metadata = {**run_metadata(cfg), PREFIX + "dataset_digest": ident.dataset_digest}
+        metadata = {**run_metadata(cfg, objective.family), PREFIX + "dataset_digest": ident.dataset_digest}
         if objective.identifier is not None:
             from . import identifier
 
@@ -403,14 +430,15 @@ def finish(s: Session, ident: runs.Identity, callbacks: list, *, progress: bool,
             identifier.save(s.run_dir, objective.identifier, {PREFIX + "placeholder": cfg.prompt_token,
                                                               PREFIX + "init": cfg.identifier.init,
                                                               PREFIX + "base_model": cfg.model.name})
+        second = acc.unwrap_model(objective.text_encoders[1]) if len(objective.text_encoders) > 1 else None
         save_lora(s.run_dir, acc.unwrap_model(objective.unet), acc.unwrap_model(objective.text_encoder),
-                  cfg.train.train_text_encoder, metadata=metadata)
+                  cfg.train.train_text_encoder, metadata=metadata, text_encoder_2=second)
         plot_loss_curve(s.history, s.run_dir / "loss.png", title=f"{s.run_dir.name}", params=run_params(cfg))
         summary = {"status": "finished", "steps": cfg.train.steps,
                    "final_loss": s.history[-1]["loss"] if s.history else None,
                    "eval_instance_loss_before": s.eval_before, "eval_instance_loss_after": eval_after,
                    "class_images_generated": s.generated, "resumed_from": s.resumed_from,
-                   "seconds": round(time.time() - s.t0, 2), "config_hash": cfg.hash(),
+                   "seconds": round(time.time() - s.t0, 2), "config_hash": cfg.hash(), "family": objective.family,
                    "dataset_digest": ident.dataset_digest, "photos": len(ident.dataset)}
         if s.override:
             summary["resume_override"] = s.override
@@ -442,11 +470,15 @@ def warn_about_token(cfg: Config, tokenizer) -> None:
 
 def make_optimizer(cfg: Config, unet, text_encoder, identifier=None):
     """AdamW (torch) or 8-bit AdamW (bitsandbytes) with one learning rate per component (named
-    groups: unet, text_encoder, identifier; the identifier without weight decay)."""
+    groups: unet, text_encoder, text_encoder_2 (SDXL), identifier; the identifier without weight
+    decay). text_encoder: the text encoder, or the list of them (SDXL: two)."""
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.optim.lr_unet, "name": "unet"}]
-    if cfg.train.train_text_encoder:
-        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad and p is not identifier],
-                       "lr": cfg.optim.lr_text_encoder, "name": "text_encoder"})
+    encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+    lr_2 = cfg.optim.lr_text_encoder if cfg.optim.lr_text_encoder_2 is None else cfg.optim.lr_text_encoder_2
+    for name, lr, te in zip(("text_encoder", "text_encoder_2"), (cfg.optim.lr_text_encoder, lr_2), encoders):
+        if cfg.train.train_text_encoder:
+            groups.append({"params": [p for p in te.parameters() if p.requires_grad and p is not identifier],
+                           "lr": lr, "name": name})
     if identifier is not None:
         groups.append({"params": [identifier], "lr": cfg.identifier.lr, "weight_decay": 0.0, "name": "identifier"})
     kw = dict(betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), weight_decay=cfg.optim.weight_decay,
@@ -492,6 +524,7 @@ def run_params(cfg: Config) -> dict:
         "steps": cfg.train.steps, "batch": cfg.train.batch_size, "lr_unet": cfg.optim.lr_unet,
         "train_text_encoder": cfg.train.train_text_encoder, "lr_te": cfg.optim.lr_text_encoder,
         "rank": cfg.lora.rank, "alpha": cfg.lora_alpha, "prior": cfg.prior.enabled,
+        **({"lr_te2": cfg.optim.lr_text_encoder_2} if cfg.optim.lr_text_encoder_2 is not None else {}),
         "prior_weight": cfg.prior.loss_weight, "class_images": cfg.prior.num_class_images,
         "seed": cfg.train.seed, "resolution": cfg.resolution,
     }

@@ -8,7 +8,8 @@ Two caches change nothing but time (both on by default, `train.cache_latents` an
   ``DiagonalGaussianDistribution.sample`` would, from the same generator. Random crops cannot
   be cached (every step crops somewhere else), so with ``data.center_crop: false`` the VAE runs
   every step;
-- with the text encoder frozen, the two prompts' hidden states are computed once.
+- with the text encoder frozen, the two prompts' hidden states are computed once (for SDXL:
+  both encoders' states and the pooled embedding, conditioning.py).
 
 Afterwards the VAE and the frozen text encoder leave the accelerator (`train.offload_frozen`).
 Every random draw of a step comes from one generator seeded by (seed, step, micro-step), in the
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 from .config import Config
 from . import buckets
+from .conditioning import Cond, added_cond_kwargs, encode, time_ids
 from .data import ImageSet, crop_box, indices_for_step
 from .losses import min_snr_weights, offset_noise, per_row_loss, snr
 from .prompts import truncation_warning
@@ -116,15 +118,29 @@ class DreamBoothObjective:
                  profile: bool = False):
         from diffusers import DDPMScheduler
 
+        from .models import detect_family
+
         self.cfg, self.acc = cfg, accelerator
-        self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+        self.family = detect_family(pipe)
+        self.unet, self.vae = pipe.unet, pipe.vae
+        # SDXL: [CLIP ViT-L, OpenCLIP bigG]; SD1/SD2: the one text encoder. Each gets LoRA when trained.
+        xl = self.family == "sdxl"
+        self.text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if xl else [])
+        self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if xl else [])
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.latent_dtype = pipe.unet.dtype  # what the UNet's base weights are in (the latents follow)
+        if xl and cfg.train.mixed_precision == "fp16" and self.vae.dtype == torch.float16 and \
+                getattr(self.vae.config, "force_upcast", False):
+            torch.nn.Module.to(self.vae, torch.float32)  # SDXL's VAE overflows in fp16 (its config says force_upcast): encode in fp32
         self.sets = {"instance": instance, "class": classes}
         self.base_model_prior = (cfg.prior.enabled and cfg.prior.loss_weight > 0 and cfg.prior.target == "base_model")
         # A learned identifier (identifier.py): new tokens with a trainable embedding, swapped into
         # the text encoder before the prompts are tokenized; their states can then not be cached.
         self.identifier: torch.nn.Parameter | None = None
         ic = cfg.identifier
+        if ic.learned and xl:
+            raise ValueError("identifier.learned is not supported for SDXL models yet (its tokens would need "
+                             "both text encoders): use a rare token (identifier.learned: false)")
         if ic.learned:
             from . import identifier
 
@@ -141,10 +157,10 @@ class DreamBoothObjective:
         for prompt in prompts:
             if (msg := truncation_warning(self.tokenizer, prompt)) is not None:
                 warnings.warn(msg, UserWarning, stacklevel=3)
-        self.prompt_ids = tokenize(self.tokenizer, prompts)
+        self.prompt_ids = [tokenize(tok, prompts) for tok in self.tokenizers]  # one per text encoder
         self.timer = PhaseTimer(profile, accelerator.device)
         self.latent_cache: dict | None = None
-        self.text_cache: torch.Tensor | None = None
+        self.text_cache: Cond | None = None
         # Aspect-ratio bucketing (buckets.py): each photo's bucket, decided once.
         self.bucket_of: list | None = None
         if cfg.data.buckets:
@@ -154,19 +170,47 @@ class DreamBoothObjective:
             self.latent_cache = self._encode_all() if self.bucket_of is None else self._encode_buckets()
         if cfg.train.cache_text_embeddings and not self.text_trained:
             with torch.no_grad():
-                self.text_cache = self.text_encoder(self.prompt_ids.to(self.acc.device))[0]
+                self.text_cache = self.encode(torch.tensor([0, 1]))
         if cfg.train.offload_frozen:
             if self.latent_cache is not None:
                 self.vae.to("cpu")
             if self.text_cache is not None:
-                self.text_encoder.to("cpu")
+                for te in self.text_encoders:
+                    te.to("cpu")
             if self.acc.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    @property
+    def text_encoder(self):
+        """The (first) text encoder; SDXL's second is text_encoders[1]."""
+        return self.text_encoders[0]
+
+    @text_encoder.setter
+    def text_encoder(self, module) -> None:
+        self.text_encoders[0] = module
+
+    @property
+    def tokenizer(self):
+        return self.tokenizers[0]
 
     @property
     def text_trained(self) -> bool:
         """Does anything in the text encoder learn (its LoRA, or a learned identifier)?"""
         return self.cfg.train.train_text_encoder or self.identifier is not None
+
+    def pipeline(self, scheduler):
+        """A pipeline of the family around the models as they are now (for validation images)."""
+        from .models import pipeline_class
+
+        unwrap = self.acc.unwrap_model
+        parts = dict(vae=self.vae, text_encoder=unwrap(self.text_encoders[0]), tokenizer=self.tokenizers[0],
+                     unet=unwrap(self.unet), scheduler=scheduler)
+        if self.family == "sdxl":
+            parts.update(text_encoder_2=unwrap(self.text_encoders[1]), tokenizer_2=self.tokenizers[1],
+                         add_watermarker=False)
+        else:
+            parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return pipeline_class(self.family)(**parts)
 
     # ---- caches ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -270,15 +314,44 @@ class DreamBoothObjective:
                 dist = self.vae.encode(pixels.to(dev, self.vae.dtype)).latent_dist
             mean, std = dist.mean, dist.std
         eps = torch.randn((n, *mean.shape[1:]), generator=gen, dtype=mean.dtype)[positions]
-        return (mean.to(dev) + std.to(dev) * eps.to(dev)) * self.vae.config.scaling_factor
+        latents = (mean.to(dev) + std.to(dev) * eps.to(dev)) * self.vae.config.scaling_factor
+        return latents.to(self.latent_dtype)
 
-    def states(self, rows: list[Row]) -> torch.Tensor:
-        """Text-encoder hidden states for each row's prompt (instance or class)."""
+    def encode(self, which: torch.Tensor) -> Cond:
+        """Conditioning of prompts `which` (0 = instance, 1 = class), through the text encoder(s)."""
+        return encode(self.family, self.text_encoders, [ids[which].to(self.acc.device) for ids in self.prompt_ids])
+
+    def states(self, rows: list[Row]) -> Cond:
+        """Text conditioning for each row's prompt (instance or class): hidden states (SDXL: and pooled)."""
         which = torch.tensor([0 if r.kind == "instance" else 1 for r in rows])
         if self.text_cache is not None:
             return self.text_cache[which.to(self.text_cache.device)]
         with torch.set_grad_enabled(self.text_trained and torch.is_grad_enabled()):
-            return self.text_encoder(self.prompt_ids[which].to(self.acc.device))[0]
+            return self.encode(which)
+
+    def time_ids(self, rows: list[Row]) -> torch.Tensor | None:
+        """SDXL's [original h, w, crop top, left, target h, w] per row (None for SD1/SD2): the
+        photo's file size, and where this step's crop lies in the resized photo (conditioning.time_ids)."""
+        if self.family != "sdxl":
+            return None
+        out = []
+        for r in rows:
+            images = self.sets[r.kind]
+            width = r.resized[0] if r.resized is not None else images.images[r.index].size[0]
+            out.append(time_ids(images.original_size(r.index), r.box, width, r.flip))
+        return torch.tensor(out, dtype=torch.float32)
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond, ids: torch.Tensor | None):
+        """The UNet's prediction, with SDXL's added conditioning when the family has it."""
+        return self.unet(noisy, timesteps, cond.states, added_cond_kwargs=added_cond_kwargs(cond, ids)).sample
+
+    def center_row(self, kind: str, i: int) -> Row:
+        """Photo i centre-cropped, unflipped (in its own bucket with data.buckets)."""
+        if self.bucket_of is not None:
+            b = self.bucket_of[i]
+            resized, box = buckets.cover_and_crop_box(self.sets[kind].images[i].size, b, True, None)
+            return Row(kind, i, False, box, b, resized)
+        return Row(kind, i, False, crop_box(self.sets[kind].images[i].size, self.sets[kind].resolution, True, None))
 
     def loss(self, step: int, micro: int):
         """(loss, instance loss, prior loss) of one micro-batch."""
@@ -298,42 +371,43 @@ class DreamBoothObjective:
         target = training_target(self.noise_scheduler.config, latents, noise, timesteps, self.noise_scheduler)
         with self.timer.phase("text_encoder"):
             states = self.states(rows)
+        ids = self.time_ids(rows)
         if self.base_model_prior:  # the prior rows: the same noisy latents, with the class prompt
             with self.timer.phase("base_model_prior"):
-                prior_target = self.base_prediction(noisy, timesteps)
+                prior_target = self.base_prediction(noisy, timesteps, ids)
             noisy, timesteps = torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps])
-            states = torch.cat([states, self.class_states(len(rows))])
+            states = states.cat(self.class_states(len(rows)))
+            ids = None if ids is None else torch.cat([ids, ids])
             target = torch.cat([target, prior_target])
         weights = None
         if lc.min_snr_gamma:
             weights = min_snr_weights(snr(self.noise_scheduler.alphas_cumprod, timesteps), lc.min_snr_gamma,
                                       self.noise_scheduler.config.prediction_type)
         with self.timer.phase("unet_forward"):
-            pred = self.unet(noisy, timesteps, states).sample
+            pred = self.predict(noisy, timesteps, states, ids)
             return dreambooth_loss(pred, target, len(rows) if self.base_model_prior else cfg.train.batch_size,
                                    cfg.prior.loss_weight, weights, lc.kind, lc.huber_c)
 
     # ---- the prior from the frozen base model ------------------------------------------------------
-    def class_states(self, n: int) -> torch.Tensor:
+    def class_states(self, n: int) -> Cond:
         """The class prompt's hidden states for n rows (through the text encoder's LoRA if trained)."""
         return self.states([Row("class", 0, False, (0, 0, 0, 0))] * n)
 
     @torch.no_grad()
-    def base_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def base_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, ids: torch.Tensor | None = None):
         """What the frozen base model (every adapter off) predicts for the class prompt: the target
-        of the prior rows when prior.target is base_model."""
+        of the prior rows when prior.target is base_model (`ids`: the rows' SDXL time ids)."""
         unet = self.acc.unwrap_model(self.unet)
-        te = self.acc.unwrap_model(self.text_encoder)
-        trained_te = self.cfg.train.train_text_encoder
+        tes = [self.acc.unwrap_model(te) for te in self.text_encoders] if self.cfg.train.train_text_encoder else []
         unet.disable_adapters()
-        if trained_te:
+        for te in tes:
             te.disable_adapters()
         try:
             states = self.class_states(noisy.shape[0])
-            return self.unet(noisy, timesteps, states).sample.detach()
+            return self.predict(noisy, timesteps, states, ids).detach()
         finally:
             unet.enable_adapters()
-            if trained_te:
+            for te in tes:
                 te.enable_adapters()
 
     @torch.no_grad()
@@ -355,13 +429,14 @@ class DreamBoothObjective:
             else:
                 px = self.sets["instance"].example(i, center_crop=True, flip=False)[None]
                 mean = self.vae.encode(px.to(self.acc.device, self.vae.dtype)).latent_dist.mean
-            latents = (mean * self.vae.config.scaling_factor).repeat(n, 1, 1, 1)
+            latents = (mean * self.vae.config.scaling_factor).to(self.latent_dtype).repeat(n, 1, 1, 1)
             gen = torch.Generator().manual_seed(seed + i)
             noise = torch.randn(latents.shape, generator=gen).to(latents.device, latents.dtype)
             t = torch.tensor(timesteps, device=latents.device)
-            rows = [Row("instance", i, False, (0, 0, 0, 0))] * n
+            rows = [self.center_row("instance", i)] * n
             with self.acc.autocast():
-                pred = self.unet(self.noise_scheduler.add_noise(latents, noise, t), t, self.states(rows)).sample
+                noisy = self.noise_scheduler.add_noise(latents, noise, t)
+                pred = self.predict(noisy, t, self.states(rows), self.time_ids(rows))
             target = training_target(self.noise_scheduler.config, latents, noise, t, self.noise_scheduler)
             losses.append(F.mse_loss(pred.float(), target.float()).item())
         return sum(losses) / len(losses)

@@ -57,10 +57,12 @@ def _one_line_error(capsys, *needles):
 
 @pytest.fixture
 def run_copy(trained_run, tmp_path):
-    """A copy of the shared run that a test may damage."""
+    """A copy of the shared run that a test may damage: the finished run alone, without what other
+    tests sampled, exported or evaluated from it (so no test depends on the order they ran in)."""
     import shutil
 
-    return Path(shutil.copytree(trained_run.run_dir, tmp_path / trained_run.run_dir.name))
+    return Path(shutil.copytree(trained_run.run_dir, tmp_path / trained_run.run_dir.name,
+                                ignore=shutil.ignore_patterns("samples", "export", "eval")))
 
 
 def _truncate(path: Path, keep: float = 0.5) -> Path:

@@ -75,6 +75,7 @@ TRAINING_KNOBS = [
     ("optim.optimizer", "adamw8bit"),
     ("optim.lr_unet", 1e-4),
     ("optim.lr_text_encoder", 5e-5),
+    ("optim.lr_text_encoder_2", 5e-5),
     ("optim.weight_decay", 0.0),
     ("optim.adam_beta1", 0.8),
     ("optim.adam_beta2", 0.99),

@@ -85,3 +85,34 @@ def test_lora_difference_and_verdict(tmp_path):
     assert G.verdict(near, near).startswith("within this GPU's run-to-run noise")
     assert G.verdict(near, same).startswith("DIFFERENT: max |diff|")
     assert G.verdict(fewer, same).startswith("DIFFERENT: the resumed LoRA has other tensors")
+
+
+def test_sdxl_cases_run_sdxl_random_on_the_t4_preset():
+    names = [n for n, _ in G.SDXL_CASES]
+    assert names[0] == "SDXL: the colab_t4_sdxl preset" and len(names) == 3
+    preset, te, bare = (G.make_config(G.sdxl_case_overrides(extra, steps=G.SDXL_STEPS, resolution=None,
+                                                            out="/tmp/x", cache="/tmp/c"))
+                        for _, extra in G.SDXL_CASES)
+    for cfg in (preset, te, bare):
+        assert (cfg.model.name, cfg.resolution, cfg.train.steps) == ("sdxl-random", 1024, G.SDXL_STEPS)
+        assert cfg.train.mixed_precision == "fp16" and cfg.optim.optimizer == "adamw8bit"
+        assert cfg.prior.enabled and cfg.prior.num_class_images == 2
+    assert preset.train.gradient_checkpointing and not preset.train.train_text_encoder
+    assert te.train.train_text_encoder and not bare.train.gradient_checkpointing
+    small = G.make_config(G.sdxl_case_overrides({}, steps=4, resolution=512, out="/tmp/x", cache="/tmp/c"))
+    assert small.resolution == 512
+
+
+def test_markdown_has_the_sdxl_table_when_sdxl_cases_ran():
+    data = _data(None)
+    gib = 2**30
+    data["sdxl_cases"] = [
+        {"name": "SDXL: the colab_t4_sdxl preset", "resolution": 1024, "step_seconds": 3.2, "peak_bytes": 7 * gib,
+         "peak_bytes_whole": 11 * gib, "predicted_bytes": 6 * gib, "predicted_peak_bytes": 10 * gib,
+         "predicted_gib": {"setup": 10.0}},
+        {"name": "SDXL: preset without gradient checkpointing", "error": "CUDA out of memory"}]
+    text = G.to_markdown(data)
+    assert "SDXL (`sdxl-random`" in text
+    assert "| SDXL: the colab_t4_sdxl preset | 1024 | 3.200 | 7.00 | 11.00 | 6.00 | 10.00 | 1.17 | 1.10 | yes |" in text
+    assert "| SDXL: preset without gradient checkpointing | | failed: CUDA out of memory |" in text
+    assert "SDXL (" not in G.to_markdown(_data(None))  # no SDXL cases, no SDXL table

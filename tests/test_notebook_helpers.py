@@ -90,7 +90,7 @@ def test_flat_keys_is_the_dotted_leaves():
 
 def test_preset_choices_list_the_study_presets_not_sweeps():
     choices = nb.preset_choices()
-    assert choices[:2] == ["configs/colab_t4.yaml", "configs/tiny.yaml"]
+    assert choices[:3] == ["configs/colab_t4.yaml", "configs/colab_t4_sdxl.yaml", "configs/tiny.yaml"]
     assert [f"configs/study/exp{i}.yaml" for i in range(1, 9)] == [c for c in choices if "/exp" in c]
     assert "configs/study/small_dog_scale060.yaml" in choices and "configs/study/small_dog_scale064.yaml" in choices
     assert "configs/study/tokens.yaml" not in choices and "configs/study/base.yaml" not in choices
@@ -297,3 +297,50 @@ def test_setup_on_colab_mounts_drive_installs_once_and_enables_widgets(tmp_path,
     second = FakeRun()
     assert "packages: already installed" in nb.setup(root=tmp_path, run=second, mount_drive=False)
     assert second.calls == []
+
+
+def test_the_form_offers_sdxl_base_and_its_t4_preset():
+    """main.ipynb's form: BASE_MODEL's dropdown has SD1.5 and SDXL base, PRESET has colab_t4_sdxl,
+    RESOLUTION has 1024; nothing else in the form is SDXL's own."""
+    import ast
+
+    import nbformat
+
+    cell = next(c for c in nbformat.read(nb.find_repo_root() / "main.ipynb", as_version=4).cells
+                if "parameters" in c.metadata.get("tags", []))
+    lines = {line.split("=")[0].strip(): line for line in cell.source.splitlines() if "#@param" in line}
+
+    def offered(name):
+        return ast.literal_eval(lines[name].split("#@param", 1)[1].split("]", 1)[0].strip() + "]")
+
+    assert tuple(offered("BASE_MODEL")) == nb.BASE_MODELS == (nb.FORM_DEFAULTS["BASE_MODEL"], nb.SDXL_BASE)
+    assert "allow-input: true" in lines["BASE_MODEL"]  # any other hub id or folder can be typed in
+    assert "configs/colab_t4_sdxl.yaml" in offered("PRESET") and 1024 in offered("RESOLUTION")
+    summary_cell = next(c.source for c in nbformat.read(nb.find_repo_root() / "main.ipynb", as_version=4).cells
+                        if "nb.configure(globals(), PRESET)" in c.source)
+    assert "nb.memory_note(cfg)" in summary_cell
+
+
+def test_sdxl_preset_through_the_form(monkeypatch, tmp_path):
+    """PRESET=colab_t4_sdxl with the form at its defaults trains SDXL at 1024 px with the preset's
+    switches; a field the user changes still wins."""
+    monkeypatch.delenv(nb.SMOKE_ENV, raising=False)
+    form = dict(nb.FORM_DEFAULTS, OUTPUT_DIR=str(tmp_path), DATASET_DIR="datasets/sample_subject", CLASS="cat")
+    cfg, sources = nb.configure(form, "configs/colab_t4_sdxl.yaml")
+    assert cfg.model.name == nb.SDXL_BASE and sources["model.name"] == "preset"
+    assert cfg.resolution == 1024 and sources["data.resolution"] == "preset"
+    assert cfg.train.gradient_checkpointing and cfg.optim.optimizer == "adamw8bit"
+    assert not cfg.train.train_text_encoder and sources["train.train_text_encoder"] == "preset"
+    assert cfg.data.class_name == "cat" and sources["data.class_name"] == "form"
+
+
+def test_memory_note_says_whether_it_fits(tmp_path):
+    from conftest import tiny_config
+
+    cfg = tiny_config(tmp_path)
+    fits = nb.memory_note(cfg, gpu_gib=15.0, gpu_name="Tesla T4")
+    assert fits.startswith("memory model: ") and "Tesla T4 (15.0 GiB): fits" in fits
+    tiny_gpu = nb.memory_note(cfg, gpu_gib=0.001, gpu_name="a tiny GPU")
+    assert "likely out of memory" in tiny_gpu and "GRADIENT_CHECKPOINTING" in tiny_gpu
+    cfg.model.name = "no-such-org/no-such-model"  # configs not readable here: a note, never an error
+    assert nb.memory_note(cfg, gpu_gib=15.0).startswith("memory model: no estimate for 'no-such-org/no-such-model'")

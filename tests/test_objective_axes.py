@@ -104,7 +104,7 @@ def test_base_model_prior_target_is_the_frozen_unet_with_adapters_off(tmp_path, 
     g = torch.Generator().manual_seed(3)
     noisy, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([100, 700])
     got = obj.base_prediction(noisy, t)
-    states = obj.class_states(2)
+    states = obj.class_states(2).states  # a Cond: hidden states (and, for SDXL, the pooled embedding)
     with torch.no_grad():
         want = base_unet(noisy, t, states).sample
         lora_pred = obj.unet(noisy, t, states).sample

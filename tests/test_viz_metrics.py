@@ -49,6 +49,11 @@ def test_random_metric_models_are_named_and_marked_in_labels(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"summary": {"dino": 0.5},
                                                        "settings": {"dino_model": "facebook/dino-vits16"}}))
     assert metrics_label(tmp_path) == "\nDINO 0.50"
+    (tmp_path / "metrics.json").write_text(json.dumps({"summary": {"dino": 0.5, "judge_subject_fidelity": 0.75,
+                                                                   "judge_prompt_fidelity": 0.5},
+                                                       "settings": {"dino_model": "tiny"}}))
+    assert metrics_label(tmp_path) == ("\nDINO 0.50\n(tiny metric models: not meaningful)"
+                                       "\njudge: subject 0.75 prompt 0.50")
     assert metrics_note([{"metric_models": "facebook/dino-vits16, openai/clip-vit-base-patch32"}]) == ""
     note = metrics_note([{"metric_models": "tiny, tiny (random weights): NOT MEANINGFUL"}])
     assert note.startswith("note: scores marked NOT MEANINGFUL") and "facebook/dino-vits16" in note
