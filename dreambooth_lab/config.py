@@ -358,11 +358,26 @@ def looks_like_sdxl(name: str) -> bool:
     return "sdxl" in low or "stable-diffusion-xl" in low or low.endswith("-xl")
 
 
+def native_resolution(folder: str | Path) -> int | None:
+    """What a local diffusers folder generates by default, as its pipeline computes it: the UNet's
+    sample_size times the VAE's downscale (2 ** (levels - 1)); None when the configs do not say."""
+    folder = Path(folder).expanduser()
+    try:
+        size = json.loads((folder / "unet" / "config.json").read_text()).get("sample_size")
+        levels = len(json.loads((folder / "vae" / "config.json").read_text()).get("block_out_channels", ()))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(size, int) or levels < 1:
+        return None
+    return size * 2 ** (levels - 1)
+
+
 def default_resolution(name: str) -> int:
-    """data.resolution when it is null: 64 for the offline test models, 1024 for SDXL, else 512."""
+    """data.resolution when it is null: 64 for the offline test models; a local folder's native
+    size (e.g. a copy of toyworld, 64); 1024 for SDXL; else 512."""
     if name in TINY_MODELS or name == TOYWORLD:
         return 64
-    return 1024 if looks_like_sdxl(name) else 512
+    return native_resolution(name) or (1024 if looks_like_sdxl(name) else 512)
 
 
 def fill_prompt(template: str, token: str, class_name: str) -> str:

@@ -1,6 +1,7 @@
 """Model families (SD1.x, SD2.x v-prediction, SDXL): told from the model folder, carried by the run."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,6 +66,23 @@ def test_default_resolution_follows_the_family_by_name():
     assert C.default_resolution("sdxl-random") == 1024
     assert C.default_resolution("stabilityai/stable-diffusion-xl-base-1.0") == 1024
     assert C.default_resolution("stable-diffusion-v1-5/stable-diffusion-v1-5") == 512
+
+
+def test_a_local_folder_trains_at_its_native_size(tmp_path):
+    """A copied model folder (a toyworld snapshot, an SD2-768 download) defaults to what its own
+    pipeline generates: UNet sample_size x the VAE's downscale — not a blanket 512."""
+    import json
+    import shutil
+
+    copy = Path(shutil.copytree(models.tiny_model_dir(), tmp_path / "my-tiny-copy"))
+    assert C.default_resolution(str(copy)) == 64
+    cfg = json.loads((copy / "unet" / "config.json").read_text())
+    (copy / "unet" / "config.json").write_text(json.dumps({**cfg, "sample_size": 96}))
+    vae = json.loads((copy / "vae" / "config.json").read_text())
+    (copy / "vae" / "config.json").write_text(json.dumps({**vae, "block_out_channels": [8, 8, 8, 8]}))
+    assert C.default_resolution(str(copy)) == 768
+    (copy / "unet" / "config.json").unlink()
+    assert C.default_resolution(str(copy)) == 512  # configs that do not say: the SD1/SD2 default
 
 
 def test_second_text_encoder_lr_leaves_old_hashes_alone():

@@ -195,3 +195,26 @@ def test_a_broken_objective_is_caught(world_pipe, good_run, tmp_path):
     finally:
         world_pipe.delete_adapters("dreambooth")
     assert rate < SUBJECT_RATE_MIN, rate
+
+
+def test_evaluate_reports_the_judge_for_toyworld_runs(world_pipe, tmp_path):
+    """`evaluate` on a toyworld run adds the judge's readings; the registry and sheet labels carry them."""
+    from dreambooth_lab.compare import metrics_label
+    from dreambooth_lab.config import EvalConfig
+    from dreambooth_lab.evaluate import evaluate_run
+    from dreambooth_lab.experiments import scan_runs
+    from dreambooth_lab.metrics import Embedder
+
+    _, res = _short_run(tmp_path, **{"train.steps": 4, "prior.enabled": False})
+    ev = EvalConfig(images_per_prompt=2, drift_images=2, dino_model="tiny", clip_model="tiny")
+    summary = evaluate_run(res.run_dir, ev, pipe=world_pipe, embedder=Embedder("tiny", "tiny", device="cpu"),
+                           progress=False).summary
+    for key in ("judge_subject_fidelity", "judge_prompt_fidelity", "judge_subject_and_prompt",
+                "judge_drift_subject_rate_base", "judge_drift_subject_rate_finetuned"):
+        assert 0.0 <= summary[key] <= 1.0, (key, summary)
+    assert summary["judge_subject"] == "dog"
+    # 4 steps cannot teach the subject; the base model's forest/van gogh/car are what the judge reads
+    assert summary["judge_prompt_fidelity"] > 0.0
+    row = next(r for r in scan_runs(tmp_path / "runs") if r["run_dir"] == str(res.run_dir.resolve()))
+    assert row["metric_judge_subject_fidelity"] == summary["judge_subject_fidelity"]
+    assert "judge: subject" in metrics_label(res.run_dir)
