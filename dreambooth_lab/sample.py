@@ -9,6 +9,7 @@ it again: ``regenerate(sidecar)``.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -117,12 +118,35 @@ def load_lora(pipe, lora_path: str | Path) -> None:
     if ADAPTER in (pipe.get_list_adapters().get("unet") or []):
         pipe.delete_adapters(ADAPTER)
     try:
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER)
+        with _quiet_missing_text_encoder_keys():
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER)
     except (ValueError, RuntimeError, KeyError) as exc:  # e.g. a LoRA of another base model (other shapes)
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
         raise LoraFileError(f"{path} does not fit this base model ({reason}): load it on the model it was "
                             "trained on") from exc
     load_identifier(pipe, path)
+
+
+@contextmanager
+def _quiet_missing_text_encoder_keys():
+    """A LoRA trained with the text encoder frozen has no text-encoder keys, and diffusers says so
+    on every load ("No LoRA keys associated to CLIPTextModel ..."): expected here, so dropped.
+    Every other message of the load still shows."""
+    import logging
+
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not record.getMessage().startswith("No LoRA keys associated to")
+
+    handlers = logging.getLogger("diffusers").handlers
+    drop = Drop()
+    for h in handlers:
+        h.addFilter(drop)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(drop)
 
 
 def load_identifier(pipe, lora_file: Path) -> str | None:

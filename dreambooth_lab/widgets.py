@@ -32,6 +32,12 @@ class GenerationPanel:
                                         description="LoRA scale (UNet)", **slider)
         self.scale_te = W.FloatSlider(value=s.lora_scale_text_encoder, min=0, max=1.5, step=0.05,
                                       description="LoRA scale (text enc.)", **slider)
+        # SDXL's second text encoder has its own LoRA scale (the family comes from the pipeline)
+        self.scale_te2 = None
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            te2 = s.lora_scale_text_encoder_2
+            self.scale_te2 = W.FloatSlider(value=s.lora_scale_text_encoder if te2 is None else te2, min=0, max=1.5,
+                                           step=0.05, description="LoRA scale (text enc. 2)", **slider)
         self.guidance = W.FloatSlider(value=s.guidance, min=1, max=15, step=0.1, description="guidance", **slider)
         self.steps = W.IntSlider(value=s.steps, min=1, max=100, description="steps", **slider)
         self.count = W.IntSlider(value=1, min=1, max=8, description="images", **slider)
@@ -41,7 +47,8 @@ class GenerationPanel:
         self.status = W.HTML()
         self.output = W.Output()
         self.button.on_click(self.generate)
-        self.widget = W.VBox([self.prompt, self.negative, self.scale_unet, self.scale_te, self.guidance,
+        scales = [self.scale_unet, self.scale_te] + ([self.scale_te2] if self.scale_te2 is not None else [])
+        self.widget = W.VBox([self.prompt, self.negative, *scales, self.guidance,
                               self.steps, self.count, W.HBox([self.seed, self.random_seed, self.button]),
                               self.status, self.output])
 
@@ -59,7 +66,9 @@ class GenerationPanel:
                           guidance=float(self.guidance.value), steps=int(self.steps.value),
                           sampler=self.cfg.sample.sampler, width=self.cfg.resolution, height=self.cfg.resolution,
                           lora_scale_unet=float(self.scale_unet.value),
-                          lora_scale_text_encoder=float(self.scale_te.value), model=self.cfg.model.name,
+                          lora_scale_text_encoder=float(self.scale_te.value),
+                          lora_scale_text_encoder_2=None if self.scale_te2 is None else float(self.scale_te2.value),
+                          model=self.cfg.model.name,
                           lora=lora, run=str(self.run_dir.resolve()) if self.run_dir else None)
                 for i in range(int(self.count.value))]
 

@@ -344,3 +344,22 @@ def test_memory_note_says_whether_it_fits(tmp_path):
     assert "likely out of memory" in tiny_gpu and "GRADIENT_CHECKPOINTING" in tiny_gpu
     cfg.model.name = "no-such-org/no-such-model"  # configs not readable here: a note, never an error
     assert nb.memory_note(cfg, gpu_gib=15.0).startswith("memory model: no estimate for 'no-such-org/no-such-model'")
+
+
+def test_panel_on_an_sdxl_pipeline_has_the_second_text_encoder_scale(tmp_path):
+    """The panel takes the family from the pipeline: SDXL gets a third LoRA scale, SD1 does not."""
+    from dreambooth_lab.config import Config, ModelConfig
+    from dreambooth_lab.models import load_pipeline
+
+    cfg = Config()
+    cfg.model.name = "tiny-sdxl"
+    cfg.train.output_dir = str(tmp_path)
+    cfg.sample.lora_scale_text_encoder = 0.3
+    pipe = load_pipeline(ModelConfig(name="tiny-sdxl", dtype="float32"), device="cpu")
+    panel = GenerationPanel(pipe, cfg)
+    assert panel.scale_te2 is not None and panel.scale_te2.value == 0.3  # follows the text-encoder scale
+    assert panel.scale_te2 in panel.widget.children
+    panel.scale_te2.value = 0.7
+    assert panel.specs()[0].lora_scale_text_encoder_2 == 0.7
+    sd1 = GenerationPanel(load_pipeline(ModelConfig(name="tiny", dtype="float32"), device="cpu"), Config())
+    assert sd1.scale_te2 is None and sd1.specs()[0].lora_scale_text_encoder_2 is None

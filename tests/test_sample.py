@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_config
 from dreambooth_lab import sample
 from dreambooth_lab.config import ModelConfig
 from dreambooth_lab.models import load_pipeline
@@ -111,3 +112,22 @@ def test_a_lora_with_alpha_not_rank_reloads_at_its_trained_scale(tmp_path):
     sample.set_lora_scales(pipe, 1.0, 1.0)
     layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
     assert layer.scaling[sample.ADAPTER] == pytest.approx(16.0 / 4)
+
+
+def test_a_unet_only_lora_loads_without_diffusers_missing_key_noise(tmp_path, capfd):
+    """A LoRA trained with the text encoder frozen has no text-encoder keys; loading it must not
+    print diffusers' "No LoRA keys associated to CLIPTextModel" line (expected, not a problem)."""
+    import logging
+
+    from dreambooth_lab.sample import load_lora
+    from dreambooth_lab.train import train
+
+    res = train(tiny_config(tmp_path, **{"train.steps": 2, "prior.enabled": False}), progress=False)
+    pipe = load_pipeline(ModelConfig(name="tiny", dtype="float32"), device="cpu")
+    capfd.readouterr()
+    load_lora(pipe, res.run_dir)
+    err = capfd.readouterr().err
+    assert "No LoRA keys associated" not in err
+    assert "dreambooth" in pipe.get_list_adapters()["unet"]
+    handlers = logging.getLogger("diffusers").handlers
+    assert handlers and not any(h.filters for h in handlers)  # the filter is gone after the load
