@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
-MODEL  ?= tiny
+MODEL  ?= toyworld
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 

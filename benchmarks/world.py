@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MARK_START, MARK_END = "<!-- world:start -->", "<!-- world:end -->"
+# the world's own recipe, calibrated on build v2 (the study's lr 3e-4 moves this 1 M-parameter UNet too little)
+STRONG = {"optim.lr_unet": 5e-3, "optim.lr_text_encoder": 1e-3, "lora.conv": True}
 
 
 def base_prompts():
@@ -94,9 +96,10 @@ def main(argv=None) -> None:
 
     kw = {} if args.steps is None else {"steps": args.steps}
 
-    def dreambooth(name, subject, photos, token="sks", prior=True, te=False, scales=(0.4, 0.6), steps=None):
+    def dreambooth(name, subject, photos, token="sks", prior=True, te=False, scales=(0.4, 0.6), steps=None,
+                   overrides=None):
         cfg = world_config(subject, photos, token, output_dir=work / "runs", prior=prior, train_text_encoder=te,
-                           **({"steps": steps} if steps else kw))
+                           overrides=overrides, **({"steps": steps} if steps else kw))
         res, secs = run_one(cfg, name, log)
         entry = {"steps": cfg.train.steps, "seconds": round(secs, 1), "photos": photos, "token": token,
                  "prior": prior, "text_encoder": te, "final_loss": res.final_loss, "scales": {}}
@@ -115,10 +118,14 @@ def main(argv=None) -> None:
     _, _, r5np = dreambooth("dog5-noprior", "dog", 5, prior=False)
     if not args.quick:
         dreambooth("backpack5", "backpack", 5)
+    # the study's settings are the rows above; this one is pushed harder (calibrated on the build):
+    # 16x the UNet's LoRA learning rate, LoCon, text encoder trained, 4x the steps, rank 4
+    _, _, r5s = dreambooth("dog5-strong", "dog", 5, te=True, steps=1600, scales=(0.6, 1.0), overrides=STRONG)
     photos5 = subject_photos("dog", 5)
     grids["dreambooth (dog5, scale 0.6)"] = {"training photos": photos5, **{
         p: ims for p, ims in r5[0.6]["images"].items()}}
     grids["no prior preservation (dog5, scale 0.6)"] = {"a dog": r5np[0.6]["images"]["a dog"]}
+    grids["pushed harder (dog5-strong, scale 1.0)"] = {p: ims for p, ims in r5s[1.0]["images"].items()}
 
     # 4a. LoRA scale sweep on the 18-photo run
     log("LoRA scale sweep ...")
@@ -210,6 +217,9 @@ def markdown(r: dict) -> str:
             out.append(f"| {name} | {e['steps']} | {e['seconds']:.0f} | {s} | {v['subject_rate']:.2f} | "
                        + " | ".join(f"{x:.2f}" for x in t)
                        + f" | {v['drift_subject_rate_in_class_prompt']:.2f} | {v['class_diversity']:.3f} |")
+    if "dog5-strong" in r["runs"]:
+        out += ["", "dog5-strong is the study's run pushed harder: " + ", ".join(f"`{k}: {v}`" for k, v in STRONG.items())
+                + ", text encoder trained, 1600 steps."]
     out += ["", "**LoRA scale sweep** (dog18): subject rate vs prompt fidelity", "",
             "| scale | subject | t-shirt asked | van gogh asked | forest asked | driving asked | drift |",
             "|---|---|---|---|---|---|---|"]

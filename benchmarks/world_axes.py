@@ -4,8 +4,9 @@
     python benchmarks/world_axes.py --photos 5   # one subject size only
 
 Every row is one DreamBooth run through the package's own train() on the committed `toyworld`
-model, with the world's study settings (world_config) and one axis changed; the first row of
-every table is the same default run. Columns are the judge's readings at LoRA scale 0.6:
+model, with the world's recipe (study.world_recipe_config: the study's settings where DreamBooth
+visibly binds in the world) and one axis changed; the first row of every table is the same default
+run. Columns are the judge's readings at the recipe's LoRA scale (1.0):
 subject fidelity ("a sks dog" shows the subject's traits), prompt fidelity (the four test
 prompts' asked context/outfit/style/car present), subject + prompt (both at once), drift (the
 subject's traits in plain "a dog") and class diversity, plus the run's wall time.
@@ -77,18 +78,18 @@ def mean(xs) -> float:
 
 def run_row(pipe, subject: str, photos: int, overrides: dict, seeds, work: Path, log) -> dict:
     from dreambooth_lab.train import train
-    from dreambooth_lab.world.study import read_run, summarise, world_config
+    from dreambooth_lab.world.study import WORLD_RECIPE_SCALE, read_run, summarise, world_recipe_config
 
     overrides = dict(overrides)
     landscape = overrides.pop("_landscape", False)
     prior = overrides.pop("prior.enabled", True)
-    cfg = world_config(subject, photos, output_dir=work / "runs", prior=prior, overrides=overrides or None)
+    cfg = world_recipe_config(subject, photos, output_dir=work / "runs", prior=prior, overrides=overrides or None)
     if landscape:
         cfg.data.instance_dir = str(landscape_dir(subject, photos, work))
     t0 = time.time()
     res = train(cfg, resume=None, progress=False)
     secs = time.time() - t0
-    numbers = summarise(read_run(pipe, res.run_dir, cfg, seeds, scale=0.6), cfg)
+    numbers = summarise(read_run(pipe, res.run_dir, cfg, seeds, scale=WORLD_RECIPE_SCALE), cfg)
     row = {"seconds": round(secs, 1), "final_loss": res.final_loss,
            "subject": numbers["subject_rate"],
            "prompt": mean(numbers["test_prompts_asked"].values()),
@@ -104,8 +105,9 @@ def run_row(pipe, subject: str, photos: int, overrides: dict, seeds, work: Path,
 def markdown(result: dict) -> str:
     out = [MARK_START, "## Toy world: experiment axes (beyond the paper's recipe)", "",
            f"`python benchmarks/world_axes.py` on the committed `toyworld` model ({result['machine']}); "
-           f"{result['seeds']} seeds per prompt, LoRA scale 0.6, guidance 6.4, the world's study settings "
-           f"(`world.study.world_config`: rank 4, lr 3e-4, {result['steps']} steps, prior preservation) with one "
+           f"{result['seeds']} seeds per prompt, LoRA scale 1.0, guidance 6.4, the world's recipe "
+           f"(`world.study.world_recipe_config`: rank 4, lr 5e-3 / 1e-3, LoCon, text encoder trained, "
+           f"{result['steps']} steps, prior preservation) with one "
            f"setting changed per row; total {result['total_seconds'] / 60:.1f} min. Subject = the judge finds the "
            "subject's traits in \"a sks dog\"; prompt = the four test prompts' asked attribute is present; both = "
            "traits and attribute in one picture; drift = traits in plain \"a dog\"; div. = class-prompt diversity.",
@@ -145,7 +147,7 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from dreambooth_lab.world.study import load_world_pipeline, world_config
+    from dreambooth_lab.world.study import WORLD_RECIPE_STEPS, load_world_pipeline
 
     seeds = list(range(args.seeds))
     work = Path(tempfile.mkdtemp(prefix="world-axes-"))
@@ -160,7 +162,7 @@ def main(argv=None) -> None:
             rows[label] = {str(p): run_row(pipe, "dog", p, overrides, seeds, work, print) for p in args.photos}
         axes[axis] = rows
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-                         f"{args.threads}", "seeds": len(seeds), "steps": world_config("dog", 5).train.steps,
+                         f"{args.threads}", "seeds": len(seeds), "steps": WORLD_RECIPE_STEPS,
               "axes": axes, "total_seconds": round(time.time() - t_all, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "world_axes.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")

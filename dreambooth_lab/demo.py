@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TINY_MODEL, TOYWORLD, Config
+from .config import TINY_MODEL, TOYWORLD, Config, with_overrides
 from .report import compare_run, sample_run
 from .train import RunResult, train
 
@@ -46,15 +46,16 @@ def demo_config(model: str = TINY_MODEL, output_dir: str = "runs", dataset: str 
 
 
 def world_demo_config(output_dir: str = "runs", dataset: str | Path | None = None, steps: int | None = None) -> Config:
-    """The toy world's 5-photo dog (violet, yellow dots: traits its base model never saw); the
-    sheets show it in red t-shirts, in van Gogh's style, in the forest and driving a car."""
-    from .world.study import world_config
+    """The toy world's 5-photo dog (violet, yellow dots: traits its base model never saw), trained
+    with the world's recipe (study.WORLD_RECIPE); the sheets show it in red t-shirts, in van Gogh's
+    style, in the forest and driving a car, next to its training photos."""
+    from .world.study import world_recipe_config
 
-    cfg = world_config("dog", 5, output_dir=output_dir, **({"steps": steps} if steps else {}))
+    cfg = world_recipe_config("dog", 5, output_dir=output_dir, **({"steps": steps} if steps else {}))
     if dataset:
         cfg.data.instance_dir = str(dataset)
     cfg.train.name = "demo"
-    cfg.sample.lora_scale_unet = cfg.sample.lora_scale_text_encoder = 0.6
+    cfg.train.checkpoint_every = 400  # a stopped demo resumes
     return cfg.validate()
 
 
@@ -67,8 +68,11 @@ class DemoResult:
 
 
 def run_demo(model: str = TINY_MODEL, output_dir: str = "runs", steps: int | None = None,
-             progress: bool = True) -> DemoResult:
+             progress: bool = True, overrides: dict | None = None) -> DemoResult:
+    """`overrides` (config keys) shrink sizes for tests; the demo itself passes none."""
     cfg = demo_config(model, output_dir, steps=steps)
+    if overrides:
+        cfg = with_overrides(cfg, overrides).validate()
     result = train(cfg, resume=None, progress=progress)
     samples = sample_run(result.run_dir, progress=progress)
     sheet = compare_run(result.run_dir, samples.folder)

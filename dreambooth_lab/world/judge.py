@@ -7,10 +7,11 @@ safetensors + a JSON config (no pickles) in ``weights/judge``.
 
     python -m dreambooth_lab.world.judge            # train, report per-head accuracy, save
 
-The committed judge was trained in two stages (1 thread, ~45 min in all on the shared CPU):
+The committed judge was trained in stages (1 thread, ~45 min + ~12 min on the shared CPU):
 16,000 scenes x 2000 steps, then 800 steps more on 8,000 scenes half of which went through the
-toyworld VAE (``--init <that judge> --vae <build>/vae --n-train 8000 --steps 800 --lr 5e-4``).
-accuracy.json beside the weights holds both readings: fresh scenes, and fresh scenes decoded.
+toyworld VAE (``--init <that judge> --vae <build>/vae --n-train 8000 --steps 800 --lr 5e-4``),
+repeated with the same command when the world got its second VAE (build v2). accuracy.json beside
+the weights holds both readings: fresh scenes, and fresh scenes decoded by the committed VAE.
 """
 
 from __future__ import annotations
