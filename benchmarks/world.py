@@ -23,8 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MARK_START, MARK_END = "<!-- world:start -->", "<!-- world:end -->"
-# the world's own recipe, calibrated on build v2 (the study's lr 3e-4 moves this 1 M-parameter UNet too little)
-STRONG = {"optim.lr_unet": 5e-3, "optim.lr_text_encoder": 1e-3, "lora.conv": True}
+from dreambooth_lab.world.study import WORLD_RECIPE as STRONG  # noqa: E402 (the world's own recipe)
 
 
 def base_prompts():
