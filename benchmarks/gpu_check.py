@@ -149,6 +149,16 @@ def child_train(overrides: dict) -> dict:
     return {"run_dir": str(result.run_dir), "resumed_from": result.resumed_from}
 
 
+def run_cases(named, overrides_of, describe, timeout: float = 1800) -> list[dict]:
+    """Each (name, extra) case in its own child process; one printed line per case."""
+    out = []
+    for i, (name, extra) in enumerate(named):
+        result = run_child("case", overrides_of(i, extra), timeout=timeout)
+        out.append({"name": name, "overrides": extra, **result})
+        print(f"  {name}: " + (f"failed: {result['error']}" if "error" in result else describe(result)))
+    return out
+
+
 def run_child(kind: str, overrides: dict, timeout: float = 1800) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--overrides", json.dumps(overrides)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
@@ -341,34 +351,20 @@ def main(argv: list[str] | None = None) -> int:
           + ("" if args.no_sdxl else f"; sdxl-random, {len(SDXL_CASES)} cases x {args.sdxl_steps} steps"))
     base = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     cache = str(base / "class_images")
-    cases = []
-    for i, (name, extra) in enumerate(sd15_cases):
-        over = case_overrides(extra, steps=args.steps, resolution=args.resolution, out=str(base / f"case{i}"),
-                              cache=cache)
-        result = run_child("case", over)
-        cases.append({"name": name, "overrides": extra, **result})
-        if "error" in result:
-            print(f"  {name}: failed: {result['error']}")
-        else:
-            print(f"  {name}: {result['step_seconds']:.3f} s/step, peak {result['peak_bytes'] / 2**30:.2f} GiB, "
-                  f"predicted {result['predicted_bytes'] / 2**30:.2f} GiB "
-                  f"(ratio {result['peak_bytes'] / result['predicted_bytes']:.2f})")
+    cases = run_cases(sd15_cases, lambda i, extra: case_overrides(
+        extra, steps=args.steps, resolution=args.resolution, out=str(base / f"case{i}"), cache=cache),
+        lambda r: f"{r['step_seconds']:.3f} s/step, peak {r['peak_bytes'] / 2**30:.2f} GiB, predicted "
+                  f"{r['predicted_bytes'] / 2**30:.2f} GiB (ratio {r['peak_bytes'] / r['predicted_bytes']:.2f})")
     resume = None if args.no_resume_check or args.sdxl_only else resume_check(base, args.steps, args.resolution,
                                                                                cache)
     if resume:
         print(f"  kill-and-resume: {resume.get('verdict') or resume.get('error')}")
-    sdxl_cases = []
-    for i, (name, extra) in enumerate([] if args.no_sdxl else SDXL_CASES):
-        over = sdxl_case_overrides(extra, steps=args.sdxl_steps, resolution=args.sdxl_resolution,
-                                   out=str(base / f"sdxl{i}"), cache=cache)
-        result = run_child("case", {**over, "warmup": SDXL_WARMUP}, timeout=3600)
-        sdxl_cases.append({"name": name, "overrides": extra, **result})
-        if "error" in result:
-            print(f"  {name}: failed: {result['error']}")
-        else:
-            print(f"  {name}: {result['step_seconds']:.3f} s/step, peak {result['peak_bytes'] / 2**30:.2f} GiB "
-                  f"(whole {result['peak_bytes_whole'] / 2**30:.2f}), predicted "
-                  f"{result['predicted_bytes'] / 2**30:.2f} GiB (set-up {result['predicted_gib']['setup']:.2f})")
+    sdxl_cases = run_cases([] if args.no_sdxl else SDXL_CASES, lambda i, extra: {**sdxl_case_overrides(
+        extra, steps=args.sdxl_steps, resolution=args.sdxl_resolution, out=str(base / f"sdxl{i}"), cache=cache),
+        "warmup": SDXL_WARMUP},
+        lambda r: f"{r['step_seconds']:.3f} s/step, peak {r['peak_bytes'] / 2**30:.2f} GiB (whole "
+                  f"{r['peak_bytes_whole'] / 2**30:.2f}), predicted {r['predicted_bytes'] / 2**30:.2f} GiB "
+                  f"(set-up {r['predicted_gib']['setup']:.2f})", timeout=3600)
     data = {"machine": machine(), "settings": {"steps": args.steps, "resolution": args.resolution,
                                                "warmup_steps": WARMUP, "sdxl_steps": args.sdxl_steps,
                                                "sdxl_resolution": args.sdxl_resolution},

@@ -275,6 +275,15 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
+def _peaks(fn) -> tuple[float, int, int, int]:
+    """Run fn once: (seconds, peak allocated tensor bytes, peak RSS growth, RSS before it)."""
+    _reset_peak()
+    base = _status("VmRSS")
+    t = time.time()
+    allocated = _allocated_peak(fn)
+    return time.time() - t, allocated, _status("VmHWM") - base, base
+
+
 def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux)
 
@@ -335,12 +344,8 @@ def child_measure(kind: str, resolution: int, checkpointing: bool) -> dict:
             with torch.no_grad():
                 vae.decode(x) if kind == "decode" else vae.encode(x).latent_dist.mean
 
-        _reset_peak()
-        base = _status("VmRSS")
-        t = time.time()
-        allocated = _allocated_peak(run)
-        rss = _status("VmHWM") - base
-        return {"seconds": time.time() - t, "predicted_gib": predicted / 2**30, "alloc_gib": allocated / 2**30,
+        seconds, allocated, rss, base = _peaks(run)
+        return {"seconds": seconds, "predicted_gib": predicted / 2**30, "alloc_gib": allocated / 2**30,
                 "alloc_ratio": allocated / predicted, "rss_gib": rss / 2**30, "rss_ratio": rss / predicted,
                 "vae_weights_gib": (base - base0) / 2**30}
 
@@ -374,12 +379,8 @@ def child_measure(kind: str, resolution: int, checkpointing: bool) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    _reset_peak()
-    base = _status("VmRSS")
-    t = time.time()
-    allocated = _allocated_peak(step)
-    rss = _status("VmHWM") - base
-    return {"seconds": time.time() - t, "weights_gib": weights / 2**30, "weights_pred_gib": weights_pred / 2**30,
+    seconds, allocated, rss, _ = _peaks(step)
+    return {"seconds": seconds, "weights_gib": weights / 2**30, "weights_pred_gib": weights_pred / 2**30,
             "weights_ratio": weights / weights_pred, "saved_gib": sum(seen.values()) / 2**30,
             "activations_pred_gib": activations / 2**30, "recompute_pred_gib": recompute / 2**30,
             "step_pred_gib": step_pred / 2**30, "alloc_gib": allocated / 2**30, "alloc_ratio": allocated / step_pred,

@@ -239,11 +239,12 @@ def markdown(r: dict) -> str:
     return "\n".join(out)
 
 
-def update_benchmarks_md(path: Path, section: str) -> None:
+def update_benchmarks_md(path: Path, section: str, start: str = MARK_START, end: str = MARK_END) -> None:
+    """Replace the section between the markers `start` and `end` (or append it)."""
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        tail = rest.split(MARK_END, 1)[1]
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1]
         text = head + section.rstrip("\n") + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section

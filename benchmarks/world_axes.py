@@ -125,16 +125,6 @@ def markdown(result: dict) -> str:
     return "\n".join(out)
 
 
-def update_benchmarks_md(path: Path, section: str) -> None:
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + section.rstrip("\n") + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--photos", type=int, nargs="+", default=[5, 18])
@@ -167,7 +157,9 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "world_axes.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     md = markdown(result)
-    update_benchmarks_md(ROOT / "BENCHMARKS.md", md)
+    from benchmarks.world import update_benchmarks_md
+
+    update_benchmarks_md(ROOT / "BENCHMARKS.md", md, MARK_START, MARK_END)
     print(md)
 
 
