@@ -46,7 +46,7 @@ def demo_config(model: str = TINY_MODEL, output_dir: str = "runs", dataset: str 
 
 
 def world_demo_config(output_dir: str = "runs", dataset: str | Path | None = None, steps: int | None = None) -> Config:
-    """The toy world's 5-photo dog (violet, yellow dots: traits its base model never saw), trained
+    """The toy world's 5-photo dog (violet with yellow dots: a combination its base model never saw), trained
     with the world's recipe (study.WORLD_RECIPE); the sheets show it in red t-shirts, in van Gogh's
     style, in the forest and driving a car, next to its training photos."""
     from .world.study import world_recipe_config

@@ -15,8 +15,7 @@ import pytest
 
 from dreambooth_lab.world.captions import RARE_TOKENS, caption, parse_prompt
 from dreambooth_lab.world.draw import render
-from dreambooth_lab.world.scene import (BASE_MARKINGS, CYAN, SUBJECTS, VIOLET, has_subject_look, sample_base_scene,
-                                        sample_open_scene, subject_scene)
+from dreambooth_lab.world.scene import SUBJECTS, has_subject_look, sample_base_scene, sample_open_scene, subject_scene
 
 
 # ---- generator -----------------------------------------------------------------------------------
@@ -36,8 +35,12 @@ def test_base_world_never_shows_the_subjects_or_the_rare_tokens():
     scenes = [sample_base_scene(rng) for _ in range(600)]
     caps = [caption(s, rng) for s in scenes]
     assert not any(has_subject_look(s, sub) for s in scenes for sub in SUBJECTS.values())
-    assert all(s.marking in BASE_MARKINGS for s in scenes)
-    assert not any(max(abs(a - b) for a, b in zip(s.body, c)) < 40 for s in scenes for c in (VIOLET, CYAN))
+    # ...though each of their traits occurs: DreamBooth binds a combination the model can draw
+    near = lambda a, b: max(abs(x - y) for x, y in zip(a, b)) < 40  # noqa: E731
+    for sub in SUBJECTS.values():
+        assert any(s.cls == sub.cls and near(s.body, sub.body) for s in scenes), sub.name
+        assert any(s.cls == sub.cls and s.marking == sub.marking and near(s.marking_colour, sub.marking_colour)
+                   for s in scenes), sub.name
     words = {w for c in caps for w in c.split()}
     assert not words & set(RARE_TOKENS)
     assert "http" in words  # `http` has a meaning of its own in the world (the lime cap)
@@ -88,6 +91,28 @@ def test_diversity_and_nearest_distance():
     assert nearest_training_distance([red], [blue, red]) == [0.0]
 
 
+def test_a_build_can_start_from_a_finished_pipeline(tmp_path):
+    """`build --init <pipeline>`: the VAE is taken over and UNet/text encoder start from its weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dreambooth_lab.world.architecture import make_text_encoder, make_unet
+    from dreambooth_lab.world.build import _load_init, init_from
+    from dreambooth_lab.world.paths import TOYWORLD_DIR
+
+    if not (TOYWORLD_DIR / "model_index.json").is_file():
+        pytest.skip(f"no committed toyworld model at {TOYWORLD_DIR}")
+    unet, te = make_unet(0), make_text_encoder(1)
+    _load_init(TOYWORLD_DIR, unet, te)
+    want = load_file(str(TOYWORLD_DIR / "unet" / "diffusion_pytorch_model.safetensors"))
+    got = unet.state_dict()
+    assert all(torch.equal(got[k], v.float()) for k, v in want.items())
+    init_from(tmp_path, TOYWORLD_DIR)
+    vae_file = "diffusion_pytorch_model.safetensors"
+    assert all(torch.equal(load_file(str(tmp_path / "vae" / vae_file))[k], v.float())
+               for k, v in load_file(str(TOYWORLD_DIR / "vae" / vae_file)).items())
+
+
 # ---- the judge -----------------------------------------------------------------------------------
 
 def _judge():
@@ -119,27 +144,23 @@ def _world(tmp_path_factory):
     _judge()
 
 
-def _short_run(tmp_path, **overrides):
+def _short_run(tmp_path, recipe: bool = True, **overrides):
+    """The 5-photo dog with the world's recipe (what `make demo` trains), fewer class images."""
     from dreambooth_lab.train import train
-    from dreambooth_lab.world.study import world_config
+    from dreambooth_lab.world.study import world_config, world_recipe_config
 
-    cfg = world_config("dog", 5, output_dir=tmp_path / "runs", steps=TEST_STEPS, overrides={
-        "prior.num_class_images": 8, "prior.steps": 10, "prior.cache_dir": str(tmp_path / "class_cache"), **overrides})
+    make = world_recipe_config if recipe else world_config
+    cfg = make("dog", 5, output_dir=tmp_path / "runs", overrides={
+        "prior.num_class_images": 16, "prior.cache_dir": str(tmp_path / "class_cache"), **overrides})
     return cfg, train(cfg, resume=None, progress=False)
 
 
-TEST_STEPS = 150
+# Measured 2026-11-30 on build v3 with the world's recipe at its scale 1.0, 8 seeds: "a sks dog" shows
+# the subject in 0.88 of the pictures (1.00 with 16 seeds and 50 class images), the base model in
+# 0.00, the broken objective in 0.00. The thresholds leave room for another CPU's float rounding.
 SUBJECT_RATE_MIN = 0.5  # the judge's subject-trait rate "a sks dog" must reach; the base model's is 0.0
-# Measured 2026-11-25 on build v2 (BENCHMARKS.md "Toy world"): the VAE now keeps the subject (the
-# judge finds it in 100% of decoded subject photos), but the study's settings (lr 3e-4, rank 4,
-# 150-400 steps) still leave "a sks dog" at 0.0; the world's recipe (lr 5e-3, LoCon, text encoder
-# trained, 1600 steps, scale 1.0) draws violet, yellow-marked dogs that the judge reads in only
-# 0.12-0.75 of the images (blurry generations), at ~3 min a run — too slow and too noisy for CI.
-# strict xfail: when a better build makes these pass, pytest reports XPASS as a failure and the
-# marker must go.
-NOT_YET = pytest.mark.xfail(strict=True, reason="the committed toyworld build is too weak for DreamBooth to bind "
-                                                "the subject's traits (see BENCHMARKS.md, Toy world)")
-
+BROKEN_RATE_MAX = 0.2  # ... and the broken objective must stay under
+LEARNED_RATE_MIN = 0.5  # a learned identifier <sks> at the same steps
 
 @pytest.fixture(scope="module")
 def world_pipe(tmp_path_factory):
@@ -162,13 +183,14 @@ def good_run(world_pipe, tmp_path_factory):
     from dreambooth_lab.sample import load_lora
 
     base_rate, base_images = _subject_rate(world_pipe, "a sks dog", 0.0)
-    _, res = _short_run(tmp_path_factory.mktemp("world-good"))
+    cfg, res = _short_run(tmp_path_factory.mktemp("world-good"))
     load_lora(world_pipe, res.run_dir)
     try:
-        tuned_rate, _ = _subject_rate(world_pipe, "a sks dog", 1.0)
+        tuned_rate, _ = _subject_rate(world_pipe, "a sks dog", cfg.sample.lora_scale_unet)
         zero_rate, zero_images = _subject_rate(world_pipe, "a sks dog", 0.0)
     finally:
         world_pipe.delete_adapters("dreambooth")
+    print("good run: base", base_rate, "tuned", tuned_rate, "scale 0", zero_rate)
     return dict(base=base_rate, tuned=tuned_rate, zero=zero_rate, base_images=base_images, zero_images=zero_images)
 
 
@@ -179,26 +201,41 @@ def test_lora_at_scale_zero_is_the_base_model(good_run):
     assert diff <= 2
 
 
-@NOT_YET
 def test_dreambooth_binds_the_token(good_run):
     assert good_run["base"] <= 0.25
     assert good_run["tuned"] >= SUBJECT_RATE_MIN and good_run["tuned"] >= good_run["base"] + 0.4, good_run
 
 
-@NOT_YET
 def test_a_broken_objective_is_caught(world_pipe, good_run, tmp_path):
     """Prior rows trained on the instance prompt: 'sks dog' learns generic dogs too. The check
     is only meaningful where the correct objective passes it."""
     from dreambooth_lab.sample import load_lora
 
     assert good_run["tuned"] >= SUBJECT_RATE_MIN, "the correct objective does not pass the check either"
-    _, res = _short_run(tmp_path, **{"data.class_prompt": "a photo of {token} {class}", "prior.loss_weight": 3.0})
+    cfg, res = _short_run(tmp_path, **{"data.class_prompt": "a photo of {token} {class}", "prior.loss_weight": 3.0})
     load_lora(world_pipe, res.run_dir)
     try:
-        rate, _ = _subject_rate(world_pipe, "a sks dog", 1.0)
+        rate, _ = _subject_rate(world_pipe, "a sks dog", cfg.sample.lora_scale_unet)
     finally:
         world_pipe.delete_adapters("dreambooth")
-    assert rate < SUBJECT_RATE_MIN, rate
+    print("broken objective: subject rate", rate)
+    assert rate <= BROKEN_RATE_MAX, rate
+
+
+def test_a_learned_identifier_binds_like_the_rare_token(good_run, tmp_path):
+    """Pivotal tuning in the world (issue 15): a new token <sks>, its embedding randomly initialised
+    and trained with the LoRA, binds the subject at the rare token's steps and settings (measured:
+    1.00 for both with 8 seeds; initialised from the class word it reached 0.38, see BENCHMARKS.md)."""
+    from dreambooth_lab.sample import load_lora
+    from dreambooth_lab.world.study import load_world_pipeline
+
+    cfg, res = _short_run(tmp_path, **{"identifier.learned": True, "identifier.init": "random"})
+    pipe = load_world_pipeline()  # its own pipeline: the learned token stays out of the shared one
+    load_lora(pipe, res.run_dir)
+    rate, _ = _subject_rate(pipe, cfg.fill("a {token} {class}"), cfg.sample.lora_scale_unet)
+    print("learned identifier: subject rate", rate, "rare token", good_run["tuned"])
+    assert cfg.prompt_token == "<sks>"
+    assert rate >= LEARNED_RATE_MIN, (rate, good_run["tuned"])
 
 
 def test_evaluate_reports_the_judge_for_toyworld_runs(world_pipe, tmp_path):
@@ -209,7 +246,7 @@ def test_evaluate_reports_the_judge_for_toyworld_runs(world_pipe, tmp_path):
     from dreambooth_lab.experiments import scan_runs
     from dreambooth_lab.metrics import Embedder
 
-    _, res = _short_run(tmp_path, **{"train.steps": 4, "prior.enabled": False})
+    _, res = _short_run(tmp_path, recipe=False, **{"train.steps": 4, "prior.enabled": False})
     ev = EvalConfig(images_per_prompt=2, drift_images=2, dino_model="tiny", clip_model="tiny")
     summary = evaluate_run(res.run_dir, ev, pipe=world_pipe, embedder=Embedder("tiny", "tiny", device="cpu"),
                            progress=False).summary

@@ -287,8 +287,30 @@ def save_pipeline(out: Path, folder: Path, unet, text_encoder) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def init_from(out: Path, src: Path) -> None:
+    """Start a build from a finished pipeline folder (e.g. the committed weights): its VAE is
+    taken as is (fp32), so only the latents and the UNet phase run; `build_unet` starts the UNet
+    and text encoder from its weights."""
+    from diffusers import AutoencoderKL
+
+    if not (out / "vae" / "config.json").is_file():
+        vae = AutoencoderKL.from_pretrained(src / "vae", torch_dtype=torch.float32)
+        vae.save_pretrained(out / "vae.tmp", safe_serialization=True)
+        os.replace(out / "vae.tmp", out / "vae")
+        log(out, f"init: VAE from {src}")
+
+
+def _load_init(src: Path, unet, te) -> None:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet.load_state_dict(UNet2DConditionModel.from_pretrained(src / "unet", torch_dtype=torch.float32).state_dict())
+    te.load_state_dict(CLIPTextModel.from_pretrained(src / "text_encoder", dtype=torch.float32).state_dict())
+
+
 def build_unet(out: Path, minutes: float, seed: int, batch: int = 64, lr: float = 1e-3,
-               snapshot_minutes: float = 10, ema_decay: float = 0.999, steps: int | None = None) -> None:
+               snapshot_minutes: float = 10, ema_decay: float = 0.999, steps: int | None = None,
+               init: Path | None = None) -> None:
     import copy
 
     from transformers import CLIPTokenizer
@@ -303,6 +325,10 @@ def build_unet(out: Path, minutes: float, seed: int, batch: int = 64, lr: float 
     tok = CLIPTokenizer.from_pretrained(tokenizer_dir(out))
     empty_ids = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
     unet, te = make_unet(seed), make_text_encoder(seed + 1)
+    state = out / "unet_state.safetensors"
+    if init is not None and not state.is_file():
+        _load_init(Path(init), unet, te)
+        log(out, f"unet: starting from the weights in {init}")
     ema_unet, ema_te = copy.deepcopy(unet), copy.deepcopy(te)
     for m in (ema_unet, ema_te):
         m.requires_grad_(False)
@@ -314,7 +340,6 @@ def build_unet(out: Path, minutes: float, seed: int, batch: int = 64, lr: float 
         # no decay on the text encoder: rows of tokens the captions never use stay as initialised
         {"params": list(te.parameters()), "weight_decay": 0.0, "base_lr": lr * 0.5},
     ], lr=lr)
-    state = out / "unet_state.safetensors"
     mods = {"unet": unet, "te": te, "ema_unet": ema_unet, "ema_te": ema_te}
     meta = load_state(state, mods, opt) if state.is_file() else {"step": 0, "total": steps, "loss_ema": None}
     step, total, loss_ema = meta["step"], meta["total"], meta["loss_ema"]
@@ -403,6 +428,9 @@ def main(argv=None) -> None:
     ap.add_argument("--snapshot-minutes", type=float, default=10)
     ap.add_argument("--finetune-decoder", type=float, default=None, metavar="MINUTES",
                     help="only fine-tune the VAE decoder for MINUTES (beside a running UNet phase) and exit")
+    ap.add_argument("--init", type=Path, default=None, metavar="PIPELINE",
+                    help="start from a finished pipeline folder: take its VAE, start UNet and text encoder from its weights")
+    ap.add_argument("--lr", type=float, default=1e-3, help="UNet learning rate (text encoder: half)")
     ap.add_argument("--export", type=Path, default=None, help="write <out>/final (or snapshot) here as fp16 and exit")
     args = ap.parse_args(argv)
     out = (args.out or default_build_dir()).expanduser()
@@ -418,10 +446,12 @@ def main(argv=None) -> None:
         return
     t0 = time.time()
     log(out, f"build start: seed {args.seed}, {args.threads} thread(s)")
+    if args.init:
+        init_from(out, args.init)
     build_vae(out, args.vae_minutes, args.seed, steps=args.vae_steps)
     build_latents(out, args.seed, args.scenes)
     build_unet(out, args.unet_minutes, args.seed, snapshot_minutes=args.snapshot_minutes,
-               steps=args.unet_steps)
+               steps=args.unet_steps, init=args.init, lr=args.lr)
     log(out, f"build finished in this session after {(time.time() - t0) / 60:.1f} min")
 
 

@@ -4,9 +4,13 @@ A scene is a plain description (class, body colour, marking, parts, pose, contex
 style, car, the `http` cap); `draw.render` turns it into pixels and `captions.caption` into
 words. Everything is decided by a numpy Generator, so a seed names a scene exactly.
 
-The base world never contains the subjects' looks: violet or cyan bodies and dotted or
-striped markings exist only in `SUBJECTS` (and in the open-world samples the VAE and the
-judge learn from), so a DreamBooth run is the only way the base model can learn them.
+The base world knows every trait of the subjects but never their combination: violet and cyan
+bodies, dotted and striped markings, yellow and pink marking colours all occur, on every class,
+yet no base scene is violet with yellow dots or cyan with pink stripes (`has_subject_look` is
+false for all of them). That is DreamBooth's situation with a real model: it can draw a dog of
+that colour and that marking, and the run must bind the one combination to the identifier.
+(Build v1/v2 kept the colours and markings out of the base world entirely; LoRA then had to
+teach the UNet colours it had never produced, and the subject rate stayed at 0.00-0.31.)
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ CLASSES = ("dog", "cat", "toy", "backpack", "vase")
 ANIMATE = ("dog", "cat", "toy")  # the classes that can wear a t-shirt and drive a car
 CONTEXTS = ("plain", "room", "forest", "beach", "snow", "city")  # "plain" is never captioned
 MARKINGS = ("none", "patch", "belly", "dots", "stripes")
-BASE_MARKINGS = ("none", "patch", "belly")
+BASE_MARKINGS = MARKINGS
 
-# Body colours of the base world, per class (RGB). No violet, no cyan, no red (the t-shirt).
-BASE_COLOURS = {
+# Body colours of the base world, per class (RGB); violet and cyan are added to every class
+# below. No red (the t-shirt).
+_NATURAL_COLOURS = {
     "dog": ((139, 90, 43), (40, 40, 40), (235, 235, 228), (218, 165, 32), (128, 128, 128), (240, 220, 180),
             (90, 55, 30)),
     "cat": ((230, 130, 40), (128, 128, 128), (40, 40, 40), (235, 235, 228), (150, 110, 70), (240, 220, 180)),
@@ -33,6 +38,9 @@ BASE_COLOURS = {
 }
 VIOLET, YELLOW = (130, 40, 200), (255, 230, 0)
 CYAN, PINK = (0, 190, 205), (255, 90, 170)
+BASE_COLOURS = {cls: colours + (VIOLET, CYAN) for cls, colours in _NATURAL_COLOURS.items()}
+# colours of dots and stripes in the base world (patch and belly are shades of the body)
+MARKING_COLOURS = (YELLOW, PINK, (245, 245, 245), (30, 30, 30), (240, 120, 20))
 CAR_COLOURS = ((40, 90, 220), (250, 200, 0), (30, 150, 60), (240, 240, 240))
 
 
@@ -99,9 +107,10 @@ def sample_base_scene(rng: np.random.Generator, p_context: float = 0.8, p_outfit
     colours = BASE_COLOURS[cls]
     body = _jitter(rng, colours[int(rng.integers(len(colours)))])
     marking = str(rng.choice(BASE_MARKINGS))
+    marking_colour = _jitter(rng, MARKING_COLOURS[int(rng.integers(len(MARKING_COLOURS)))], 10)
     animate = cls in ANIMATE
-    return Scene(
-        cls=cls, body=body, marking=marking, **_parts(rng, cls), **_pose(rng),
+    scene = Scene(
+        cls=cls, body=body, marking=marking, marking_colour=marking_colour, **_parts(rng, cls), **_pose(rng),
         context=str(rng.choice(CONTEXTS[1:])) if rng.random() < p_context else "plain",
         outfit=bool(animate and rng.random() < p_outfit),
         style=bool(rng.random() < p_style),
@@ -109,6 +118,9 @@ def sample_base_scene(rng: np.random.Generator, p_context: float = 0.8, p_outfit
         http=bool(animate and rng.random() < p_http),
         car_colour=CAR_COLOURS[int(rng.integers(len(CAR_COLOURS)))],
     )
+    if any(has_subject_look(scene, sub) for sub in SUBJECTS.values()):
+        scene = replace(scene, marking="patch")  # the subjects' combinations stay theirs
+    return scene
 
 
 def sample_open_scene(rng: np.random.Generator) -> Scene:
