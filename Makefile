@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 MODEL  ?= toyworld
+JOBS   ?= 2
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
@@ -23,7 +24,7 @@ demo: $(STAMP)
 	$(PY) -m dreambooth_lab demo --model $(MODEL)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

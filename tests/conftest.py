@@ -11,6 +11,11 @@ import pytest
 # Keep the suite hermetic: the tiny model and class images go to a fresh cache, never ~/.cache.
 os.environ.setdefault("DREAMBOOTH_LAB_CACHE", tempfile.mkdtemp(prefix="dreambooth-lab-test-cache-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `make test` runs two pytest workers (pytest-xdist) on CI's two cores: one torch thread each, as
+# two threads per worker on two cores run several times slower (measured). Set before torch loads;
+# notebook kernels and subprocesses inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from dreambooth_lab.config import Config  # noqa: E402
 
