@@ -2,6 +2,9 @@
 
     python benchmarks/world_axes.py              # 5- and 18-photo dog, 8 seeds per prompt
     python benchmarks/world_axes.py --photos 5   # one subject size only
+    # the two sizes on two cores, then one table:
+    python benchmarks/world_axes.py --photos 5 --out /tmp/a5 & python benchmarks/world_axes.py --photos 18 --out /tmp/a18
+    python benchmarks/world_axes.py --merge /tmp/a5/world_axes.json /tmp/a18/world_axes.json
 
 Every row is one DreamBooth run through the package's own train() on the committed `toyworld`
 model, with the world's recipe (study.world_recipe_config: the study's settings where DreamBooth
@@ -48,7 +51,7 @@ AXES: dict[str, dict[str, dict]] = {
     "adapter": {
         "LoRA dropout 0.1": {"lora.dropout": 0.1},
         "DoRA": {"lora.use_dora": True},
-        "LoCon (conv layers too)": {"lora.conv": True},
+        "attention/linear layers only (no LoCon)": {"lora.conv": False},
     },
     "buckets": {
         "landscape photos, buckets": {"data.buckets": True, "_landscape": True},
@@ -56,7 +59,7 @@ AXES: dict[str, dict[str, dict]] = {
     },
 }
 DEFAULT_LABEL = {"identifier": "rare token sks", "prior": "class images (the paper's)", "loss": "mse (the paper's)",
-                 "adapter": "LoRA rank 4", "buckets": "square photos (default)"}
+                 "adapter": "LoCon rank 4 (the recipe)", "buckets": "square photos (default)"}
 
 
 def landscape_dir(subject: str, photos: int, root: Path) -> Path:
@@ -103,26 +106,60 @@ def run_row(pipe, subject: str, photos: int, overrides: dict, seeds, work: Path,
 
 
 def markdown(result: dict) -> str:
+    from dreambooth_lab.world.study import WORLD_RECIPE
+
+    recipe = ", ".join(f"`{k}: {v}`" for k, v in WORLD_RECIPE.items())
     out = [MARK_START, "## Toy world: experiment axes (beyond the paper's recipe)", "",
            f"`python benchmarks/world_axes.py` on the committed `toyworld` model ({result['machine']}); "
            f"{result['seeds']} seeds per prompt, LoRA scale 1.0, guidance 6.4, the world's recipe "
-           f"(`world.study.world_recipe_config`: rank 4, lr 5e-3 / 1e-3, LoCon, text encoder trained, "
+           f"(`world.study.world_recipe_config`: rank 4, {recipe}, text encoder trained, "
            f"{result['steps']} steps, prior preservation) with one "
-           f"setting changed per row; total {result['total_seconds'] / 60:.1f} min. Subject = the judge finds the "
-           "subject's traits in \"a sks dog\"; prompt = the four test prompts' asked attribute is present; both = "
-           "traits and attribute in one picture; drift = traits in plain \"a dog\"; div. = class-prompt diversity.",
-           ""]
-    for axis, rows in result["axes"].items():
+           f"setting changed per row; {result['total_seconds'] / 60:.1f} min of runs"
+           f"{' (in ' + str(result['runs_in_parallel']) + ' processes side by side)' if result.get('runs_in_parallel') else ''}. "
+           "Subject = the judge finds the subject's traits in \"a sks dog\"; prompt = the four test prompts' asked "
+           "attribute is present; both = traits and attribute in one picture; drift = traits in plain \"a dog\"; "
+           "div. = class-prompt diversity; s = the run's wall time on a shared machine (compare within a table). "
+           "The first row of every table is the same run, the recipe itself.", ""]
+    for axis in [a for a in AXES if a in result["axes"]] + [a for a in result["axes"] if a not in AXES]:
+        rows = result["axes"][axis]
+        order = [label for label in [DEFAULT_LABEL.get(axis), *AXES.get(axis, {})] if label in rows]
+        order += [label for label in rows if label not in order]
         out += [f"**{axis}**", "", "| setting | photos | subject | prompt | both | drift | div. | s |",
                 "|---|---|---|---|---|---|---|---|"]
-        for label, by_photos in rows.items():
-            for photos, r in by_photos.items():
+        for label in order:
+            for photos, r in sorted(rows[label].items(), key=lambda kv: int(kv[0])):
                 out.append(f"| {label} | {photos} | {r['subject']:.2f} | {r['prompt']:.2f} | "
                            f"{r['subject_and_prompt']:.2f} | {r['drift']:.2f} | {r['class_diversity']:.3f} | "
                            f"{r['seconds']:.0f} |")
         out.append("")
     out += [MARK_END, ""]
     return "\n".join(out)
+
+
+def merge(results: list[dict]) -> dict:
+    """One result from runs over different photo counts (same seeds and steps): rows joined per axis."""
+    out = {k: v for k, v in results[0].items() if k != "axes"}
+    out["axes"] = {}
+    for r in results:
+        if (r["seeds"], r["steps"]) != (out["seeds"], out["steps"]):
+            raise SystemExit("--merge: the results differ in seeds or steps; run them with the same settings")
+        for axis, rows in r["axes"].items():
+            for label, by_photos in rows.items():
+                out["axes"].setdefault(axis, {}).setdefault(label, {}).update(by_photos)
+    out["total_seconds"] = round(sum(r["total_seconds"] for r in results), 1)
+    out["runs_in_parallel"] = len(results)
+    return out
+
+
+def write(result: dict, out: Path, markdown_file: Path | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "world_axes.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    md = markdown(result)
+    if markdown_file is not None:
+        from benchmarks.world import update_benchmarks_md
+
+        update_benchmarks_md(markdown_file, md, MARK_START, MARK_END)
+    print(md)
 
 
 def main(argv=None) -> None:
@@ -132,7 +169,13 @@ def main(argv=None) -> None:
     ap.add_argument("--axes", nargs="+", default=list(AXES), choices=list(AXES))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("WORLD_THREADS", "1")))
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="join world_axes.json files (e.g. one per photo count) into --out and BENCHMARKS.md")
     args = ap.parse_args(argv)
+    default_out = args.out == ROOT / "benchmarks"
+    if args.merge:
+        write(merge([json.loads(p.read_text()) for p in args.merge]), args.out, ROOT / "BENCHMARKS.md")
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -154,13 +197,8 @@ def main(argv=None) -> None:
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
                          f"{args.threads}", "seeds": len(seeds), "steps": WORLD_RECIPE_STEPS,
               "axes": axes, "total_seconds": round(time.time() - t_all, 1)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "world_axes.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    md = markdown(result)
-    from benchmarks.world import update_benchmarks_md
-
-    update_benchmarks_md(ROOT / "BENCHMARKS.md", md, MARK_START, MARK_END)
-    print(md)
+    # a run into another folder (one half of a --merge) leaves BENCHMARKS.md alone
+    write(result, args.out, ROOT / "BENCHMARKS.md" if default_out else None)
 
 
 if __name__ == "__main__":
