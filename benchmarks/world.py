@@ -65,15 +65,14 @@ def main(argv=None) -> None:
     ap.add_argument("--markdown-only", action="store_true", help="re-write world.md and BENCHMARKS.md from world.json")
     args = ap.parse_args(argv)
     if args.markdown_only:
-        md = markdown(json.loads((args.out / "world.json").read_text()))
-        (args.out / "world.md").write_text(md)
-        update_benchmarks_md(ROOT / "BENCHMARKS.md", md)
+        write_markdown(json.loads((args.out / "world.json").read_text()), args.out)
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     torch.set_num_threads(args.threads)
-    from dreambooth_lab.world.study import load_world_pipeline, read_run, summarise, world_config, world_recipe_config
+    from dreambooth_lab.world.study import (load_world_pipeline, read_run, run_config, summarise, world_config,
+                                            world_recipe_config)
     from dreambooth_lab.world.subjects import subject_photos
 
     seeds = list(range(8 if args.quick else 16))
@@ -103,9 +102,8 @@ def main(argv=None) -> None:
 
     def dreambooth(name, subject, photos, token="sks", prior=True, te=False, scales=(0.4, 0.6), steps=None,
                    recipe=False, overrides=None):
-        make = world_recipe_config if recipe else world_config
-        cfg = make(subject, photos, token, output_dir=work / "runs", prior=prior, train_text_encoder=te,
-                   overrides=overrides, **({"steps": steps} if steps else kw))
+        cfg = run_config(recipe, subject, photos, token, output_dir=work / "runs", prior=prior,
+                         train_text_encoder=te, overrides=overrides, **({"steps": steps} if steps else kw))
         res, secs = run_one(cfg, name, log)
         entry = {"steps": cfg.train.steps, "seconds": round(secs, 1), "photos": photos, "token": token,
                  "prior": prior, "text_encoder": te, "recipe": recipe, "final_loss": res.final_loss, "scales": {}}
@@ -181,13 +179,17 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "world.json").write_text(json.dumps(result, indent=1) + "\n")
     save_figure(grids, args.out / "world.png")
-    md = markdown(result)
-    (args.out / "world.md").write_text(md)
-    update_benchmarks_md(ROOT / "BENCHMARKS.md", md)
-    print(md)
+    print(write_markdown(result, args.out))
 
 
 # ---- outputs -------------------------------------------------------------------------------------
+
+def write_markdown(result: dict, out: Path) -> str:
+    """<out>/world.md and the Toy world section of BENCHMARKS.md, from a result; returns the text."""
+    md = markdown(result)
+    (out / "world.md").write_text(md)
+    update_benchmarks_md(ROOT / "BENCHMARKS.md", md)
+    return md
 
 def save_figure(grids: dict, path: Path) -> None:
     """Seed grids, one row per prompt, grouped by section."""

@@ -147,10 +147,9 @@ def _world(tmp_path_factory):
 def _short_run(tmp_path, recipe: bool = True, **overrides):
     """The 5-photo dog with the world's recipe (what `make demo` trains), fewer class images."""
     from dreambooth_lab.train import train
-    from dreambooth_lab.world.study import world_config, world_recipe_config
+    from dreambooth_lab.world.study import run_config
 
-    make = world_recipe_config if recipe else world_config
-    cfg = make("dog", 5, output_dir=tmp_path / "runs", overrides={
+    cfg = run_config(recipe, "dog", 5, output_dir=tmp_path / "runs", overrides={
         "prior.num_class_images": 16, "prior.cache_dir": str(tmp_path / "class_cache"), **overrides})
     return cfg, train(cfg, resume=None, progress=False)
 

@@ -23,7 +23,6 @@ CLASSES = ("dog", "cat", "toy", "backpack", "vase")
 ANIMATE = ("dog", "cat", "toy")  # the classes that can wear a t-shirt and drive a car
 CONTEXTS = ("plain", "room", "forest", "beach", "snow", "city")  # "plain" is never captioned
 MARKINGS = ("none", "patch", "belly", "dots", "stripes")
-BASE_MARKINGS = MARKINGS
 
 # Body colours of the base world, per class (RGB); violet and cyan are added to every class
 # below. No red (the t-shirt).
@@ -106,7 +105,7 @@ def sample_base_scene(rng: np.random.Generator, p_context: float = 0.8, p_outfit
     cls = str(rng.choice(CLASSES))
     colours = BASE_COLOURS[cls]
     body = _jitter(rng, colours[int(rng.integers(len(colours)))])
-    marking = str(rng.choice(BASE_MARKINGS))
+    marking = str(rng.choice(MARKINGS))
     marking_colour = _jitter(rng, MARKING_COLOURS[int(rng.integers(len(MARKING_COLOURS)))], 10)
     animate = cls in ANIMATE
     scene = Scene(

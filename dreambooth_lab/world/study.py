@@ -48,6 +48,11 @@ def world_recipe_config(subject: str = "dog", photos: int = 5, token: str = "sks
     return cfg
 
 
+def run_config(recipe: bool, *args, **kw) -> Config:
+    """world_recipe_config (recipe=True) or world_config (the study's settings), same arguments."""
+    return (world_recipe_config if recipe else world_config)(*args, **kw)
+
+
 def world_config(subject: str = "dog", photos: int = 5, token: str = "sks", *, output_dir: str | Path = "runs",
                  steps: int = 400, prior: bool = True, train_text_encoder: bool = False, seed: int = 42,
                  overrides: dict | None = None) -> Config:
@@ -234,8 +239,8 @@ def token_study(pipe, subject: str = "dog", photos: int = 5, tokens=("sks", "hta
     rows = []
     for token in tokens:
         for te in text_encoder:
-            make = world_recipe_config if recipe else world_config
-            cfg = make(subject, photos, token, output_dir=output_dir, train_text_encoder=te, overrides=overrides)
+            cfg = run_config(recipe, subject, photos, token, output_dir=output_dir, train_text_encoder=te,
+                             overrides=overrides)
             read_scale = scale if scale is not None else (WORLD_RECIPE_SCALE if recipe else 0.6)
             t0 = time.time()
             res = train(cfg, reuse_finished=True, progress=progress)
