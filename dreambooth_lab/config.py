@@ -44,6 +44,7 @@ TEST_PROMPTS = (
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 PRIOR_TARGETS = ("class_images", "base_model")
+CAPTION_MODES = ("none", "sidecar")
 
 # Config.hash() identifies what a run trained: two configs with equal hashes train the same LoRA.
 # Each field says itself whether it belongs there. A field marked NO_HASH changes no weight: where
@@ -89,6 +90,11 @@ class DataConfig:
     # Aspect-ratio bucketing (buckets.py): non-square photos keep their shape; a batch comes from one
     # bucket of about resolution² pixels. Off = every photo is cropped square.
     buckets: bool = False
+    # Per-photo captions: none = every photo trains on instance_prompt (the paper's); sidecar = the
+    # text file beside each photo (same stem, .txt) is its caption, with {token} and {class}
+    # placeholders, e.g. "a photo of {token} {class} on the beach" (kohya's layout). A missing or
+    # empty caption file is an error that names it. The captions are part of the run's identity.
+    captions: str = field(default="none", metadata={"hash": True, "omit_if": "none"})
 
 
 @dataclass
@@ -309,7 +315,8 @@ def _hashed(obj: Any) -> dict[str, Any]:
     """The fields of a dataclass tree that are in the hash, as plain JSON values."""
     return {f.name: _hashed(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else copy.deepcopy(v)
             for f in dataclasses.fields(obj) if f.metadata.get("hash", True)
-            and not (f.metadata.get("omit_if_none") and getattr(obj, f.name) is None)}
+            and not (f.metadata.get("omit_if_none") and getattr(obj, f.name) is None)
+            and not ("omit_if" in f.metadata and getattr(obj, f.name) == f.metadata["omit_if"])}
 
 
 def hash_fields(cfg: "Config | None" = None) -> tuple[list[str], list[str]]:
@@ -405,6 +412,9 @@ def validation_errors(cfg: Config) -> list[str]:
     need(bool(cfg.data.class_name.strip()), "data.class_name is empty: name the subject's class, e.g. 'dog'")
     need("{token}" in cfg.data.instance_prompt,
          f"data.instance_prompt={cfg.data.instance_prompt!r} lacks '{{token}}': the rare token must appear in it")
+    need(cfg.data.captions in CAPTION_MODES,
+         f"data.captions={cfg.data.captions!r}: use none (every photo trains on data.instance_prompt) or sidecar "
+         "(a .txt caption beside each photo)")
     need(cfg.data.resolution is None or (cfg.data.resolution >= 8 and cfg.data.resolution % 8 == 0),
          f"data.resolution={cfg.data.resolution}: use a positive multiple of 8 (512 for SD1.x), or null for auto")
     need(cfg.prior.target in PRIOR_TARGETS,

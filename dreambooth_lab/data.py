@@ -211,6 +211,44 @@ def check_background(folder: str | Path, images: list[Image.Image]) -> bool:
     return False
 
 
+CAPTION_SUFFIX = ".txt"  # data.captions: sidecar -- <photo stem>.txt beside each photo
+
+
+def caption_path(photo: str | Path) -> Path:
+    """Where a photo's sidecar caption lives: the same stem with .txt (dog_01.jpg -> dog_01.txt)."""
+    return Path(photo).with_suffix(CAPTION_SUFFIX)
+
+
+def read_captions(paths: list[Path], token: str | None = None) -> list[str]:
+    """Each photo's sidecar caption as written (placeholders {token} and {class} unfilled), on one
+    line. Missing, empty or unreadable caption files, and captions that never name the subject
+    ({token} or the token itself), are reported together in one error that names every file."""
+    import re
+
+    captions, bad = [], []
+    for p in paths:
+        f = caption_path(p)
+        try:
+            text = " ".join(f.read_text(encoding="utf-8").split())
+        except FileNotFoundError:
+            bad.append(f"{f}: missing (the caption of {p.name})")
+            continue
+        except (OSError, UnicodeDecodeError) as exc:
+            bad.append(f"{f}: cannot be read as UTF-8 text ({exc.__class__.__name__})")
+            continue
+        if not text:
+            bad.append(f"{f}: empty")
+        elif token and "{token}" not in text and not re.search(rf"(?<!\S){re.escape(token)}(?!\S)", text):
+            bad.append(f"{f}: {text!r} never names the subject: write {{token}} where it is named")
+        captions.append(text)
+    if bad:
+        raise DatasetError(
+            f"{len(bad)} caption file(s) are not usable with data.captions: sidecar — write one caption per photo "
+            "in <photo name>.txt, e.g. 'a photo of {token} {class} on the beach' (or set data.captions: none to "
+            "train every photo on data.instance_prompt):\n  " + "\n  ".join(bad))
+    return captions
+
+
 def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
     w, h = img.size
     scale = size / min(w, h)
@@ -247,6 +285,7 @@ class ImageSet:
     images: list[Image.Image]
     resolution: int
     original_sizes: list[tuple[int, int]] | None = None  # (width, height) of each file, upright
+    captions: list[str] | None = None  # data.captions: sidecar -- each photo's caption template
 
     @classmethod
     def from_paths(cls, paths: list[Path], resolution: int, check: bool = False) -> "ImageSet":
@@ -263,12 +302,22 @@ class ImageSet:
         return self.original_sizes[index] if self.original_sizes else self.images[index].size
 
     @classmethod
-    def from_folder(cls, folder: str | Path, resolution: int, check: bool = True) -> "ImageSet":
-        """The subject's photos, with count, size, duplicate and background checks (class images skip them)."""
+    def from_folder(cls, folder: str | Path, resolution: int, check: bool = True, captions: str = "none",
+                    token: str | None = None) -> "ImageSet":
+        """The subject's photos, with count, size, duplicate and background checks (class images skip them);
+        with captions="sidecar", each photo's caption from <stem>.txt (read_captions)."""
         paths = find_images(folder)
+        texts = read_captions(paths, token) if captions == "sidecar" else None  # fails before the photos load
         if check:
             check_count(folder, paths)
-        return cls.from_paths(paths, resolution, check=check)
+        out = cls.from_paths(paths, resolution, check=check)
+        out.captions = texts
+        return out
+
+    def label(self, index: int) -> str:
+        """How sheets name photo `index`: its file name, and its caption when it has one."""
+        name = self.paths[index].name
+        return f"{name}\n{self.captions[index]}" if self.captions else name
 
     def __len__(self) -> int:
         return len(self.images)

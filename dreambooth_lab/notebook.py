@@ -39,6 +39,7 @@ FORM_FIELDS = {
     "OUTPUT_DIR": "train.output_dir",
     "RARE_TOKEN": "data.token",
     "CLASS": "data.class_name",
+    "CAPTIONS": "data.captions",
     "TRAIN_TEXT_ENCODER": "train.train_text_encoder",
     "STEPS": "train.steps",
     "BATCH_SIZE": "train.batch_size",
@@ -71,6 +72,7 @@ FORM_DEFAULTS: dict[str, Any] = {
     "OUTPUT_DIR": "",
     "RARE_TOKEN": "sks",
     "CLASS": "dog",
+    "CAPTIONS": "none",
     "TRAIN_TEXT_ENCODER": True,
     "STEPS": 800,
     "BATCH_SIZE": 1,
@@ -714,12 +716,13 @@ def show_dataset(cfg: Config, out: str | Path | None = None) -> Path:
     from .data import ImageSet
     from .viz import image_grid, tensor_to_pil
 
-    images = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution)
+    images = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution, captions=cfg.data.captions,
+                                  token=cfg.data.token)
     pils = [tensor_to_pil(images.example(i, center_crop=True, flip=False)) for i in range(len(images))]
     if out is None:
         tag = hashlib.sha256(str(Path(cfg.data.instance_dir).resolve()).encode()).hexdigest()[:8]
         out = Path(cfg.train.output_dir) / "dataset_sheets" / f"{Path(cfg.data.instance_dir).name}-{tag}.png"
-    return image_grid(pils, [p.name for p in images.paths], Path(out),
+    return image_grid(pils, [images.label(i) for i in range(len(images))], Path(out),
                       title=f"{len(pils)} photos in {cfg.data.instance_dir}",
                       params={"resolution": cfg.resolution, "token": cfg.data.token, "class": cfg.data.class_name},
                       ncols=min(6, len(pils)))

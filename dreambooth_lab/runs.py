@@ -53,13 +53,16 @@ class RunWarning(UserWarning):
 
 # ---- identity ---------------------------------------------------------------------------------
 
-def dataset_manifest(folder: str | Path) -> dict[str, str]:
-    """File name -> sha256 of every photo the loader would read from folder, sorted (side-effect free)."""
-    from .data import find_images
+def dataset_manifest(folder: str | Path, captions: str = "none") -> dict[str, str]:
+    """File name -> sha256 of every photo the loader would read from folder, sorted (side-effect free);
+    with captions="sidecar" also of each photo's caption file (a changed caption is a changed dataset)."""
+    from .data import caption_path, find_images
 
     out = {}
     for path in find_images(folder):
         out[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+        if captions == "sidecar" and (cap := caption_path(path)).is_file():
+            out[cap.name] = hashlib.sha256(cap.read_bytes()).hexdigest()
     return dict(sorted(out.items()))
 
 
@@ -95,7 +98,7 @@ class Identity:
 
     @classmethod
     def of(cls, cfg: Config) -> "Identity":
-        return cls(cfg.hash(), dataset_manifest(cfg.data.instance_dir))
+        return cls(cfg.hash(), dataset_manifest(cfg.data.instance_dir, cfg.data.captions))
 
     def to_json(self) -> dict:
         return {"config_hash": self.config_hash, "dataset_digest": self.dataset_digest, "dataset": self.dataset}

@@ -131,7 +131,8 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
         if progress:
             print(f"already trained: {done} (pass reuse_finished=False to train again)")
         return load_result(done)
-    instance = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution)  # bad photos fail before the model loads
+    instance = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution, captions=cfg.data.captions,
+                                    token=cfg.data.token)  # bad photos (and captions) fail before the model loads
     with preserved_global_state():
         acc = make_accelerator(cfg)
         # The run folder is made (or picked and checked) before anything heavy: an unwritable

@@ -149,7 +149,12 @@ class DreamBoothObjective:
                                               cfg.data.token, cfg.train.seed)
             self.identifier = identifier.attach(self.text_encoder, self.tokenizer, cfg.prompt_token,
                                                 ic.num_vectors, init)
-        prompts = [cfg.fill(cfg.data.instance_prompt), cfg.fill(cfg.data.class_prompt)]
+        # One prompt per instance photo with sidecar captions (data.captions), else the instance
+        # prompt for all; the class prompt comes last. prompt_index() maps a row to its prompt.
+        captions = instance.captions if cfg.data.captions == "sidecar" else None
+        self.n_instance_prompts = len(captions) if captions else 1
+        prompts = [cfg.fill(c) for c in captions] if captions else [cfg.fill(cfg.data.instance_prompt)]
+        prompts.append(cfg.fill(cfg.data.class_prompt))
         if ic.learned:
             from .identifier import expand
 
@@ -170,7 +175,7 @@ class DreamBoothObjective:
             self.latent_cache = self._encode_all() if self.bucket_of is None else self._encode_buckets()
         if cfg.train.cache_text_embeddings and not self.text_trained:
             with torch.no_grad():
-                self.text_cache = self.encode(torch.tensor([0, 1]))
+                self.text_cache = self.encode(torch.arange(self.n_instance_prompts + 1))
         if cfg.train.offload_frozen:
             if self.latent_cache is not None:
                 self.vae.to("cpu")
@@ -317,13 +322,20 @@ class DreamBoothObjective:
         latents = (mean.to(dev) + std.to(dev) * eps.to(dev)) * self.vae.config.scaling_factor
         return latents.to(self.latent_dtype)
 
+    def prompt_index(self, row: Row) -> int:
+        """Which prompt a row trains on: its photo's caption (or the instance prompt), or the class prompt."""
+        if row.kind != "instance":
+            return self.n_instance_prompts
+        return row.index if self.n_instance_prompts > 1 else 0
+
     def encode(self, which: torch.Tensor) -> Cond:
-        """Conditioning of prompts `which` (0 = instance, 1 = class), through the text encoder(s)."""
+        """Conditioning of prompts `which` (indices into prompt_ids: the instance prompt or each photo's
+        caption, then the class prompt last), through the text encoder(s)."""
         return encode(self.family, self.text_encoders, [ids[which].to(self.acc.device) for ids in self.prompt_ids])
 
     def states(self, rows: list[Row]) -> Cond:
         """Text conditioning for each row's prompt (instance or class): hidden states (SDXL: and pooled)."""
-        which = torch.tensor([0 if r.kind == "instance" else 1 for r in rows])
+        which = torch.tensor([self.prompt_index(r) for r in rows])
         if self.text_cache is not None:
             return self.text_cache[which.to(self.text_cache.device)]
         with torch.set_grad_enabled(self.text_trained and torch.is_grad_enabled()):

@@ -6,6 +6,8 @@ says what made it. Figures are built with the object API (no pyplot state, no GU
 
 from __future__ import annotations
 
+import textwrap
+
 from pathlib import Path
 from typing import Sequence
 
@@ -84,8 +86,10 @@ def dataset_sheet(images, path: str | Path, *, title: str = "", params: dict | N
     ax = fig.add_axes((0.0, 0.1, 1.0, 0.8))
     ax.imshow(np.asarray(mosaic))
     ax.axis("off")
-    for i, p in enumerate(images.paths):
-        ax.text((i % ncols + 0.5) * tile, (i // ncols + 1) * tile - 2, p.name, ha="center", va="bottom", fontsize=6,
+    for i in range(n):
+        label = "\n".join(textwrap.fill(line, 34) for line in images.label(i).split("\n"))
+        ax.text((i % ncols + 0.5) * tile, (i // ncols + 1) * tile - 2, label, ha="center", va="bottom",
+                fontsize=5 if images.captions else 6,
                 bbox={"facecolor": "white", "alpha": 0.7, "pad": 1, "linewidth": 0})
     if title:
         fig.suptitle(title, fontsize=9)

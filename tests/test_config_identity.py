@@ -55,6 +55,7 @@ TRAINING_KNOBS = [
     ("prior.target", "base_model"),
     ("lora.use_dora", True),
     ("data.buckets", True),
+    ("data.captions", "sidecar"),
     ("lora.conv", True),
     ("identifier.learned", True),
     ("identifier.num_vectors", 2),

@@ -55,7 +55,7 @@ def run_config(recipe: bool, *args, **kw) -> Config:
 
 def world_config(subject: str = "dog", photos: int = 5, token: str = "sks", *, output_dir: str | Path = "runs",
                  steps: int = 400, prior: bool = True, train_text_encoder: bool = False, seed: int = 42,
-                 overrides: dict | None = None) -> Config:
+                 overrides: dict | None = None, draw: int = 0, captions: bool = False) -> Config:
     """A DreamBooth run on a world subject with the study's settings scaled to the world.
 
     The study's rank 4, lr 3e-4 (UNet) / 1e-4 (text encoder), prior preservation and guidance
@@ -65,7 +65,8 @@ def world_config(subject: str = "dog", photos: int = 5, token: str = "sks", *, o
         raise KeyError(f"unknown world subject {subject!r}; choose one of {sorted(SUBJECTS)}")
     cfg = Config()
     cfg.model.name = TOYWORLD
-    cfg.data.instance_dir = str(subject_dir(subject, photos))
+    cfg.data.instance_dir = str(subject_dir(subject, photos, seed=draw, captions=captions))
+    cfg.data.captions = "sidecar" if captions else "none"
     cfg.data.token = token
     cfg.data.class_name = SUBJECTS[subject].cls
     cfg.data.instance_prompt = "a photo of {token} {class}"
@@ -79,7 +80,8 @@ def world_config(subject: str = "dog", photos: int = 5, token: str = "sks", *, o
     cfg.train.seed = seed
     cfg.train.output_dir = str(output_dir)
     cfg.train.checkpoint_every = 10_000
-    cfg.train.name = f"world-{subject}{photos}-{token}-{'prior' if prior else 'noprior'}-{'te' if train_text_encoder else 'unet'}-{steps}"
+    where = (f"d{draw}" if draw else "") + ("cap" if captions else "")
+    cfg.train.name = f"world-{subject}{photos}{'-' + where if where else ''}-{token}-{'prior' if prior else 'noprior'}-{'te' if train_text_encoder else 'unet'}-{steps}"
     cfg.optim.lr_unet = 3e-4
     cfg.optim.lr_text_encoder = 1e-4
     cfg.sample.steps = 20
@@ -220,6 +222,76 @@ def summarise(reading: dict, cfg: Config) -> dict:
         "subject_diversity": p[fill(SUBJECT_PROMPT)]["diversity"],
         "http_rate_subject_prompt": p[fill(SUBJECT_PROMPT)]["http_rate"],
     }
+
+
+# ---- robustness: what a user worries about after a fine-tune --------------------------------------
+
+# How else a user asks for the subject; the training caption's own wording is the third.
+PHRASINGS = ("a {token} {class}", "a photo of a {token} {class}", "a photo of {token} {class}",
+             "a picture of a {token} {class}")
+UNSEEN_CONTEXT = "a {token} {class} in the forest"  # no subject photo is in the forest (subject_scene)
+ACCESSORY = "a http {token} {class}"  # the world's `http` is a lime cap: the subject wearing it
+PROPERTY_CHANGE = {"dog": "a {token} cat", "backpack": "a {token} vase"}  # the subject's look on another class
+
+
+def robustness_prompts(cfg: Config) -> dict[str, str]:
+    """{role: prompt} for `robustness`: phrasings, the test prompts, every class's own prompt,
+    accessorization and property change."""
+    from .scene import ANIMATE, CLASSES
+
+    fill = lambda t: t.replace("{token}", cfg.prompt_token).replace("{class}", cfg.data.class_name)  # noqa: E731
+    out = {f"phrasing:{t}": fill(t) for t in PHRASINGS}
+    out.update({f"test:{t}": fill(t) for t in TEST_PROMPTS})
+    out.update({f"class:{c}": f"a {c}" for c in CLASSES})
+    if cfg.data.class_name in ANIMATE:
+        out["accessory"] = fill(ACCESSORY)
+    if subject_of(cfg) in PROPERTY_CHANGE:
+        out["property_change"] = fill(PROPERTY_CHANGE[subject_of(cfg)])
+    return out
+
+
+def robustness(pipe, lora: str | Path | None, cfg: Config, seeds: Sequence[int], scale: float = WORLD_RECIPE_SCALE,
+               judge=None) -> dict:
+    """One run read the way a user would worry about it (lora None: the base model), flat:
+
+    subject:<phrasing>     the subject shows, per wording of the subject prompt
+    test:<prompt>          subject AND the asked attribute (forest = a context no photo shows)
+    class:<c>              "a <c>" draws a <c> (every class: the trained one and the others)
+    drift                  "a <class>" shows the subject
+    accessory              "a http <tok> <class>": subject with the cap
+    property_change        "a <tok> cat" (dog) / "a <tok> vase" (backpack): a cat/vase with the subject's look
+    """
+    from ..sample import load_lora
+    from .judge import read_images
+
+    roles = robustness_prompts(cfg)
+    subject, key = subject_of(cfg), f"subject_{subject_of(cfg)}"
+    if lora is not None:
+        load_lora(pipe, lora)
+    try:
+        images = sample_prompts(pipe, list(dict.fromkeys(roles.values())), seeds, scale=scale if lora else 0.0)
+    finally:
+        if lora is not None:
+            pipe.delete_adapters("dreambooth")
+    rows = {p: read_images(ims, judge) for p, ims in images.items()}
+    rate = lambda flags: float(np.mean(flags))  # noqa: E731
+    out = {}
+    for role, prompt in roles.items():
+        judged, asked = rows[prompt], parse_prompt(prompt)
+        kind, _, name = role.partition(":")
+        if kind == "phrasing":
+            out[f"subject:{name}"] = rate([r[key] for r in judged])
+        elif kind == "test":
+            out[f"test:{name}"] = rate([r[key] and bool(asked_ok(r, asked)) for r in judged])
+        elif kind == "class":
+            out[f"class:{name}"] = rate([r["class"] == name for r in judged])
+            if name == cfg.data.class_name:
+                out["drift"] = rate([r[key] for r in judged])
+        elif role == "accessory":
+            out["accessory"] = rate([r[key] and r["http"] for r in judged])
+        elif role == "property_change":
+            out["property_change"] = rate([r[key] and r["class"] == asked["class"] for r in judged])
+    return {"readings": out, "images": images, "prompts": roles}
 
 
 def token_study(pipe, subject: str = "dog", photos: int = 5, tokens=("sks", "hta", "oue", "http"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .captions import CONTEXT_WORDS
 from .draw import render
 from .scene import SUBJECTS, subject_scene
 
@@ -22,17 +23,27 @@ def subject_photos(name: str, n: int, seed: int = 0):
     return [render(subject_scene(SUBJECTS[name], i, seed)) for i in range(n)]
 
 
-def subject_dir(name: str, n: int = 5, seed: int = 0, root: Path | None = None) -> Path:
-    """A folder of n PNG photos of world subject `name` (built once, atomically)."""
+def photo_caption(name: str, index: int, seed: int = 0) -> str:
+    """The sidecar caption of a subject's photo: the instance wording plus the photo's context
+    ("a photo of {token} {class} on the beach"), so captions can untangle subject from context."""
+    ctx = subject_scene(SUBJECTS[name], index, seed).context
+    return "a photo of {token} {class}" + (f" {CONTEXT_WORDS[ctx]}" if ctx in CONTEXT_WORDS else "")
+
+
+def subject_dir(name: str, n: int = 5, seed: int = 0, root: Path | None = None, captions: bool = False) -> Path:
+    """A folder of n PNG photos of world subject `name` (built once, atomically); with captions,
+    each photo has its sidecar caption naming its context (data.captions: sidecar)."""
     from ..models import _build_once, cache_root
 
     root = Path(root) if root is not None else cache_root() / "world" / WORLD_VERSION / "subjects"
-    folder = root / f"{name}-{n}-seed{seed}"
+    folder = root / (f"{name}-{n}-seed{seed}" + ("-captioned" if captions else ""))
 
     def build(tmp: Path) -> None:
         tmp.mkdir(parents=True)
         for i, im in enumerate(subject_photos(name, n, seed)):
             im.save(tmp / f"{name}_{i:02d}.png", optimize=False)
+            if captions:
+                (tmp / f"{name}_{i:02d}.txt").write_text(photo_caption(name, i, seed) + "\n")
         (tmp / "SUBJECT.txt").write_text(f"toy-world subject {name!r}: class {SUBJECTS[name].cls}, {n} photos\n")
 
     return _build_once(folder, build, marker=f"{name}_{n - 1:02d}.png")
