@@ -49,6 +49,24 @@ def test_base_world_never_shows_the_subjects_or_the_rare_tokens():
     assert {s.cls for s in scenes} == {"dog", "cat", "toy", "backpack", "vase"}
 
 
+def test_captions_name_colours_and_markings_sometimes_in_several_wordings():
+    """Build v4's grammar: colour and marking are controllable from text, the opening varies (so a
+    fine-tune on "a photo of sks dog" is read in "a photo of a sks dog" too), and no caption ever
+    describes a subject's whole look (the base world never shows it)."""
+    from dreambooth_lab.world.captions import OPENINGS, colour_word
+
+    rng = np.random.default_rng(11)
+    scenes = [sample_base_scene(rng) for _ in range(800)]
+    caps = [caption(s, rng) for s in scenes]
+    assert {o for o, _ in OPENINGS} == {next(o for o, _ in sorted(OPENINGS, key=lambda x: -len(x[0]))
+                                             if c.startswith(o + " ")) for c in caps}
+    assert colour_word((130, 40, 200)) == "violet" and colour_word((5, 185, 200)) == "turquoise"
+    named = [(s, c) for s, c in zip(scenes, caps) if f"{colour_word(s.body)} {s.cls}" in c]
+    assert 0.3 < len(named) / len(caps) < 0.7  # the colour is said about half the time
+    assert any("with yellow dots" in c for c in caps) and any("with pink stripes" in c for c in caps)
+    assert not any("violet dog with yellow dots" in c or "turquoise backpack with pink stripes" in c for c in caps)
+
+
 def test_subject_photos_carry_their_traits_and_vary():
     for sub in SUBJECTS.values():
         scenes = [subject_scene(sub, i) for i in range(18)]
@@ -129,6 +147,36 @@ def test_judge_reads_fresh_scenes():
     acc = accuracy(_judge(), n=400, seed=2024)
     low = {k: v for k, v in acc.items() if not k.endswith("_recall") and v < 0.9}
     assert not low, acc
+
+
+# Measured with the committed judge (accuracy.json, near_miss_rejected_*): clean or blurred near
+# misses are rejected in 0.95-1.00 of pictures per trait; the bound leaves room for 60 fresh scenes.
+NEAR_MISS_MIN = 0.9
+
+
+def test_judge_reads_the_whole_look_not_one_trait():
+    """A subject's look with one trait changed (body colour, marking shape, marking colour) is not the subject."""
+    from dreambooth_lab.world.judge import near_miss_rates
+
+    rates = near_miss_rates(_judge(), n=60, seed=4040)  # a seed the judge's training and report never used
+    misses = {k: v for k, v in rates.items() if not k.endswith("/look")}
+    assert len(misses) == 6 and min(misses.values()) >= NEAR_MISS_MIN, rates
+    assert min(v for k, v in rates.items() if k.endswith("/look")) >= NEAR_MISS_MIN, rates
+
+
+def test_near_misses_differ_from_the_subject_in_exactly_one_trait():
+    from dreambooth_lab.world.scene import NEAR_MISS_TRAITS, near_miss_scene
+
+    rng = np.random.default_rng(3)
+    for sub in SUBJECTS.values():
+        for trait in NEAR_MISS_TRAITS:
+            for _ in range(20):
+                sc = near_miss_scene(sub, trait, rng)
+                assert sc.cls == sub.cls and not has_subject_look(sc, sub)
+                same = {"body": max(abs(a - b) for a, b in zip(sc.body, sub.body)) <= 40,
+                        "marking": sc.marking == sub.marking,
+                        "marking_colour": max(abs(a - b) for a, b in zip(sc.marking_colour, sub.marking_colour)) <= 40}
+                assert [t for t, ok in same.items() if not ok] == [trait]
 
 
 # ---- DreamBooth in the world ---------------------------------------------------------------------

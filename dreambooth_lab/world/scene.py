@@ -162,3 +162,34 @@ def has_subject_look(scene: Scene, subject: Subject, tol: int = 40) -> bool:
 
     return (near(scene.body, subject.body) and scene.marking == subject.marking
             and near(scene.marking_colour, subject.marking_colour))
+
+
+NEAR_MISS_TRAITS = ("body", "marking", "marking_colour")
+
+
+def _far(rgb, ref, tol: int = 60) -> bool:
+    return max(abs(int(a) - int(b)) for a, b in zip(rgb, ref)) > tol
+
+
+def near_miss_scene(subject: Subject, trait: str, rng: np.random.Generator, cls: str | None = None) -> Scene:
+    """A scene with `subject`'s look but one trait changed: its body colour, its marking's shape
+    or its marking's colour. The judge must read every one of them as "not the subject"."""
+    if trait not in NEAR_MISS_TRAITS:
+        raise ValueError(f"trait must be one of {NEAR_MISS_TRAITS}, got {trait!r}")
+    base = sample_base_scene(rng)
+    cls = cls or subject.cls
+    look = dict(body=_jitter(rng, subject.body, 10), marking=subject.marking,
+                marking_colour=_jitter(rng, subject.marking_colour, 10))
+    if trait == "body":
+        choices = [c for c in BASE_COLOURS[cls] + BASE_COLOURS[subject.cls] if _far(c, subject.body)]
+        look["body"] = _jitter(rng, choices[int(rng.integers(len(choices)))], 10)
+    elif trait == "marking":
+        choices = [m for m in MARKINGS if m != subject.marking]
+        look["marking"] = str(choices[int(rng.integers(len(choices)))])
+    else:
+        choices = [c for c in MARKING_COLOURS + (VIOLET, CYAN) if _far(c, subject.marking_colour)]
+        look["marking_colour"] = _jitter(rng, choices[int(rng.integers(len(choices)))], 10)
+    parts = _parts(rng, cls) if cls != base.cls else {}
+    animate = cls in ANIMATE
+    return replace(base, cls=cls, **parts, **look, outfit=base.outfit and animate, driving=base.driving and animate,
+                   http=base.http and animate)
