@@ -103,6 +103,14 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def eta(seconds_per_step: float, step: int, total: int | None) -> str:
+    """Time left at the measured pace, as 'H h MM min' ('?' before the total is known)."""
+    if not total:
+        return "?"
+    left = max(0, total - step) * seconds_per_step / 60
+    return f"{int(left // 60)} h {int(left % 60):02d} min"
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
@@ -151,7 +159,8 @@ def build_vae(out: Path, minutes: float, seed: int, pool_size: int = 8000, batch
             total = total or max(20, int(minutes * 60 / sps))
             log(out, f"vae: {sps:.3f} s/step at batch {batch}; {total} steps for {minutes} min")
         if step % 50 == 0:
-            log(out, f"vae: step {step}/{total} loss {loss.item():.4f}")
+            log(out, f"vae: step {step}/{total} loss {loss.item():.4f}, ETA "
+                     f"{eta((time.time() - t0) / max(1, step - meta['step']), step, total)}")
         if time.time() - t_last > 180 or (total and step >= total):
             save_state(state, {"vae": vae}, opt, {"step": step, "total": total})
             t_last = time.time()
@@ -378,8 +387,9 @@ def build_unet(out: Path, minutes: float, seed: int, batch: int = 64, lr: float 
             total = total or max(20, int(minutes * 60 / sps))
             log(out, f"unet: {sps:.3f} s/step at batch {batch}; {total} steps for {minutes} min")
         if step % 100 == 0:
-            log(out, f"unet: step {step}/{total} loss(ema) {loss_ema:.4f} "
-                     f"{(time.time() - t0) / max(1, step - meta['step']):.3f} s/step")
+            sps = (time.time() - t0) / max(1, step - meta["step"])
+            log(out, f"unet: step {step}/{total} loss(ema) {loss_ema:.4f} {sps:.3f} s/step, "
+                     f"ETA {eta(sps, step, total)}")
         done = total is not None and step >= total
         if time.time() - t_save > 180 or done:
             save_state(state, mods, opt, {"step": step, "total": total, "loss_ema": loss_ema})
