@@ -108,8 +108,22 @@ def embedding_beside(lora_file: str | Path) -> Path | None:
 
 
 def load_into(pipe, embedding_file: str | Path, placeholder_text: str) -> None:
-    """Load a learned identifier into a pipeline through diffusers' own textual-inversion loader
-    (once: a second call with the same token is a no-op)."""
-    if placeholder_text in pipe.tokenizer.get_vocab():
+    """Load a learned identifier into a pipeline through diffusers' own textual-inversion loader.
+    When the pipeline already knows the placeholder (another run's <sks>, loaded earlier in the
+    same session), its embedding rows are overwritten with this file's vectors: the pictures of run B
+    must never be drawn with run A's identifier."""
+    if placeholder_text not in pipe.tokenizer.get_vocab():
+        pipe.load_textual_inversion(str(embedding_file), token=placeholder_text)
         return
-    pipe.load_textual_inversion(str(embedding_file), token=placeholder_text)
+    from safetensors.torch import load_file
+
+    vectors = load_file(str(embedding_file))[KEY]
+    names = token_names(placeholder_text, vectors.shape[0])
+    vocab = pipe.tokenizer.get_vocab()
+    if any(n not in vocab for n in names) or token_names(placeholder_text, vectors.shape[0] + 1)[-1] in vocab:
+        raise ValueError(f"{embedding_file}: {placeholder_text} is loaded in this pipeline with another number of "
+                         f"vectors than this file's {vectors.shape[0]}: load the pipeline again to sample this run")
+    table = pipe.text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for name, vec in zip(names, vectors):
+            table[vocab[name]] = vec.to(table.device, table.dtype)

@@ -95,3 +95,27 @@ def test_tokens_analyze_understands_learned_tokens(tiny_pipe):
     after = analyze(["<sks>"], tok)[0]
     assert after.ids == [len(tok) - 1] and "learned identifier" in after.notes[0]
     assert not analyze(["sks"], tok)[0].notes[0].startswith("a learned"), "a rare token is analysed as before"
+
+
+def test_a_second_run_with_the_same_identifier_loads_its_own_embedding(tmp_path):
+    """Two runs both named <sks>, sampled in one session (a notebook, a benchmark): the second run's
+    pictures use the second run's vectors, not the first's (the loader used to skip a known token)."""
+    from safetensors.torch import load_file
+
+    from dreambooth_lab.models import load_pipeline
+    from dreambooth_lab.sample import load_lora
+    from dreambooth_lab.train import train
+
+    over = {"identifier.learned": True, "identifier.init": "random", "train.steps": 2, "prior.enabled": False}
+    a = train(tiny_config(tmp_path / "a", **over, **{"train.seed": 1}), resume=None, progress=False)
+    b = train(tiny_config(tmp_path / "b", **over, **{"train.seed": 2}), resume=None, progress=False)
+    va, vb = (load_file(str(r.run_dir / identifier.EMBEDDING_FILE))[identifier.KEY] for r in (a, b))
+    assert not torch.equal(va, vb)
+    pipe = load_pipeline(tiny_config(tmp_path).model, device="cpu")
+    n = len(pipe.tokenizer)
+    row = lambda: pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.get_vocab()["<sks>"]]  # noqa: E731
+    load_lora(pipe, a.lora_path)
+    assert torch.equal(row(), va[0])
+    pipe.delete_adapters("dreambooth")
+    load_lora(pipe, b.lora_path)
+    assert torch.equal(row(), vb[0]) and len(pipe.tokenizer) == n + 1
