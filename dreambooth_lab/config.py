@@ -117,6 +117,12 @@ class PriorConfig:
     # the class prompt, trained on alongside) or "base_model" (the frozen base model's own
     # prediction for the class prompt on the same noisy latents: no class images to generate).
     target: str = "class_images"
+    # Other prompts to keep as the base model draws them, e.g. ["a photo of a cat", "a photo of a
+    # backpack"]: each step adds rows with one of them (in turn) on the step's noisy instance latents,
+    # pulled toward the frozen base model's prediction (no images to generate). The class prior
+    # guards the trained class only; on a small model a LoRA that learns the subject also turns
+    # neighbouring classes into it. Empty = the paper's objective.
+    preserve_prompts: list[str] = field(default_factory=list, metadata={"hash": True, "omit_if": []})
 
 
 @dataclass
@@ -346,6 +352,8 @@ def experiment_axes(cfg: Config) -> dict[str, Any]:
         "timesteps": f"{lc.timestep_min}-{lc.timestep_max or 'max'}",
         "lora_dropout": cfg.lora.dropout, "dora": cfg.lora.use_dora, "locon": cfg.lora.conv,
         "buckets": cfg.data.buckets,
+        **({"preserve_prompts": len(cfg.prior.preserve_prompts)} if cfg.prior.preserve_prompts else {}),
+        **({"captions": cfg.data.captions} if cfg.data.captions != "none" else {}),
     }
 
 
@@ -417,6 +425,9 @@ def validation_errors(cfg: Config) -> list[str]:
          "(a .txt caption beside each photo)")
     need(cfg.data.resolution is None or (cfg.data.resolution >= 8 and cfg.data.resolution % 8 == 0),
          f"data.resolution={cfg.data.resolution}: use a positive multiple of 8 (512 for SD1.x), or null for auto")
+    need(all(isinstance(p, str) and p.strip() for p in cfg.prior.preserve_prompts),
+         f"prior.preserve_prompts={cfg.prior.preserve_prompts!r}: give a list of non-empty prompts, e.g. "
+         "['a photo of a cat', 'a photo of a backpack']")
     need(cfg.prior.target in PRIOR_TARGETS,
          f"prior.target={cfg.prior.target!r}: use class_images (the paper's) or base_model")
     ic = cfg.identifier

@@ -155,6 +155,8 @@ class DreamBoothObjective:
         self.n_instance_prompts = len(captions) if captions else 1
         prompts = [cfg.fill(c) for c in captions] if captions else [cfg.fill(cfg.data.instance_prompt)]
         prompts.append(cfg.fill(cfg.data.class_prompt))
+        self.preserve = [cfg.fill(p) for p in cfg.prior.preserve_prompts]  # prior.preserve_prompts, last
+        prompts += self.preserve
         if ic.learned:
             from .identifier import expand
 
@@ -175,7 +177,7 @@ class DreamBoothObjective:
             self.latent_cache = self._encode_all() if self.bucket_of is None else self._encode_buckets()
         if cfg.train.cache_text_embeddings and not self.text_trained:
             with torch.no_grad():
-                self.text_cache = self.encode(torch.arange(self.n_instance_prompts + 1))
+                self.text_cache = self.encode(torch.arange(len(self.prompt_ids[0])))
         if cfg.train.offload_frozen:
             if self.latent_cache is not None:
                 self.vae.to("cpu")
@@ -324,6 +326,8 @@ class DreamBoothObjective:
 
     def prompt_index(self, row: Row) -> int:
         """Which prompt a row trains on: its photo's caption (or the instance prompt), or the class prompt."""
+        if row.kind == "preserve":
+            return self.n_instance_prompts + 1 + row.index
         if row.kind != "instance":
             return self.n_instance_prompts
         return row.index if self.n_instance_prompts > 1 else 0
@@ -391,6 +395,18 @@ class DreamBoothObjective:
             states = states.cat(self.class_states(len(rows)))
             ids = None if ids is None else torch.cat([ids, ids])
             target = torch.cat([target, prior_target])
+        if self.preserve:  # prior.preserve_prompts: one of them per step, on the instance rows' noisy latents
+            k = sum(r.kind == "instance" for r in rows)
+            keep = [Row("preserve", (step * self.cfg.train.gradient_accumulation_steps + micro) % len(self.preserve),
+                        False, (0, 0, 0, 0))] * k
+            with self.timer.phase("base_model_prior"):
+                keep_target = self.base_prediction(noisy[:k], timesteps[:k], None if ids is None else ids[:k],
+                                                   rows=keep)
+                keep_states = self.states(keep)
+            noisy, timesteps = torch.cat([noisy, noisy[:k]]), torch.cat([timesteps, timesteps[:k]])
+            states = states.cat(keep_states)
+            ids = None if ids is None else torch.cat([ids, ids[:k]])
+            target = torch.cat([target, keep_target])
         weights = None
         if lc.min_snr_gamma:
             weights = min_snr_weights(snr(self.noise_scheduler.alphas_cumprod, timesteps), lc.min_snr_gamma,
@@ -406,16 +422,18 @@ class DreamBoothObjective:
         return self.states([Row("class", 0, False, (0, 0, 0, 0))] * n)
 
     @torch.no_grad()
-    def base_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, ids: torch.Tensor | None = None):
-        """What the frozen base model (every adapter off) predicts for the class prompt: the target
-        of the prior rows when prior.target is base_model (`ids`: the rows' SDXL time ids)."""
+    def base_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, ids: torch.Tensor | None = None,
+                        rows: list[Row] | None = None):
+        """What the frozen base model (every adapter off) predicts for the class prompt, or for the
+        prompts of `rows`: the target of the prior rows when prior.target is base_model, and of the
+        prior.preserve_prompts rows (`ids`: the rows' SDXL time ids)."""
         unet = self.acc.unwrap_model(self.unet)
         tes = [self.acc.unwrap_model(te) for te in self.text_encoders] if self.cfg.train.train_text_encoder else []
         unet.disable_adapters()
         for te in tes:
             te.disable_adapters()
         try:
-            states = self.class_states(noisy.shape[0])
+            states = self.states(rows) if rows else self.class_states(noisy.shape[0])
             return self.predict(noisy, timesteps, states, ids).detach()
         finally:
             unet.enable_adapters()

@@ -153,3 +153,44 @@ def test_world_subject_captions_name_each_photo_context(tmp_path):
         assert (ctx in cap) == (ctx != "plain")
     plain = subject_dir("dog", 5, root=tmp_path)
     assert not list(plain.glob("dog_*.txt"))  # SUBJECT.txt describes the folder, no photo has a caption
+
+
+# ---- prior.preserve_prompts (kept in this file: it shares the per-prompt plumbing of captions) ----
+
+def test_preserve_prompts_are_pulled_toward_the_base_model(tmp_path):
+    """Rows of another prompt on the step's noisy instance latents, with the frozen base model's
+    prediction as target: zero loss while the LoRA is still zero, positive once it has moved."""
+    from accelerate import Accelerator
+
+    from dreambooth_lab.config import ModelConfig
+    from dreambooth_lab.lora import add_adapters
+    from dreambooth_lab.models import load_pipeline
+    from dreambooth_lab.trainer import DreamBoothObjective
+
+    cfg = tiny_config(tmp_path, **{"prior.enabled": False, "train.offload_frozen": False,
+                                   "prior.preserve_prompts": ["a photo of a cat", "a photo of a {class} toy"]}).resolved()
+    pipe = load_pipeline(ModelConfig(name="tiny"), device="cpu")  # its own: adapters go on it
+    photos = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution)
+    add_adapters(cfg, pipe.unet, pipe.text_encoder)
+    t = DreamBoothObjective(cfg, pipe, photos, None, Accelerator())
+    decoded = [d.strip() for d in pipe.tokenizer.batch_decode(t.prompt_ids[0], skip_special_tokens=True)]
+    assert decoded[-2:] == ["a photo of a cat", "a photo of a dog toy"]
+    assert t.text_cache.shape[0] == 4  # instance, class, two kept prompts
+    loss, inst, keep = t.loss(0, 0)
+    assert keep.item() < 1e-10 and loss.item() == pytest.approx(inst.item())  # LoRA B = 0: the base itself
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    _, _, keep = t.loss(1, 0)
+    assert keep.item() > 1e-6
+
+
+def test_preserve_prompts_are_validated_and_recorded(tmp_path):
+    from dreambooth_lab.config import ConfigError, experiment_axes
+
+    with pytest.raises(ConfigError, match="prior.preserve_prompts"):
+        tiny_config(tmp_path, **{"prior.preserve_prompts": ["a cat", " "]}).validate()
+    cfg = tiny_config(tmp_path, **{"prior.preserve_prompts": ["a photo of a cat"], "data.captions": "sidecar"})
+    assert experiment_axes(cfg)["preserve_prompts"] == 1 and experiment_axes(cfg)["captions"] == "sidecar"
+    assert "preserve_prompts" not in experiment_axes(tiny_config(tmp_path))

@@ -56,6 +56,7 @@ TRAINING_KNOBS = [
     ("lora.use_dora", True),
     ("data.buckets", True),
     ("data.captions", "sidecar"),
+    ("prior.preserve_prompts", ["a photo of a cat"]),
     ("lora.conv", True),
     ("identifier.learned", True),
     ("identifier.num_vectors", 2),
