@@ -412,16 +412,30 @@ def export(src: Path, dest: Path, fp16: bool = True) -> None:
 
     from safetensors.torch import load_file, save_file
 
-    dest = Path(dest)
-    shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("build_step.json"))
-    for f in dest.rglob("*.safetensors"):
+    src, dest = Path(src), Path(dest)
+    if not (src / "model_index.json").is_file():  # checked before anything at dest is touched
+        raise FileNotFoundError(f"{src} is not a finished pipeline folder (no model_index.json): run the build "
+                                "until it writes a snapshot or final, then export again; nothing was changed")
+    tmp = dest.with_name(dest.name + ".export-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("build_step.json"))
+    for f in tmp.rglob("*.safetensors"):
         tensors = load_file(str(f))
         if fp16:
             tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
         save_file(tensors, str(f), metadata={"format": "pt"})
+    for f in tmp.rglob("config.json"):  # a build folder's local path is no part of the model
+        cfg = json.loads(f.read_text())
+        if cfg.pop("_name_or_path", None) is not None:
+            f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if (src / "build_step.json").is_file():
-        (dest / "BUILD.json").write_text((src / "build_step.json").read_text())
+        (tmp / "BUILD.json").write_text((src / "build_step.json").read_text())
+    old = dest.with_name(dest.name + ".export-old")  # the previous export, swapped out only now
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv=None) -> None:
