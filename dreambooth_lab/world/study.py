@@ -24,24 +24,33 @@ SUBJECT_PROMPT = "a {token} {class}"
 CLASS_PROMPT = "a {class}"
 
 
-# The world's own recipe, calibrated on build v3 (16 seeds, BENCHMARKS.md "Toy world"): the study's
-# lr 3e-4 barely moves this 1 M-parameter UNet in 400 steps ("a sks dog" stays at the base model's
-# 0.0). 16x the UNet's rate, LoCon, the text encoder trained and 1600 steps get it moving, but what
-# binds the subject is where the loss looks: with timesteps from [500, 1000) -- where the picture's
-# layout and colours are decided -- "a sks dog" shows the violet, yellow-dotted dog in 16 of 16
-# seeds; over all timesteps (the paper's) in 1 of 16, and from [300, 1000) in 12 of 16; [700, 1000)
-# gives 8 of 16. The epsilon loss of a 64 px scene is dominated by the low-noise steps, which
-# refine edges and texture that the base model already draws well.
-WORLD_RECIPE = {"optim.lr_unet": 5e-3, "optim.lr_text_encoder": 1e-3, "lora.conv": True, "loss.timestep_min": 500}
-WORLD_RECIPE_STEPS = 1600
+# The world's own recipe, re-calibrated on build v4 (BENCHMARKS.md "Toy world"; calibration runs on
+# photo draws 1-2, training seeds 1-2, sampling seeds 100-111 with benchmarks/world_calibrate.py;
+# the held-out figures come from other draws, seeds and identifiers). Three changes from v3's:
+# - a learned identifier started at the rare token's embedding (pivotal tuning) with the text
+#   encoder frozen: the binding lives in one embedding row, so every other prompt's text states are
+#   bit-identical to the base model's. With the text encoder's LoRA instead (lr 3e-3) "a sks dog"
+#   bound in 1 of 2 runs and "a cat" fell to 0.42.
+# - per-photo captions naming each photo's context (data.captions: sidecar): the plain-background
+#   photo stops dragging its room/snow into "a sks dog", and "in the forest" gets room.
+# - 400 steps (v3's 1600): at 800 every seed drew the same picture (one training photo's layout).
+# What stays: 16x the study's UNet rate with LoCon and the loss on timesteps [500, 1000), where the
+# picture's layout and colours are decided; at [0, 1000) the subject rate fell to 0.67-0.83 and at
+# 2e-3 (UNet) one dog run in four did not bind and the backpack bound at 0.00-0.50.
+WORLD_RECIPE = {"optim.lr_unet": 5e-3, "lora.conv": True, "loss.timestep_min": 500, "identifier.learned": True,
+                "identifier.init": "token", "identifier.lr": 5e-3}
+WORLD_RECIPE_STEPS = 400
 WORLD_RECIPE_SCALE = 1.0
+WORLD_RECIPE_TEXT_ENCODER = False  # the identifier's embedding trains; the encoder's weights stay as they are
+WORLD_RECIPE_CAPTIONS = True  # each subject photo's caption names its context
 
 
 def world_recipe_config(subject: str = "dog", photos: int = 5, token: str = "sks", *, output_dir: str | Path = "runs",
                         overrides: dict | None = None, **kw) -> Config:
     """world_config with WORLD_RECIPE: the settings under which DreamBooth visibly binds in the world."""
     kw.setdefault("steps", WORLD_RECIPE_STEPS)
-    kw.setdefault("train_text_encoder", True)
+    kw.setdefault("train_text_encoder", WORLD_RECIPE_TEXT_ENCODER)
+    kw.setdefault("captions", WORLD_RECIPE_CAPTIONS)
     cfg = world_config(subject, photos, token, output_dir=output_dir, overrides={**WORLD_RECIPE, **(overrides or {})},
                        **kw)
     cfg.sample.lora_scale_unet = cfg.sample.lora_scale_text_encoder = WORLD_RECIPE_SCALE
@@ -258,6 +267,8 @@ def robustness(pipe, lora: str | Path | None, cfg: Config, seeds: Sequence[int],
     test:<prompt>          subject AND the asked attribute (forest = a context no photo shows)
     class:<c>              "a <c>" draws a <c> (every class: the trained one and the others)
     drift                  "a <class>" shows the subject
+    subject_diversity      seed-to-seed difference of "a <tok> <class>" (0 = the same picture every seed)
+    class_diversity        ... of "a <class>" (the base model's is the reference)
     accessory              "a http <tok> <class>": subject with the cap
     property_change        "a <tok> cat" (dog) / "a <tok> vase" (backpack): a cat/vase with the subject's look
     """
@@ -281,12 +292,15 @@ def robustness(pipe, lora: str | Path | None, cfg: Config, seeds: Sequence[int],
         kind, _, name = role.partition(":")
         if kind == "phrasing":
             out[f"subject:{name}"] = rate([r[key] for r in judged])
+            if name == PHRASINGS[0]:  # how much the pictures differ from seed to seed (0 = one picture)
+                out["subject_diversity"] = diversity(images[prompt])
         elif kind == "test":
             out[f"test:{name}"] = rate([r[key] and bool(asked_ok(r, asked)) for r in judged])
         elif kind == "class":
             out[f"class:{name}"] = rate([r["class"] == name for r in judged])
             if name == cfg.data.class_name:
                 out["drift"] = rate([r[key] for r in judged])
+                out["class_diversity"] = diversity(images[prompt])
         elif role == "accessory":
             out["accessory"] = rate([r[key] and r["http"] for r in judged])
         elif role == "property_change":
