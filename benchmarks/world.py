@@ -19,11 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MARK_START, MARK_END = "<!-- world:start -->", "<!-- world:end -->"
-from dreambooth_lab.world.study import WORLD_RECIPE, WORLD_RECIPE_SCALE, WORLD_RECIPE_STEPS  # noqa: E402
+from dreambooth_lab.world.study import (WORLD_RECIPE, WORLD_RECIPE_SCALE, WORLD_RECIPE_STEPS,  # noqa: E402
+                                        WORLD_RECIPE_TEXT_ENCODER)
 
 
 def base_prompts():
@@ -63,9 +66,22 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=None, help="DreamBooth steps (default: the world config's)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("WORLD_THREADS", "1")))
     ap.add_argument("--markdown-only", action="store_true", help="re-write world.md and BENCHMARKS.md from world.json")
+    ap.add_argument("--no-robustness", action="store_true", help="skip the held-out robustness section")
+    ap.add_argument("--merge-robustness", type=Path, default=None, metavar="WORLD_JSON",
+                    help="copy the robustness section of another run's world.json into <out>/world.json, re-write "
+                         "the Markdown and exit (two halves run side by side on two cores)")
+    ap.add_argument("--robustness-only", action="store_true",
+                    help="run only the held-out robustness section (and the base model), into world.json's other results")
     args = ap.parse_args(argv)
     if args.markdown_only:
         write_markdown(json.loads((args.out / "world.json").read_text()), args.out)
+        return
+    if args.merge_robustness:
+        result = json.loads((args.out / "world.json").read_text())
+        other = json.loads(args.merge_robustness.read_text())
+        result["robustness"] = other["robustness"]
+        (args.out / "world.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(write_markdown(result, args.out))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -98,6 +114,24 @@ def main(argv=None) -> None:
     base_dog = read_run(pipe, None, world_config("dog", 5), seeds)
     result["base_sks"] = summarise(base_dog, world_config("dog", 5))
 
+    if not args.no_robustness:
+        log("robustness on held-out draws, seeds and identifiers ...")
+        t_r = time.time()
+        robust = measure_robustness(pipe, work, log, quick=args.quick)
+        robust["seconds"] = round(time.time() - t_r, 1)
+        for subject, v in robust["subjects"].items():
+            held = v.pop("_grids")
+            save_figure({f"held out ({subject})": held}, args.out / f"world_heldout_{subject}.png")
+        result["robustness"] = robust
+    if args.robustness_only:
+        old = json.loads((args.out / "world.json").read_text()) if (args.out / "world.json").is_file() else {}
+        result = {**old, **{k: v for k, v in result.items() if k != "runs"}, "runs": old.get("runs", {}),
+                  "robustness_total_seconds": round(time.time() - t_all, 1)}
+        result.setdefault("total_seconds", result["robustness_total_seconds"])
+        (args.out / "world.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(write_markdown(result, args.out))
+        return
+
     kw = {} if args.steps is None else {"steps": args.steps}
 
     def dreambooth(name, subject, photos, token="sks", prior=True, te=False, scales=(0.4, 0.6), steps=None,
@@ -124,11 +158,11 @@ def main(argv=None) -> None:
         dreambooth("backpack5", "backpack", 5)
     # ... and with the world's recipe (study.WORLD_RECIPE: where the subject binds in the world)
     log("DreamBooth runs, the world's recipe ...")
-    res5, cfg5, r5 = dreambooth("dog5-recipe", "dog", 5, te=True, scales=(0.6, 1.0), recipe=True)
-    res18, cfg18, r18 = dreambooth("dog18-recipe", "dog", 18, te=True, scales=(1.0,), recipe=True)
-    _, _, r5np = dreambooth("dog5-recipe-noprior", "dog", 5, te=True, prior=False, scales=(1.0,), recipe=True)
+    res5, cfg5, r5 = dreambooth("dog5-recipe", "dog", 5, te=WORLD_RECIPE_TEXT_ENCODER, scales=(0.6, 1.0), recipe=True)
+    res18, cfg18, r18 = dreambooth("dog18-recipe", "dog", 18, te=WORLD_RECIPE_TEXT_ENCODER, scales=(1.0,), recipe=True)
+    _, _, r5np = dreambooth("dog5-recipe-noprior", "dog", 5, te=WORLD_RECIPE_TEXT_ENCODER, prior=False, scales=(1.0,), recipe=True)
     if not args.quick:
-        dreambooth("backpack5-recipe", "backpack", 5, te=True, scales=(1.0,), recipe=True)
+        dreambooth("backpack5-recipe", "backpack", 5, te=WORLD_RECIPE_TEXT_ENCODER, scales=(1.0,), recipe=True)
     photos5 = subject_photos("dog", 5)
     grids["dreambooth, the world's recipe (dog5, scale 1.0)"] = {"training photos": photos5, **{
         p: ims for p, ims in r5[1.0]["images"].items()}}
@@ -148,7 +182,8 @@ def main(argv=None) -> None:
 
     log("steps ...")
     step_rows = {}
-    for n in ([400, 800, WORLD_RECIPE_STEPS, 2 * WORLD_RECIPE_STEPS] if not args.quick else [400, WORLD_RECIPE_STEPS]):
+    n0 = WORLD_RECIPE_STEPS
+    for n in ([n0 // 2, n0, 2 * n0, 4 * n0] if not args.quick else [n0 // 2, n0]):
         cfg = world_recipe_config("dog", 5, output_dir=work / "runs", steps=n)
         if n == cfg5.train.steps:  # the dog5-recipe run already is this row
             res, secs = res5, result["runs"]["dog5-recipe"]["seconds"]
@@ -156,7 +191,7 @@ def main(argv=None) -> None:
             res, secs = run_one(cfg, f"steps-{n}", log)
         r = read_run(pipe, res.run_dir, cfg, seeds, scale=WORLD_RECIPE_SCALE)
         row = summarise(r, cfg)
-        d = nearest_training_distance(r["images"]["a sks dog"], photos5)
+        d = nearest_training_distance(r["images"][cfg.fill("a {token} {class}")], photos5)
         row.update(seconds=round(secs, 1), nearest_photo_distance_mean=float(sum(d) / len(d)),
                    memorised_fraction=float(sum(x < 0.05 for x in d) / len(d)))
         step_rows[str(n)] = row
@@ -168,7 +203,7 @@ def main(argv=None) -> None:
     for token in ("sks", "hta", "oue", "http") if not args.quick else ("sks", "http"):
         for te in (False, True):
             name = f"token-{token}-{'te' if te else 'unet'}"
-            if token == "sks" and te:  # dog5-recipe is this run
+            if token == "sks" and te == WORLD_RECIPE_TEXT_ENCODER:  # dog5-recipe is this run
                 result["runs"][name] = dict(result["runs"]["dog5-recipe"], scales={
                     "1.0": result["runs"]["dog5-recipe"]["scales"]["1.0"]})
                 continue
@@ -180,6 +215,77 @@ def main(argv=None) -> None:
     (args.out / "world.json").write_text(json.dumps(result, indent=1) + "\n")
     save_figure(grids, args.out / "world.png")
     print(write_markdown(result, args.out))
+
+
+# ---- robustness: conditions the recipe was not calibrated on -------------------------------------
+
+# The recipe was calibrated on photo draws 1-2, training seeds 1-2, sampling seeds 100-111 and the
+# identifier sks (benchmarks/world_calibrate.py). What is reported here never took part: other
+# draws of the same subjects, other training and sampling seeds, and identifiers from
+# `tokens suggest` (single CLIP tokens) that nobody tried while tuning.
+HELD_OUT = {"draws": (3, 4, 5), "train_seeds": (11, 12, 13), "tokens": ("wku", "sqn", "pbc"),
+            "sample_seeds": (200, 212), "subjects": ("dog", "backpack")}
+
+
+def spread(values) -> dict:
+    """n, mean, standard deviation (n-1), min and max of a list of per-run figures (pure)."""
+    import statistics
+
+    vals = [float(v) for v in values]
+    return {"n": len(vals), "mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "min": min(vals), "max": max(vals)}
+
+
+def measure_robustness(pipe, work: Path, log, quick: bool = False, held_out: dict = HELD_OUT) -> dict:
+    """The world's recipe on held-out photo draws x training seeds (each run with one of the held-out
+    identifiers, every identifier once per draw), read by study.robustness; a 4x-steps run per subject
+    for overfitting; the base model read the same way for the other classes' base rates."""
+    from dreambooth_lab.world.study import nearest_training_distance, robustness, world_recipe_config
+    from dreambooth_lab.world.subjects import subject_photos
+
+    seeds = list(range(*held_out["sample_seeds"]))[: 8 if quick else None]
+    draws = held_out["draws"][: 2 if quick else None]
+    tseeds = held_out["train_seeds"][: 2 if quick else None]
+    tokens = held_out["tokens"]
+    out: dict = {"held_out": {**held_out, "sample_seeds": f"{seeds[0]}-{seeds[-1]}"}, "subjects": {}}
+    for subject in held_out["subjects"]:
+        cfg0 = world_recipe_config(subject, 5, tokens[0], output_dir=work / "runs", draw=draws[0])
+        base = robustness(pipe, None, cfg0, seeds)["readings"]
+        runs, grids = [], {}
+        for i, draw in enumerate(draws):
+            for j, tseed in enumerate(tseeds):
+                token = tokens[(i + j) % len(tokens)]
+                cfg = world_recipe_config(subject, 5, token, output_dir=work / "runs", draw=draw, seed=tseed,
+                                          overrides={"prior.cache_dir": str(work / "class_cache")})
+                res, secs = run_one(cfg, f"{subject} draw {draw} seed {tseed} {token}", log)
+                read = robustness(pipe, res.run_dir, cfg, seeds)
+                runs.append({"draw": draw, "train_seed": tseed, "token": token, "seconds": round(secs, 1),
+                             **read["readings"]})
+                if not grids:
+                    grids = {"training photos": subject_photos(subject, 5, draw),
+                             **{p: ims for p, ims in read["images"].items()}}
+        keys = [k for k in runs[0] if k not in ("draw", "train_seed", "token")]
+        summary = {k: spread([r[k] for r in runs]) for k in keys}
+        preservation = {k.split(":", 1)[1]: spread([r[k] / base[k] if base[k] else float(r[k] >= 0) for r in runs])
+                        for k in keys if k.startswith("class:") and k != f"class:{cfg0.data.class_name}"}
+        # overfitting: 4x the recipe's steps, the first held-out draw and seed
+        cfg4 = world_recipe_config(subject, 5, tokens[0], output_dir=work / "runs", draw=draws[0], seed=tseeds[0],
+                                   steps=4 * cfg0.train.steps, overrides={"prior.cache_dir": str(work / "class_cache")})
+        res4, secs4 = run_one(cfg4, f"{subject} 4x steps", log)
+        read4 = robustness(pipe, res4.run_dir, cfg4, seeds)
+        subject_prompt = next(p for r, p in read4["prompts"].items() if r == "phrasing:a {token} {class}")
+        d = nearest_training_distance(read4["images"][subject_prompt], subject_photos(subject, 5, draws[0]))
+        run1 = next(r for r in runs if r["draw"] == draws[0] and r["train_seed"] == tseeds[0])
+        d1 = nearest_training_distance(grids[subject_prompt], subject_photos(subject, 5, draws[0])) \
+            if run1 is runs[0] else None
+        out["subjects"][subject] = {
+            "base": base, "runs": runs, "summary": summary, "preservation": preservation,
+            "overfit_4x": {"steps": cfg4.train.steps, "seconds": round(secs4, 1), **read4["readings"],
+                           "nearest_photo_distance": float(np.mean(d)),
+                           "nearest_photo_distance_at_recipe_steps": float(np.mean(d1)) if d1 else None},
+            "_grids": grids,
+        }
+    return out
 
 
 # ---- outputs -------------------------------------------------------------------------------------
@@ -215,10 +321,12 @@ def markdown(r: dict) -> str:
     if "vae_ceiling" in r:
         out += ["", "VAE ceiling (the judge's subject rate on the subject's own photos after a VAE round trip; no "
                     "generation can score higher): " + ", ".join(f"{k} {v:.2f}" for k, v in r["vae_ceiling"].items())]
+    if "robustness" in r:
+        out += robustness_markdown(r["robustness"])
     b = r["base_sks"]
     out += ["", f"Base model on \"a sks dog\": subject-trait rate {b['subject_rate']:.2f} (the DreamBooth runs "
                 "start from this).", "",
-            "**DreamBooth runs** (subject-trait rate for \"a sks dog\", target ≥ 0.8; traits + asked attribute "
+            "**DreamBooth runs** (subject-trait rate for \"a sks dog\" — \"a <sks> dog\" with the recipe's learned identifier — target ≥ 0.8; traits + asked attribute "
             "for the four test prompts, target ≥ 0.6; drift = subject traits in \"a dog\")", "",
             "| run | steps | s | scale | subject | t-shirt | van gogh | forest | driving | drift | class div. |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -231,7 +339,8 @@ def markdown(r: dict) -> str:
     out += ["", "Rows without -recipe: the study's settings scaled to the world (rank 4, lr 3e-4 / 1e-4, prior "
                 "preservation, text encoder frozen). Rows with -recipe (and the token rows): the world's recipe "
                 "(`world.study.WORLD_RECIPE`): " + ", ".join(f"`{k}: {v}`" for k, v in WORLD_RECIPE.items())
-                + f", text encoder trained unless the row says unet, {WORLD_RECIPE_STEPS} steps, LoRA scale "
+                + f", text encoder {'trained' if WORLD_RECIPE_TEXT_ENCODER else 'frozen'} unless the row says "
+                f"te/unet, per-photo captions naming each photo's context, {WORLD_RECIPE_STEPS} steps, LoRA scale "
                 f"{WORLD_RECIPE_SCALE}."]
     out += ["", "**LoRA scale sweep** (dog18-recipe): subject rate vs prompt fidelity", "",
             "| scale | subject | t-shirt asked | van gogh asked | forest asked | driving asked | traits + asked (mean) "
@@ -249,9 +358,86 @@ def markdown(r: dict) -> str:
         out.append(f"| {n} | {v['seconds']:.0f} | {v['subject_rate']:.2f} | {forest:.2f} | "
                    f"{v['nearest_photo_distance_mean']:.3f} | {v['memorised_fraction']:.2f} |")
     out += ["", f"Token × text-encoder study (the world's recipe, text encoder trained or not): "
-                f"{r['token_study_seconds'] / 60:.1f} min for its 8 runs (rows token-*; token-sks-te is dog5-recipe). `http` captions mean a lime cap in the world; its rate in \"a http dog\" "
+                f"{r['token_study_seconds'] / 60:.1f} min for its 8 runs (rows token-*; token-sks-{'te' if WORLD_RECIPE_TEXT_ENCODER else 'unet'} is dog5-recipe). `http` captions mean a lime cap in the world; its rate in \"a http dog\" "
                 "samples is in world.json (http_rate_subject_prompt).", MARK_END, ""]
     return "\n".join(out)
+
+
+# The issue's targets for the held-out runs: (reading, what must hold, target, how it is compared).
+TARGETS = (
+    ("subject:a {token} {class}", "\"a {tok} {class}\" shows the subject", 0.8),
+    ("subject:a photo of a {token} {class}", "\"a photo of a {tok} {class}\"", 0.7),
+    ("subject:a picture of a {token} {class}", "\"a picture of a {tok} {class}\"", 0.7),
+    ("subject:a photo of {token} {class}", "\"a photo of {tok} {class}\" (the training wording)", 0.7),
+    ("test:a {token} {class} in red t-shirts", "subject AND t-shirt", 0.6),
+    ("test:a {token} {class} in the style of van gogh", "subject AND van Gogh", 0.6),
+    ("test:a {token} {class} in the forest", "subject AND forest (no photo shows a forest)", 0.6),
+    ("test:a {token} {class} driving car", "subject AND driving", 0.6),
+)
+
+
+def _sp(v: dict) -> str:
+    return f"{v['mean']:.2f} ± {v['sd']:.2f} [{v['min']:.2f}–{v['max']:.2f}]"
+
+
+def robustness_markdown(rob: dict) -> list[str]:
+    """The held-out section: every figure as mean ± sd [min–max] over the runs, with its target."""
+    h = rob["held_out"]
+    subs = list(rob["subjects"])
+    n = rob["subjects"][subs[0]]["summary"]["seconds"]["n"]
+    out = ["", f"**Held out: conditions the recipe was never calibrated on** ({rob.get('seconds', 0) / 60:.0f} min). "
+                f"Each subject: {n} runs of the world's recipe, photo draws {', '.join(map(str, h['draws']))} × "
+                f"training seeds {', '.join(map(str, h['train_seeds']))}, each run with one of the identifiers "
+                f"{', '.join(h['tokens'])} (single CLIP tokens from `tokens suggest`, each once per draw); sampling "
+                f"seeds {h['sample_seeds']}. Figures: mean ± sd [min–max] over the runs (a run's rate over its "
+                "sampling seeds is the unit). The calibration used draws 1–2, seeds 1–2, sampling seeds 100–111 "
+                "and sks.", "",
+           "| measure | target | " + " | ".join(subs) + " |", "|---|---|" + "---|" * len(subs)]
+
+    def row(label, target, vals):
+        out.append(f"| {label} | {target} | " + " | ".join(vals) + " |")
+
+    for key, label, target in TARGETS:
+        vals = []
+        for s in subs:
+            sm = rob["subjects"][s]["summary"]
+            vals.append(_sp(sm[key]) + (" ✓" if sm[key]["mean"] >= target else " ✗") if key in sm else "–")
+        row(label, f"≥ {target}", vals)
+    vals = []
+    for s in subs:
+        pres = rob["subjects"][s]["preservation"]
+        worst = min(pres, key=lambda c: pres[c]["mean"])
+        vals.append(f"worst {worst} {pres[worst]['mean']:.2f} (" + ", ".join(f"{c} {v['mean']:.2f}" for c, v in pres.items())
+                    + (") ✓" if pres[worst]["mean"] >= 0.9 else ") ✗"))
+    row("other classes: rate after / before", "≥ 0.9", vals)
+    row("drift (\"a {class}\" shows the subject)", "≤ 0.05",
+        [_sp(rob["subjects"][s]["summary"]["drift"]) + (" ✓" if rob["subjects"][s]["summary"]["drift"]["mean"] <= 0.05
+                                                        else " ✗") for s in subs])
+    row("own class (\"a {class}\" draws it)", "–", [_sp(rob["subjects"][s]["summary"][f"class:{s}"])
+                                                    if f"class:{s}" in rob["subjects"][s]["summary"] else "–" for s in subs])
+    row("seconds per run, s (this CPU, one torch thread)", "≤ 120", [_sp(rob["subjects"][s]["summary"]["seconds"])
+                                                                     for s in subs])
+    row("diversity of \"a {tok} {class}\" (\"a {class}\" after the run)", "report",
+        [_sp(rob["subjects"][s]["summary"]["subject_diversity"]) + f" ({rob['subjects'][s]['summary']['class_diversity']['mean']:.3f})"
+         for s in subs])
+    for key, label in (("accessory", "accessorization: \"a http {tok} {class}\" (subject + cap)"),
+                       ("property_change", "property change: \"a {tok} cat\" / \"a {tok} vase\"")):
+        row(label, "report", [_sp(rob["subjects"][s]["summary"][key]) if key in rob["subjects"][s]["summary"] else "–"
+                              for s in subs])
+    vals = []
+    for s in subs:
+        o = rob["subjects"][s]["overfit_4x"]
+        vals.append(f"{o['steps']} steps: subject {o['subject:a {token} {class}']:.2f}, forest "
+                    f"{o['test:a {token} {class} in the forest']:.2f}, nearest-photo distance {o['nearest_photo_distance']:.3f}"
+                    + (f" (recipe steps {o['nearest_photo_distance_at_recipe_steps']:.3f})"
+                       if o.get("nearest_photo_distance_at_recipe_steps") else ""))
+    row("overfitting: 4× the steps (one run)", "report", vals)
+    base_rows = []
+    for s in subs:
+        b = rob["subjects"][s]["base"]
+        base_rows.append(", ".join(f"{k.split(':', 1)[1]} {v:.2f}" for k, v in b.items() if k.startswith("class:")))
+    out += ["", "Base model, same sampling seeds (\"a {class}\" draws the class): " + base_rows[0] + "."]
+    return out
 
 
 def update_benchmarks_md(path: Path, section: str, start: str = MARK_START, end: str = MARK_END) -> None:

@@ -1,0 +1,106 @@
+"""Calibrate a world recipe: train it on some photo draws, identifiers and training seeds, and read
+each run the way a user would worry about it (study.robustness). What the recipe was tuned on is
+what this script is given; `benchmarks/world.py` reports on draws, seeds and identifiers it never saw.
+
+    python benchmarks/world_calibrate.py --set optim.lr_unet=1e-3 --draws 1 2 --train-seeds 1 2
+    python benchmarks/world_calibrate.py --subject backpack --token hta --steps 800 --out /tmp/cal.jsonl
+
+One JSON line per run (appended to --out), then the mean of every reading over the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def parse_value(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--subject", default="dog")
+    ap.add_argument("--photos", type=int, default=5)
+    ap.add_argument("--token", nargs="+", default=["sks"])
+    ap.add_argument("--draws", type=int, nargs="+", default=[1, 2], help="photo draws (subject_dir seed)")
+    ap.add_argument("--train-seeds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--sample-seeds", type=int, nargs=2, default=[100, 112], metavar=("FIRST", "STOP"))
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--scale", type=float, default=None)
+    ap.add_argument("--captions", action="store_true", help="train on per-photo captions naming the context")
+    ap.add_argument("--no-prior", action="store_true")
+    ap.add_argument("--frozen-te", action="store_true", help="leave the text encoder frozen")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
+    ap.add_argument("--out", type=Path, default=None, help="append one JSON line per run here")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--label", default="")
+    ap.add_argument("--sheet", type=Path, default=None, help="write the first run's pictures here (PNG)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from dreambooth_lab.train import train
+    from dreambooth_lab.world.study import WORLD_RECIPE_SCALE, load_world_pipeline, robustness, world_recipe_config
+
+    overrides = {}
+    for item in args.set:
+        k, _, v = item.partition("=")
+        overrides[k] = parse_value(v)
+    pipe = load_world_pipeline()
+    seeds = list(range(*args.sample_seeds))
+    work = Path(tempfile.mkdtemp(prefix="world-cal-"))
+    rows = []
+    for token in args.token:
+        for draw in args.draws:
+            for tseed in args.train_seeds:
+                kw = dict(output_dir=work / "runs", overrides={**overrides, "prior.cache_dir": str(work / "cache")},
+                          draw=draw, captions=args.captions, seed=tseed, prior=not args.no_prior,
+                          train_text_encoder=not args.frozen_te)
+                if args.steps:
+                    kw["steps"] = args.steps
+                cfg = world_recipe_config(args.subject, args.photos, token, **kw)
+                t0 = time.time()
+                res = train(cfg, resume=None, progress=False)
+                secs = time.time() - t0
+                scale = args.scale if args.scale is not None else WORLD_RECIPE_SCALE
+                reading = robustness(pipe, res.run_dir, cfg, seeds, scale=scale)
+                read = reading["readings"]
+                if args.sheet and not rows:
+                    from dreambooth_lab.world.sheets import seed_grid
+                    from dreambooth_lab.world.subjects import subject_photos
+
+                    seed_grid({"training photos": subject_photos(args.subject, args.photos, draw),
+                               **reading["images"]}, args.sheet)
+                row = {"label": args.label, "subject": args.subject, "token": token, "draw": draw, "train_seed": tseed,
+                       "captions": args.captions, "overrides": overrides, "steps": cfg.train.steps, "scale": scale,
+                       "seconds": round(secs, 1), **{k: round(v, 3) for k, v in read.items()}}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+    keys = [k for k in rows[0] if isinstance(rows[0][k], float) and k not in ("scale",)]
+    print("mean over", len(rows), "runs:")
+    for k in keys:
+        vals = [r[k] for r in rows]
+        print(f"  {k:48s} {np.mean(vals):.2f}  (min {min(vals):.2f}, max {max(vals):.2f})")
+
+
+if __name__ == "__main__":
+    main()
