@@ -131,6 +131,26 @@ def test_a_build_can_start_from_a_finished_pipeline(tmp_path):
                for k, v in load_file(str(TOYWORLD_DIR / "vae" / vae_file)).items())
 
 
+def test_a_4x_vae_gives_16x16_latents_and_a_unet_that_takes_them():
+    """`build --vae-factor 4`: the UNet's shape follows the VAE's config (builds v1-v4 are 8x, 8x8x8)."""
+    import torch
+
+    from dreambooth_lab.world.architecture import make_unet, make_vae, vae_shape
+
+    for factor, shape in ((8, (8, 8)), (4, (4, 16))):
+        vae = make_vae(1, factor)
+        assert vae_shape(vae.config) == shape
+        with torch.no_grad():
+            z = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+        assert tuple(z.shape) == (1, shape[0], shape[1], shape[1])
+        unet = make_unet(0, *shape)
+        with torch.no_grad():
+            out = unet(z, torch.tensor([10]), torch.zeros(1, 77, 64)).sample
+        assert out.shape == z.shape
+    with pytest.raises(ValueError, match="VAE factor 3"):
+        make_vae(1, 3)
+
+
 def test_export_checks_its_source_before_touching_the_target(tmp_path):
     """`build --export` with a build folder that has no snapshot leaves the shipped model alone; a
     good export replaces the target whole."""

@@ -16,16 +16,31 @@ LATENT_CHANNELS = 8
 CLIP_VOCAB_SIZE = 49408
 
 
-def make_vae(seed: int = 1):
+# A 4x VAE (16x16 latents, SD's 4 channels) keeps the subjects' dots and stripes through decoding,
+# which the 8x one blurs into each other (the judge's near misses after a round trip: 0.84-0.97).
+VAE_FACTORS = {8: dict(block_out_channels=(16, 32, 32, 64), latent_channels=LATENT_CHANNELS),
+               4: dict(block_out_channels=(32, 64, 64), latent_channels=4)}
+
+
+def make_vae(seed: int = 1, factor: int = 8):
     from diffusers import AutoencoderKL
 
+    if factor not in VAE_FACTORS:
+        raise ValueError(f"VAE factor {factor}: use one of {sorted(VAE_FACTORS)}")
+    spec = VAE_FACTORS[factor]
+    blocks = len(spec["block_out_channels"])
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 64), layers_per_block=1, latent_channels=LATENT_CHANNELS, norm_num_groups=8,
-        sample_size=RESOLUTION,
+        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=spec["block_out_channels"], layers_per_block=1, latent_channels=spec["latent_channels"],
+        norm_num_groups=8, sample_size=RESOLUTION,
     )
+
+
+def vae_shape(vae_config: dict) -> tuple[int, int]:
+    """(latent channels, latent side) of a world VAE from its config."""
+    return vae_config["latent_channels"], RESOLUTION // 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def make_text_encoder(seed: int = 2):
@@ -39,12 +54,12 @@ def make_text_encoder(seed: int = 2):
     ))
 
 
-def make_unet(seed: int = 0):
+def make_unet(seed: int = 0, channels: int = LATENT_CHANNELS, side: int = RESOLUTION // 8):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=RESOLUTION // 8, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
+        sample_size=side, in_channels=channels, out_channels=channels, layers_per_block=1,
         block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
         attention_head_dim=8, norm_num_groups=16,

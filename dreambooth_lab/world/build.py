@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .architecture import RESOLUTION, make_scheduler, make_text_encoder, make_unet, make_vae
+from .architecture import RESOLUTION, VAE_FACTORS, make_scheduler, make_text_encoder, make_unet, make_vae, vae_shape
 from .captions import caption
 from .draw import render
 from .scene import sample_base_scene, sample_open_scene
@@ -123,7 +123,7 @@ def render_batch(scenes) -> np.ndarray:
 # ---- phase 1: VAE -------------------------------------------------------------------------------
 
 def build_vae(out: Path, minutes: float, seed: int, pool_size: int = 8000, batch: int = 16,
-              steps: int | None = None) -> None:
+              steps: int | None = None, factor: int = 8) -> None:
     if (out / "vae" / "config.json").is_file():
         return
     pool_path = out / "vae_pool.npy"
@@ -134,7 +134,7 @@ def build_vae(out: Path, minutes: float, seed: int, pool_size: int = 8000, batch
         np.save(out / "vae_pool.tmp.npy", pool)
         os.replace(out / "vae_pool.tmp.npy", pool_path)
     pool = np.load(pool_path)
-    vae = make_vae(seed)
+    vae = make_vae(seed, factor)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     state = out / "vae_state.safetensors"
     meta = load_state(state, {"vae": vae}, opt) if state.is_file() else {"step": 0, "total": steps}
@@ -330,10 +330,12 @@ def build_unet(out: Path, minutes: float, seed: int, batch: int = 64, lr: float 
     n = len(data["mean"])
     from diffusers import AutoencoderKL
 
-    scaling = AutoencoderKL.load_config(out / "vae")["scaling_factor"]
+    vae_config = AutoencoderKL.load_config(out / "vae")
+    scaling = vae_config["scaling_factor"]
     tok = CLIPTokenizer.from_pretrained(tokenizer_dir(out))
     empty_ids = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
-    unet, te = make_unet(seed), make_text_encoder(seed + 1)
+    channels, side = vae_shape(vae_config)
+    unet, te = make_unet(seed, channels, side), make_text_encoder(seed + 1)
     state = out / "unet_state.safetensors"
     if init is not None and not state.is_file():
         _load_init(Path(init), unet, te)
@@ -455,6 +457,10 @@ def main(argv=None) -> None:
     ap.add_argument("--init", type=Path, default=None, metavar="PIPELINE",
                     help="start from a finished pipeline folder: take its VAE, start UNet and text encoder from its weights")
     ap.add_argument("--lr", type=float, default=1e-3, help="UNet learning rate (text encoder: half)")
+    ap.add_argument("--vae-factor", type=int, default=8, choices=sorted(VAE_FACTORS),
+                    help="the VAE's downsampling: 8 (8x8x8 latents, builds v1-v4) or 4 (16x16x4)")
+    ap.add_argument("--stop-after", choices=("vae", "latents", "unet"), default="unet",
+                    help="end the build after this phase (a staged build: measure each stage before going on)")
     ap.add_argument("--export", type=Path, default=None, help="write <out>/final (or snapshot) here as fp16 and exit")
     args = ap.parse_args(argv)
     out = (args.out or default_build_dir()).expanduser()
@@ -472,8 +478,14 @@ def main(argv=None) -> None:
     log(out, f"build start: seed {args.seed}, {args.threads} thread(s)")
     if args.init:
         init_from(out, args.init)
-    build_vae(out, args.vae_minutes, args.seed, steps=args.vae_steps)
+    build_vae(out, args.vae_minutes, args.seed, steps=args.vae_steps, factor=args.vae_factor)
+    if args.stop_after == "vae":
+        log(out, "stopped after the VAE phase (--stop-after vae)")
+        return
     build_latents(out, args.seed, args.scenes)
+    if args.stop_after == "latents":
+        log(out, "stopped after the latents phase (--stop-after latents)")
+        return
     build_unet(out, args.unet_minutes, args.seed, snapshot_minutes=args.snapshot_minutes,
                steps=args.unet_steps, init=args.init, lr=args.lr)
     log(out, f"build finished in this session after {(time.time() - t0) / 60:.1f} min")
