@@ -3,6 +3,12 @@
     python benchmarks/world.py            # everything (CPU, 2 cores: see the wall times it reports)
     python benchmarks/world.py --quick    # 8 seeds, fewer runs, scales and tokens
 
+    # the two halves side by side on two cores (how BENCHMARKS.md's figures were made, ~15 min):
+    python benchmarks/world.py --no-robustness &
+    python benchmarks/world.py --robustness-only --out /tmp/wb_rob; wait
+    python benchmarks/world.py --merge-robustness /tmp/wb_rob/world.json
+    cp /tmp/wb_rob/world_heldout_*.png benchmarks/
+
 Writes benchmarks/world.json, benchmarks/world.png (seed grids per row) and the "Toy world"
 section of BENCHMARKS.md. Every DreamBooth run goes through the package's own train(); every
 picture through sample.generate; every number is the judge's reading of those pictures.
