@@ -42,9 +42,12 @@ def main(argv=None) -> None:
     ap.add_argument("--sample-seeds", type=int, nargs=2, default=[100, 112], metavar=("FIRST", "STOP"))
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--scale", type=float, default=None)
-    ap.add_argument("--captions", action="store_true", help="train on per-photo captions naming the context")
+    ap.add_argument("--captions", action=argparse.BooleanOptionalAction, default=None,
+                    help="per-photo captions naming the context (default: the recipe's)")
     ap.add_argument("--no-prior", action="store_true")
-    ap.add_argument("--frozen-te", action="store_true", help="leave the text encoder frozen")
+    ap.add_argument("--text-encoder", action=argparse.BooleanOptionalAction, default=None,
+                    help="train the text encoder's LoRA (default: the recipe's)")
+    ap.add_argument("--frozen-te", action="store_true", help="the same as --no-text-encoder")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
     ap.add_argument("--out", type=Path, default=None, help="append one JSON line per run here")
     ap.add_argument("--threads", type=int, default=1)
@@ -70,8 +73,11 @@ def main(argv=None) -> None:
         for draw in args.draws:
             for tseed in args.train_seeds:
                 kw = dict(output_dir=work / "runs", overrides={**overrides, "prior.cache_dir": str(work / "cache")},
-                          draw=draw, captions=args.captions, seed=tseed, prior=not args.no_prior,
-                          train_text_encoder=not args.frozen_te)
+                          draw=draw, seed=tseed, prior=not args.no_prior)
+                if args.captions is not None:
+                    kw["captions"] = args.captions
+                if args.text_encoder is not None or args.frozen_te:
+                    kw["train_text_encoder"] = bool(args.text_encoder) and not args.frozen_te
                 if args.steps:
                     kw["steps"] = args.steps
                 cfg = world_recipe_config(args.subject, args.photos, token, **kw)
@@ -88,7 +94,7 @@ def main(argv=None) -> None:
                     seed_grid({"training photos": subject_photos(args.subject, args.photos, draw),
                                **reading["images"]}, args.sheet)
                 row = {"label": args.label, "subject": args.subject, "token": token, "draw": draw, "train_seed": tseed,
-                       "captions": args.captions, "overrides": overrides, "steps": cfg.train.steps, "scale": scale,
+                       "captions": cfg.data.captions, "te": cfg.train.train_text_encoder, "overrides": overrides, "steps": cfg.train.steps, "scale": scale,
                        "seconds": round(secs, 1), **{k: round(v, 3) for k, v in read.items()}}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
