@@ -151,6 +151,27 @@ def test_a_4x_vae_gives_16x16_latents_and_a_unet_that_takes_them():
         make_vae(1, 3)
 
 
+def test_a_build_can_take_the_committed_4x_vae_stage(tmp_path):
+    """`build --vae-from weights/stages/vae4x`: the measured VAE stage starts the next build (fp32)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dreambooth_lab.world.architecture import vae_shape
+    from dreambooth_lab.world.build import vae_from
+    from dreambooth_lab.world.paths import WEIGHTS
+
+    stage = WEIGHTS / "stages" / "vae4x"
+    vae_from(tmp_path, stage)
+    got = load_file(str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    want = load_file(str(stage / "diffusion_pytorch_model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], v.float()) for k, v in want.items())
+    import json
+
+    assert vae_shape(json.loads((tmp_path / "vae" / "config.json").read_text())) == (4, 16)
+    with pytest.raises(FileNotFoundError, match="--vae-from"):
+        vae_from(tmp_path / "other", tmp_path / "nowhere")
+
+
 def test_export_checks_its_source_before_touching_the_target(tmp_path):
     """`build --export` with a build folder that has no snapshot leaves the shipped model alone; a
     good export replaces the target whole."""

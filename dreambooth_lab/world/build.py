@@ -309,6 +309,22 @@ def init_from(out: Path, src: Path) -> None:
         log(out, f"init: VAE from {src}")
 
 
+def vae_from(out: Path, src: Path) -> None:
+    """Start a build with a finished VAE (e.g. the committed 4x stage, weights/stages/vae4x): copied
+    as float32 into <out>/vae, so the VAE phase is skipped and the latents are encoded with it."""
+    from diffusers import AutoencoderKL
+
+    if (out / "vae" / "config.json").is_file():
+        return
+    if not (Path(src) / "config.json").is_file():
+        raise FileNotFoundError(f"--vae-from {src}: no config.json there; point it at a VAE folder "
+                                "(e.g. dreambooth_lab/world/weights/stages/vae4x)")
+    vae = AutoencoderKL.from_pretrained(src, torch_dtype=torch.float32)
+    vae.save_pretrained(out / "vae.tmp", safe_serialization=True)
+    os.replace(out / "vae.tmp", out / "vae")
+    log(out, f"vae: taken from {src}")
+
+
 def _load_init(src: Path, unet, te) -> None:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -459,6 +475,8 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=1e-3, help="UNet learning rate (text encoder: half)")
     ap.add_argument("--vae-factor", type=int, default=8, choices=sorted(VAE_FACTORS),
                     help="the VAE's downsampling: 8 (8x8x8 latents, builds v1-v4) or 4 (16x16x4)")
+    ap.add_argument("--vae-from", type=Path, default=None, metavar="VAE_FOLDER",
+                    help="take this finished VAE instead of training one (e.g. dreambooth_lab/world/weights/stages/vae4x)")
     ap.add_argument("--stop-after", choices=("vae", "latents", "unet"), default="unet",
                     help="end the build after this phase (a staged build: measure each stage before going on)")
     ap.add_argument("--export", type=Path, default=None, help="write <out>/final (or snapshot) here as fp16 and exit")
@@ -476,6 +494,8 @@ def main(argv=None) -> None:
         return
     t0 = time.time()
     log(out, f"build start: seed {args.seed}, {args.threads} thread(s)")
+    if args.vae_from:
+        vae_from(out, args.vae_from)
     if args.init:
         init_from(out, args.init)
     build_vae(out, args.vae_minutes, args.seed, steps=args.vae_steps, factor=args.vae_factor)
