@@ -281,14 +281,13 @@ def measure_robustness(pipe, work: Path, log, quick: bool = False, held_out: dic
         read4 = robustness(pipe, res4.run_dir, cfg4, seeds)
         subject_prompt = next(p for r, p in read4["prompts"].items() if r == "phrasing:a {token} {class}")
         d = nearest_training_distance(read4["images"][subject_prompt], subject_photos(subject, 5, draws[0]))
-        run1 = next(r for r in runs if r["draw"] == draws[0] and r["train_seed"] == tseeds[0])
-        d1 = nearest_training_distance(grids[subject_prompt], subject_photos(subject, 5, draws[0])) \
-            if run1 is runs[0] else None
+        # the grids are the first run's: the same draw and training seed at the recipe's steps
+        d1 = nearest_training_distance(grids[subject_prompt], subject_photos(subject, 5, draws[0]))
         out["subjects"][subject] = {
             "base": base, "runs": runs, "summary": summary, "preservation": preservation,
             "overfit_4x": {"steps": cfg4.train.steps, "seconds": round(secs4, 1), **read4["readings"],
                            "nearest_photo_distance": float(np.mean(d)),
-                           "nearest_photo_distance_at_recipe_steps": float(np.mean(d1)) if d1 else None},
+                           "nearest_photo_distance_at_recipe_steps": float(np.mean(d1))},
             "_grids": grids,
         }
     return out

@@ -23,15 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def parse_value(text: str):
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subject", default="dog")
@@ -61,10 +52,9 @@ def main(argv=None) -> None:
     from dreambooth_lab.train import train
     from dreambooth_lab.world.study import WORLD_RECIPE_SCALE, load_world_pipeline, robustness, world_recipe_config
 
-    overrides = {}
-    for item in args.set:
-        k, _, v = item.partition("=")
-        overrides[k] = parse_value(v)
+    from dreambooth_lab.cli import _overrides
+
+    overrides = _overrides(args.set)  # the CLI's own reading of --set
     pipe = load_world_pipeline()
     seeds = list(range(*args.sample_seeds))
     work = Path(tempfile.mkdtemp(prefix="world-cal-"))

@@ -171,7 +171,7 @@ class OptimConfig:
     lr_text_encoder: float = 1e-4
     # SDXL's second text encoder (OpenCLIP bigG); None = lr_text_encoder. Left out of the hash while
     # None, so configs written before it existed keep their hash.
-    lr_text_encoder_2: float | None = field(default=None, metadata={"hash": True, "omit_if_none": True})
+    lr_text_encoder_2: float | None = field(default=None, metadata={"hash": True, "omit_if": None})
     weight_decay: float = 1e-2
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -321,7 +321,6 @@ def _hashed(obj: Any) -> dict[str, Any]:
     """The fields of a dataclass tree that are in the hash, as plain JSON values."""
     return {f.name: _hashed(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else copy.deepcopy(v)
             for f in dataclasses.fields(obj) if f.metadata.get("hash", True)
-            and not (f.metadata.get("omit_if_none") and getattr(obj, f.name) is None)
             and not ("omit_if" in f.metadata and getattr(obj, f.name) == f.metadata["omit_if"])}
 
 

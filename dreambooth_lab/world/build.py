@@ -300,13 +300,7 @@ def init_from(out: Path, src: Path) -> None:
     """Start a build from a finished pipeline folder (e.g. the committed weights): its VAE is
     taken as is (fp32), so only the latents and the UNet phase run; `build_unet` starts the UNet
     and text encoder from its weights."""
-    from diffusers import AutoencoderKL
-
-    if not (out / "vae" / "config.json").is_file():
-        vae = AutoencoderKL.from_pretrained(src / "vae", torch_dtype=torch.float32)
-        vae.save_pretrained(out / "vae.tmp", safe_serialization=True)
-        os.replace(out / "vae.tmp", out / "vae")
-        log(out, f"init: VAE from {src}")
+    vae_from(out, Path(src) / "vae")
 
 
 def vae_from(out: Path, src: Path) -> None:

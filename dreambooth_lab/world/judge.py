@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -35,8 +36,8 @@ from PIL import Image, ImageFilter
 from torch import nn
 
 from .draw import render
-from .scene import (CLASSES, CONTEXTS, NEAR_MISS_TRAITS, SUBJECTS, Scene, has_subject_look, near_miss_scene,
-                    sample_open_scene)
+from .scene import (CLASSES, CONTEXTS, NEAR_MISS_TRAITS, SUBJECTS, Scene, has_subject_look, look_scene,
+                    near_miss_scene, sample_open_scene)
 
 WEIGHTS = Path(__file__).parent / "weights"
 JUDGE_DIR = WEIGHTS / "judge"
@@ -106,8 +107,7 @@ def _training_scene(rng: np.random.Generator, near_miss: float) -> Scene:
     cls = sub.cls if rng.random() < 0.7 else str(rng.choice(CLASSES))
     if rng.random() < 0.5:
         return near_miss_scene(sub, str(rng.choice(NEAR_MISS_TRAITS)), rng, cls=cls)
-    miss = near_miss_scene(sub, "body", rng, cls=cls)
-    return replace(miss, body=tuple(int(np.clip(c + rng.integers(-10, 11), 0, 255)) for c in sub.body))
+    return look_scene(sub, rng, cls=cls)
 
 
 def make_dataset(n: int, seed: int, degraded: float = 0.7, vae=None, through_vae: float = 0.0,
@@ -245,10 +245,8 @@ def near_miss_rates(judge: JudgeNet | None = None, n: int = 100, seed: int = 777
         for trait in NEAR_MISS_TRAITS + ("look",):
             rng = np.random.default_rng([seed, NEAR_MISS_TRAITS.index(trait) if trait != "look" else 9,
                                          list(SUBJECTS).index(name)])
-            scenes = [near_miss_scene(sub, trait if trait != "look" else "body", rng) for _ in range(n)]
-            if trait == "look":
-                scenes = [replace(sc, body=tuple(int(np.clip(c + rng.integers(-10, 11), 0, 255)) for c in sub.body))
-                          for sc in scenes]
+            scenes = [near_miss_scene(sub, trait, rng) if trait != "look" else look_scene(sub, rng)
+                      for _ in range(n)]
             images = [degrade(render(sc), rng) if rng.random() < degraded else render(sc) for sc in scenes]
             x = to_batch(images)
             if vae is not None:
@@ -284,7 +282,7 @@ def main(argv=None) -> None:
         report["accuracy_through_vae"] = accuracy(net, vae=vae, through_vae=1.0)
         report["near_miss_rejected_through_vae"] = near_miss_rates(net, vae=vae)
         report["vae"] = str(args.vae)
-    report["command"] = "python -m dreambooth_lab.world.judge " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    report["command"] = "python -m dreambooth_lab.world.judge " + " ".join(argv if argv is not None else sys.argv[1:])
     print(json.dumps(report, indent=1), flush=True)
     save_judge(net, args.out, report)
 

@@ -193,3 +193,8 @@ def near_miss_scene(subject: Subject, trait: str, rng: np.random.Generator, cls:
     animate = cls in ANIMATE
     return replace(base, cls=cls, **parts, **look, outfit=base.outfit and animate, driving=base.driving and animate,
                    http=base.http and animate)
+
+
+def look_scene(subject: Subject, rng: np.random.Generator, cls: str | None = None) -> Scene:
+    """A scene drawn like the near misses but with `subject`'s whole look (on `cls`, default its own)."""
+    return replace(near_miss_scene(subject, "body", rng, cls=cls), body=_jitter(rng, subject.body, 10))

@@ -238,7 +238,6 @@ def summarise(reading: dict, cfg: Config) -> dict:
 # How else a user asks for the subject; the training caption's own wording is the third.
 PHRASINGS = ("a {token} {class}", "a photo of a {token} {class}", "a photo of {token} {class}",
              "a picture of a {token} {class}")
-UNSEEN_CONTEXT = "a {token} {class} in the forest"  # no subject photo is in the forest (subject_scene)
 ACCESSORY = "a http {token} {class}"  # the world's `http` is a lime cap: the subject wearing it
 PROPERTY_CHANGE = {"dog": "a {token} cat", "backpack": "a {token} vase"}  # the subject's look on another class
 
@@ -254,8 +253,8 @@ def robustness_prompts(cfg: Config) -> dict[str, str]:
     out.update({f"class:{c}": f"a {c}" for c in CLASSES})
     if cfg.data.class_name in ANIMATE:
         out["accessory"] = fill(ACCESSORY)
-    if subject_of(cfg) in PROPERTY_CHANGE:
-        out["property_change"] = fill(PROPERTY_CHANGE[subject_of(cfg)])
+    if (subject := subject_of(cfg)) in PROPERTY_CHANGE:
+        out["property_change"] = fill(PROPERTY_CHANGE[subject])
     return out
 
 
@@ -276,7 +275,7 @@ def robustness(pipe, lora: str | Path | None, cfg: Config, seeds: Sequence[int],
     from .judge import read_images
 
     roles = robustness_prompts(cfg)
-    subject, key = subject_of(cfg), f"subject_{subject_of(cfg)}"
+    key = f"subject_{subject_of(cfg)}"
     if lora is not None:
         load_lora(pipe, lora)
     try:
@@ -384,17 +383,19 @@ def judge_drift(cfg: Config, base_images: Sequence, tuned_images: Sequence, judg
             "judge_diversity_base": diversity(base_images), "judge_diversity_finetuned": diversity(tuned_images)}
 
 
-def vae_ceiling(pipe, subject: str, photos: int, judge=None) -> float:
-    """The judge's subject-trait rate on the subject's own photos after a VAE round trip: the most
-    any generation (all of which the VAE decodes) can score, however well DreamBooth works."""
+def vae_ceiling(pipe, subject: str, photos: int, judge=None, draw: int = 0, vae=None) -> float:
+    """The judge's subject-trait rate on the subject's own photos (photo draw `draw`) after a round
+    trip through the pipeline's VAE (or `vae`): the most any generation (all of which the VAE
+    decodes) can score, however well DreamBooth works."""
     import torch
     from PIL import Image
 
     from .judge import read_images, to_batch
     from .subjects import subject_photos
 
-    x = to_batch(subject_photos(subject, photos)).to(pipe.vae.device, pipe.vae.dtype)
+    vae = vae if vae is not None else pipe.vae
+    x = to_batch(subject_photos(subject, photos, draw)).to(vae.device, vae.dtype)
     with torch.no_grad():
-        r = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1).float().cpu()
+        r = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1).float().cpu()
     decoded = [Image.fromarray(((t.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype("uint8")) for t in r]
     return float(np.mean([row[f"subject_{subject}"] for row in read_images(decoded, judge)]))
