@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
-
-import yaml
 
 from . import config as config_mod
 
@@ -17,8 +16,13 @@ def _overrides(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise config_mod.ConfigError(f"--set {pair!r}: write it as section.key=value, e.g. train.steps=800")
         key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = config_mod.parse_override(key.strip(), value)
     return out
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line, `warning: …`, like the CLI's errors (no source line of our code)."""
+    print(f"warning: {message}", file=file or sys.stderr)
 
 
 # Options that fill a config field: a ConfigError about the field names the option the user typed.
@@ -153,7 +157,8 @@ def _axis(text: str) -> tuple[str, list]:
     name, _, values = text.partition("=")
     if not values:
         raise ValueError(f"{text!r}: write an axis as name=v1,v2,... e.g. guidance=3,6,9")
-    return name.strip(), [yaml.safe_load(v) for v in values.split(",")]
+    name = name.strip()  # each value as `--set sample.<name>=` reads it; parameter_grid checks them
+    return name, [config_mod.parse_override(f"sample.{name}", v) for v in values.split(",")]
 
 
 def run_sweep_command(args) -> str:
@@ -203,6 +208,12 @@ def run_evaluate_command(args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():  # restores the caller's warning display afterwards
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         if args.command == "train":
             cfg = config_mod.load(args.config) if args.config else config_mod.Config()

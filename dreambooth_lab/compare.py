@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+from . import config as config_mod
 from . import files
 from .config import Config, SampleConfig
 from .report import load_run_config
@@ -155,6 +156,21 @@ def runs_by_prompts(run_dirs: Sequence[str | Path], out: str | Path, *, seeds: S
                         cell_files=cells)
 
 
+def axis_values(settings: SampleConfig, name: str, values: Sequence) -> list:
+    """An axis's values read as the sample field they set and checked as `sample` checks them
+    (config.validate_sample): `lora_scale_unet=5` or `steps=0` is a ConfigError naming the axis."""
+    field = "seeds" if name == "seed" else name
+    out = []
+    for v in values:
+        try:
+            value = config_mod.coerce_field(f"sample.{field}", [v] if name == "seed" else v)
+            config_mod.validate_sample(replace(settings, **{field: value}))
+        except config_mod.ConfigError as exc:
+            raise config_mod.ConfigError(f"sheet axis {name}={v}: {exc}") from None
+        out.append(value[0] if name == "seed" else value)
+    return out
+
+
 def parameter_grid(run_dir: str | Path, out: str | Path | None = None, *,
                    rows: tuple[str, Sequence] = ("lora_scale_unet", (0.2, 0.4, 0.6, 0.8, 1.0)),
                    cols: tuple[str, Sequence] = ("guidance", (3.0, 4.5, 6.0, 7.5, 9.0)),
@@ -169,6 +185,7 @@ def parameter_grid(run_dir: str | Path, out: str | Path | None = None, *,
     for name, _ in (rows, cols):
         if name not in SPEC_FIELDS:
             raise ValueError(f"cannot vary {name!r}: choose from {', '.join(SPEC_FIELDS)}")
+    rows, cols = (rows[0], axis_values(settings or cfg.sample, *rows)), (cols[0], axis_values(settings or cfg.sample, *cols))
     first = base_spec(cfg, run_dir, prompt, seed, settings)
     specs = [replace(first, **{rows[0]: r, cols[0]: c}) for r in rows[1] for c in cols[1]]
     if pipe is None:

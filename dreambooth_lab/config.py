@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +44,18 @@ TEST_PROMPTS = (
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+# diffusers.optimization.SchedulerType (a test keeps the two equal), known here without importing diffusers.
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                 "piecewise_constant")
+NUM_TRAIN_TIMESTEPS = 1000  # the noise scheduler's num_train_timesteps in every SD1/SD2/SDXL model
+# The adaptable (Linear / Conv2d / Embedding) modules of the UNets and CLIP text encoders of SD1.x, SD2 and
+# SDXL, by the last part of their name (a test reads them off the models): a target is written as that
+# part or a longer dotted tail ("attn1.to_q", "ff.net.2"), and peft matches it the same way.
+UNET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "proj", "net.2", "conv1", "conv2",
+                "conv_shortcut", "time_emb_proj", "conv", "conv_in", "conv_out", "linear_1", "linear_2")
+TEXT_ENCODER_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "token_embedding",
+                        "position_embedding", "text_projection")
+CLIP_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 PRIOR_TARGETS = ("class_images", "base_model")
 CAPTION_MODES = ("none", "sidecar")
 
@@ -312,6 +325,8 @@ class Config:
 
     def validate(self) -> "Config":
         errors = validation_errors(self)
+        if len(errors) == 1:  # one line, as the CLI prints it
+            raise ConfigError(errors[0])
         if errors:
             raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
         return self
@@ -403,9 +418,13 @@ def fill_prompt(template: str, token: str, class_name: str) -> str:
 
 def validation_errors(cfg: Config) -> list[str]:
     e: list[str] = []
+    # NaN or inf in any number: one message for the field (NaN passes no comparison and would fail
+    # the field's own check too, or slip through one written as `not x < 0`, e.g. into a cache key).
+    unusable = {name: value for name, value in _numbers(cfg) if not math.isfinite(value)}
+    e += [f"{name}={value}: use a finite number" for name, value in unusable.items()]
 
     def need(ok: bool, msg: str) -> None:
-        if not ok:
+        if not ok and msg.split("=", 1)[0] not in unusable:
             e.append(msg)
 
     need(bool(cfg.model.name.strip()), "model.name is empty: use 'tiny' or a hub id / local folder")
@@ -416,6 +435,9 @@ def validation_errors(cfg: Config) -> list[str]:
     tok = cfg.data.token
     need(bool(tok.strip()) and not any(c.isspace() for c in tok),
          f"data.token={tok!r}: the rare token must be one word without spaces, e.g. 'sks'")
+    need(not any(sp in tok for sp in CLIP_SPECIAL_TOKENS),
+         f"data.token={tok!r} holds the tokenizer's own marker {next((sp for sp in CLIP_SPECIAL_TOKENS if sp in tok), '')}: "
+         "pick another token, e.g. 'sks'")
     need(bool(cfg.data.class_name.strip()), "data.class_name is empty: name the subject's class, e.g. 'dog'")
     need("{token}" in cfg.data.instance_prompt,
          f"data.instance_prompt={cfg.data.instance_prompt!r} lacks '{{token}}': the rare token must appear in it")
@@ -441,9 +463,11 @@ def validation_errors(cfg: Config) -> list[str]:
     need(lc.min_snr_gamma is None or lc.min_snr_gamma > 0,
          f"loss.min_snr_gamma={lc.min_snr_gamma}: use a positive gamma (5.0) or null for no weighting")
     need(0 <= lc.noise_offset <= 1, f"loss.noise_offset={lc.noise_offset}: use a value in [0, 1] (0.05 is usual)")
-    need(lc.timestep_min >= 0, f"loss.timestep_min={lc.timestep_min}: use 0 or more")
-    need(lc.timestep_max is None or lc.timestep_max > lc.timestep_min,
-         f"loss.timestep_max={lc.timestep_max}: use a value above loss.timestep_min={lc.timestep_min}, or null")
+    need(0 <= lc.timestep_min < NUM_TRAIN_TIMESTEPS,
+         f"loss.timestep_min={lc.timestep_min}: use 0 or more, below the scheduler's {NUM_TRAIN_TIMESTEPS} timesteps")
+    need(lc.timestep_max is None or lc.timestep_min < lc.timestep_max <= NUM_TRAIN_TIMESTEPS,
+         f"loss.timestep_max={lc.timestep_max}: use a value above loss.timestep_min={lc.timestep_min} and at most "
+         f"{NUM_TRAIN_TIMESTEPS} (the scheduler's timesteps), or null")
     if cfg.prior.enabled and cfg.prior.target == "class_images":
         need(cfg.prior.num_class_images > 0,
              f"prior.num_class_images={cfg.prior.num_class_images}: prior preservation needs class "
@@ -451,6 +475,12 @@ def validation_errors(cfg: Config) -> list[str]:
     if cfg.prior.enabled:
         need(cfg.prior.loss_weight >= 0, f"prior.loss_weight={cfg.prior.loss_weight}: use a value >= 0 (1.0 in the paper)")
     need(cfg.prior.steps > 0, f"prior.steps={cfg.prior.steps}: use a positive number of sampler steps (25)")
+    for name in ("prior.guidance", "sample.guidance"):
+        value = _get(cfg, name)
+        need(0 <= value <= 50, f"{name}={value}: use a guidance scale in [0, 50] (1 = no guidance; 6–8 is usual)")
+    for name in ("prior.seed", "eval.seed"):
+        value = _get(cfg, name)
+        need(0 <= value < 2**63, f"{name}={value}: seeds must be in [0, 2**63)")
     need(cfg.prior.batch_size > 0, f"prior.batch_size={cfg.prior.batch_size}: use a positive batch size")
     for name in ("prior.sampler", "sample.sampler"):
         value = _get(cfg, name)
@@ -459,6 +489,17 @@ def validation_errors(cfg: Config) -> list[str]:
     need(cfg.lora.alpha is None or cfg.lora.alpha > 0, f"lora.alpha={cfg.lora.alpha}: use a positive alpha or null (= rank)")
     need(0 <= cfg.lora.dropout < 1, f"lora.dropout={cfg.lora.dropout}: use a value in [0, 1)")
     need(bool(cfg.lora.unet_targets), "lora.unet_targets is empty: name the UNet modules to adapt (to_q, to_k, ...)")
+    for name, known in (("lora.unet_targets", UNET_MODULES), ("lora.text_encoder_targets", TEXT_ENCODER_MODULES)):
+        unknown = [t for t in _get(cfg, name) if not _module_tail_known(t, known)]
+        need(not unknown, f"{name}={unknown}: no such module in the model; use some of {', '.join(known)} (the "
+             "last part of a module's name)")
+    oc = cfg.optim
+    need(oc.lr_scheduler in LR_SCHEDULERS, f"optim.lr_scheduler={oc.lr_scheduler!r}: use one of {', '.join(LR_SCHEDULERS)}")
+    for name in ("optim.adam_beta1", "optim.adam_beta2"):
+        value = _get(cfg, name)
+        need(0 <= value < 1, f"{name}={value}: use a value in [0, 1) (0.9 and 0.999 are usual)")
+    need(oc.weight_decay >= 0, f"optim.weight_decay={oc.weight_decay}: use 0 or more (1e-2)")
+    need(oc.adam_epsilon > 0, f"optim.adam_epsilon={oc.adam_epsilon}: use a small positive value (1e-8)")
     need(cfg.optim.optimizer in ("adamw", "adamw8bit"), f"optim.optimizer={cfg.optim.optimizer!r}: use adamw or adamw8bit")
     need(cfg.optim.lr_unet > 0, f"optim.lr_unet={cfg.optim.lr_unet}: use a positive learning rate (3e-4 for LoRA)")
     need(cfg.optim.lr_text_encoder > 0,
@@ -474,7 +515,7 @@ def validation_errors(cfg: Config) -> list[str]:
          f"train.gradient_accumulation_steps={cfg.train.gradient_accumulation_steps}: use 1 or more")
     need(cfg.train.mixed_precision in ("no", "fp16", "bf16"),
          f"train.mixed_precision={cfg.train.mixed_precision!r}: use no, fp16 or bf16")
-    problem, derived = _name_problem(cfg.run_name), f"{cfg.data.token}-{cfg.data.class_name}"
+    problem, derived = name_problem(cfg.run_name), f"{cfg.data.token}-{cfg.data.class_name}"
     if problem and cfg.train.name and cfg.train.name != derived:
         e.append(f"train.name={cfg.train.name!r} {problem}: the run folder is <train.output_dir>/<train.name>-<time>, "
                  "so use a plain name such as 'dog-v2'")
@@ -519,7 +560,28 @@ def validate_sample(sample: SampleConfig) -> SampleConfig:
     return sample
 
 
-def _name_problem(name: str) -> str | None:
+def _numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted name, value) of every float field of a config tree (pure)."""
+    out: list[tuple[str, float]] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _numbers(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            out.append((f"{prefix}{f.name}", value))
+    return out
+
+
+def _module_tail_known(target: object, known: tuple[str, ...]) -> bool:
+    """Is `target` ("to_q", "attn1.to_q", "to_out.0") a name peft can find among the known modules? (pure)"""
+    if not isinstance(target, str) or not target:
+        return False
+    parts = target.split(".")
+    tail = ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+    return tail in known
+
+
+def name_problem(name: str) -> str | None:
     """Why a run name cannot be a folder name inside train.output_dir (None if it can)."""
     if "/" in name or "\\" in name:
         return "contains a path separator"
@@ -527,6 +589,8 @@ def _name_problem(name: str) -> str | None:
         return "contains '..'"
     if "\0" in name:
         return "contains a NUL byte"
+    if name.strip() in ("", "."):
+        return "is not a folder name"
     return None
 
 
@@ -565,17 +629,21 @@ def _fill(obj: Any, data: Any, prefix: str) -> None:
 
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:
-    """Check a YAML value against the field's type; ints are accepted where floats are due."""
+    """Check a YAML value against the field's type; ints are accepted where floats are due. A
+    `Typed` scalar (an unquoted `no`, `0x10`, `null` …) gives a string field its text as written
+    and any other field what YAML reads it as."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        if type(None) in args and (value is None or isinstance(value, Typed) and value.value is None):
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], path)
+    if isinstance(value, Typed):
+        value = value.text if hint is str else value.value
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
+            raise ConfigError(f"{path}: expected a list, got {plain(value)!r}")
         return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -590,30 +658,158 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         return value
     if hint is str and isinstance(value, str):
         return value
+    value = plain(value)
     raise ConfigError(f"{path}: expected {getattr(hint, '__name__', hint)}, got {value!r} ({type(value).__name__})")
 
 
-def read_yaml(path: str | Path) -> Any:
+@dataclass(frozen=True)
+class Typed:
+    """An unquoted YAML scalar that YAML 1.1 reads as something other than a string (`no` ->
+    False, `0x10` -> 16, `null` -> None, `1.5`), with the text as written. `_coerce` decides by
+    the field's type: a string field gets `text` (data.token: no is the token "no",
+    train.mixed_precision: no is accelerate's "no"), every other field gets `value`."""
+
+    text: str
+    value: Any
+
+
+class _TextKeepingLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that returns such scalars as `Typed` (mapping keys stay plain values)."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        value = super().construct_object(node, deep=deep)
+        if isinstance(node, yaml.ScalarNode) and node.style is None and not isinstance(value, str):
+            return Typed(node.value, value)
+        return value
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        return {plain(k): v for k, v in super().construct_mapping(node, deep=deep).items()}
+
+
+def plain(data: Any) -> Any:
+    """`data` with every `Typed` replaced by what YAML reads it as: yaml.safe_load's result (pure)."""
+    if isinstance(data, Typed):
+        return data.value
+    if isinstance(data, dict):
+        return {plain(k): plain(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [plain(v) for v in data]
+    return data
+
+
+def parse_yaml(text: str, keep_text: bool = False) -> Any:
+    """yaml.safe_load, or with keep_text=True the same with `Typed` scalars (for config values:
+    from_dict / with_overrides resolve them by the field's type)."""
+    return yaml.load(text, Loader=_TextKeepingLoader if keep_text else yaml.SafeLoader)
+
+
+def read_yaml(path: str | Path, keep_text: bool = False) -> Any:
+    """A YAML file's contents; keep_text=True keeps unquoted scalars' text (see `Typed`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
+        return parse_yaml(path.read_text(), keep_text=keep_text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+
+
+def field_type(dotted: str) -> Any:
+    """The type hint of a config field by its dotted name; None when there is no such leaf field."""
+    obj: Any = Config()
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            return None
+        if i == len(parts) - 1:
+            return None if dataclasses.is_dataclass(getattr(obj, part)) else typing.get_type_hints(type(obj))[part]
+        obj = getattr(obj, part)
+    return None
+
+
+def coerce_field(dotted: str, value: Any) -> Any:
+    """`value` read as the config field `dotted` reads it (as from_dict would); a ConfigError names
+    the field when it does not fit (pure)."""
+    hint = field_type(dotted)
+    if hint is None:
+        raise ConfigError(f"unknown config field '{dotted}'")
+    return _coerce(value, hint, dotted)
+
+
+def _takes_text(hint: Any) -> bool:
+    return hint is str or typing.get_origin(hint) in (typing.Union, types.UnionType) and str in typing.get_args(hint)
+
+
+def parse_override(key: str, text: str) -> Any:
+    """The value of `--set key=text`, read by the field's type (pure).
+
+    A string field takes the text as typed (`data.token=no`, `data.instance_prompt={token} {class}
+    in a garden`, `data.token=@sks`), unquoted when it is written in quotes; `null` or nothing is
+    None where the field allows it. Every other field reads the text as YAML (`train.steps=800`,
+    `lora.unet_targets=[to_q, to_v]`); text that is not valid YAML is a ConfigError naming the key.
+    A key that is no field is left for with_overrides to name."""
+    hint, stripped = field_type(key), text.strip()
+    try:
+        value = parse_yaml(text, keep_text=True)
+    except yaml.constructor.ConstructorError as exc:  # a tag such as !!python/object/apply: never built
+        raise ConfigError(f"--set {key}={text}: YAML tags such as {_tag(exc)} are not accepted: give a plain "
+                          "value") from None
+    except yaml.YAMLError as exc:
+        if hint is None or _takes_text(hint):
+            return stripped
+        raise ConfigError(f"--set {key}={text}: not a valid value ({_yaml_problem(exc)}): give "
+                          f"{_type_name(hint)}, e.g. {key}={_example(_get(Config(), key))}") from None
+    if hint is None:
+        return plain(value)
+    if _takes_text(hint):
+        if hint is not str and (value is None or isinstance(value, Typed) and value.value is None):
+            return None
+        quoted = stripped[:1] in ("'", '"') and isinstance(value, str)
+        return value if quoted else stripped
+    return _coerce(value, hint, key)
+
+
+def _example(default: Any) -> str:
+    if default is None:
+        return "null"
+    if isinstance(default, bool):
+        return str(default).lower()
+    return json.dumps(default) if isinstance(default, list) else str(default)
+
+
+def _tag(exc: Exception) -> str:
+    import re
+
+    m = re.search(r"tag '([^']*)'", str(exc))
+    tag = m.group(1).replace("tag:yaml.org,2002:", "!!") if m else "!!…"
+    return f"'{tag.split(':')[0] if tag.startswith('!!python') else tag}'"
+
+
+def _yaml_problem(exc: Exception) -> str:
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return " ".join(str(problem).split())
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or null"
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    return {int: "a whole number", float: "a number", bool: "true or false", str: "text"}.get(hint, str(hint))
 
 
 def load(path: str | Path, _seen: tuple = ()) -> Config:
     """Read a YAML config. A top-level `extends: other.yaml` (relative to this file) is read
     first and this file's values go on top, so presets can share a base."""
     path = Path(path)
-    data = read_yaml(path) or {}
+    data = read_yaml(path, keep_text=True) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     base = None
     if "extends" in data:
         data = dict(data)
-        parent = (path.parent / str(data.pop("extends"))).resolve()
+        parent = (path.parent / str(plain(data.pop("extends")))).resolve()
         if parent in _seen:
             raise ConfigError(f"{path}: 'extends' loops back to {parent}")
         base = load(parent, _seen + (path.resolve(),))

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import files
-from .config import Config, ConfigError, experiment_axes, from_dict, load, read_yaml, with_overrides
+from .config import (Config, ConfigError, Typed, experiment_axes, from_dict, load, name_problem, plain, read_yaml,
+                     with_overrides)
 
 REGISTRY = "registry"
 FAILURES = "failures.json"
@@ -98,13 +99,16 @@ def _from_root(path: str | Path, root: Path) -> str:
 def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Sweep:
     """Read a sweep spec; `overrides` (dotted keys) go on top of every run (e.g. the smoke switch)."""
     path = Path(path)
-    spec = read_yaml(path)
+    spec = read_yaml(path, keep_text=True)  # config values (base, set, grid) as written: `token: no` is "no"
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: a sweep spec is a mapping with name, base, runs and/or grid")
     unknown = set(spec) - {"name", "output_dir", "base", "runs", "grid"}
     if unknown:
         raise ConfigError(f"{path}: unknown sweep key(s) {sorted(unknown)}; use name, output_dir, base, runs, grid")
-    name = str(spec.get("name") or path.stem)
+    name = str(_text(spec.get("name")) or path.stem)
+    if problem := name_problem(name):
+        raise ConfigError(f"{path}: name={name!r} {problem}: the sweep's folder is <output_dir>/<name>, so use a "
+                          "plain name such as 'study-tokens'")
     here = path.parent
     base_spec = spec.get("base")
     if isinstance(base_spec, str):
@@ -122,16 +126,17 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
             explicit.append((Path(item).stem, load(here / item)))
         elif isinstance(item, dict) and "name" in item:
             cfg = load(here / item["config"]) if "config" in item else base
-            explicit.append((str(item["name"]), with_overrides(cfg, item.get("set") or {})))
+            explicit.append((str(_text(item["name"])), with_overrides(cfg, item.get("set") or {})))
         else:
             raise ConfigError(f"{path}: runs[{i}] must be a config file or a mapping with 'name' (and 'config'/'set')")
     grid = expand_grid(spec.get("grid") or {})
     runs: list[tuple[str, Config]] = []
     if explicit:
         for rid, cfg in explicit:  # a grid, when given too, varies every explicit run
-            runs += [(rid if not values else f"{rid}_{run_id(values)}", with_overrides(cfg, values)) for values in grid]
+            runs += [(rid if not values else f"{rid}_{run_id(plain(values))}", with_overrides(cfg, values))
+                     for values in grid]
     elif spec.get("grid"):
-        runs = [(run_id(values), with_overrides(base, values)) for values in grid]
+        runs = [(run_id(plain(values)), with_overrides(base, values)) for values in grid]
     else:
         raise ConfigError(f"{path}: the sweep has no runs: add 'runs' and/or 'grid'")
     ids = [rid for rid, _ in runs]
@@ -139,9 +144,9 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         raise ConfigError(f"{path}: run ids repeat ({ids}); give explicit runs distinct names")
 
     root = project_root()
-    folder = Path(_from_root(spec.get("output_dir") or base.train.output_dir, root)) / name
+    folder = Path(_from_root(_text(spec.get("output_dir")) or base.train.output_dir, root)) / name
     if overrides and overrides.get("train.output_dir"):
-        folder = Path(_from_root(overrides["train.output_dir"], root)) / name
+        folder = Path(_from_root(str(_text(overrides["train.output_dir"])), root)) / name
     out = []
     for rid, cfg in runs:
         cfg = with_overrides(cfg, {k: v for k, v in (overrides or {}).items() if k != "train.output_dir"})
@@ -149,6 +154,11 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
                                    "data.instance_dir": _from_root(cfg.data.instance_dir, root)})
         out.append(SweepRun(rid, cfg.validate()))
     return Sweep(name, folder, out)
+
+
+def _text(value: Any) -> Any:
+    """A name or folder of the spec as written (`name: 2024` is "2024", `name: null` nothing)."""
+    return (value.text if value.value is not None else None) if isinstance(value, Typed) else value
 
 
 def select_runs(sweep: Sweep, only: str | list[str] | None) -> Sweep:

@@ -96,6 +96,10 @@ def _default_device():
     return default_device()
 
 
+class ClassCacheError(RuntimeError):
+    """A class-image cache folder that cannot be used as it is; the message names the file."""
+
+
 @dataclass
 class ClassImages:
     folder: Path
@@ -108,9 +112,18 @@ def read_manifest(folder: Path, key: dict) -> list[str]:
     path = folder / MANIFEST
     if not path.is_file():
         return []
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ClassCacheError(f"{path} cannot be read ({' '.join(str(exc).split())}): delete the folder {folder} "
+                              "to rebuild the class images") from None
+    if not (isinstance(data, dict) and isinstance(data.get("images", []), list)
+            and all(isinstance(n, str) for n in data.get("images", []))):
+        raise ClassCacheError(f"{path} is not a class-image manifest (a JSON object with 'key' and a list of "
+                              f"'images'; it holds {type(data).__name__} {str(data)[:40]}): delete the folder {folder} "
+                              "to rebuild the class images")
     if data.get("key") != key:
-        raise RuntimeError(f"{path} belongs to another key; delete the folder {folder} to rebuild it")
+        raise ClassCacheError(f"{path} belongs to another key; delete the folder {folder} to rebuild it")
     names = []
     for name in data.get("images", []):
         if not (folder / name).is_file():
