@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     hg.add_argument("--cols", default="guidance=3,4.5,6,7.5,9")
     hg.add_argument("--seed", type=int)
     hg.add_argument("--prompt")
+    hs = hsub.add_parser("steps", help="one run's saved steps x its seeds (train.save_lora_every)")
+    hs.add_argument("run_dir")
+    hs.add_argument("--out", help="PNG path (default: RUN/steps/steps_x_seeds.png)")
 
     v = sub.add_parser("evaluate", help="DINO, CLIP-I, CLIP-T, memorisation and drift; writes RUN/metrics.json")
     v.add_argument("run_dirs", nargs="+")
@@ -121,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir")
     x.add_argument("--format", choices=["kohya", "fused"], default="kohya")
     x.add_argument("--out", help="file (kohya) or folder (fused); default under RUN/export/")
+    x.add_argument("--step", type=int, help="kohya: the LoRA the run saved at this step (train.save_lora_every)")
     x.add_argument("--scale-unet", type=float, help="fused: UNet LoRA scale (default: the run's)")
     x.add_argument("--scale-text-encoder", type=float, help="fused: text-encoder LoRA scale (default: the run's)")
 
@@ -172,8 +176,10 @@ def run_sweep_command(args) -> str:
 
 
 def run_sheet_command(args) -> Path:
-    from .compare import parameter_grid, runs_by_prompts
+    from .compare import parameter_grid, runs_by_prompts, steps_sheet
 
+    if args.sheet_command == "steps":
+        return steps_sheet(args.run_dir, args.out)
     if args.sheet_command == "runs":
         if args.own_seeds and args.seeds:
             raise ValueError("--own-seeds and --seeds exclude each other: pick one")
@@ -261,7 +267,9 @@ def _run(args) -> int:
             from .export import export_fused, export_kohya
 
             if args.format == "kohya":
-                print(f"kohya LoRA: {export_kohya(args.run_dir, args.out)}")
+                print(f"kohya LoRA: {export_kohya(args.run_dir, args.out, step=args.step)}")
+            elif args.step is not None:
+                raise ValueError(f"--step {args.step} works with --format kohya; a fused export uses the final LoRA")
             else:
                 given = {f: opt for f, opt in SAMPLE_OPTIONS.items() if f.startswith("lora_scale")
                          and getattr(args, opt[2:].replace("-", "_"), None) is not None}

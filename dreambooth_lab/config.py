@@ -208,6 +208,11 @@ class TrainConfig:
     name: str | None = _out(None)  # None = "<token>-<class>"; a folder name, no path separators
     checkpoint_every: int = _out(500)  # a resumed run equals an uninterrupted one, so no weight changes
     checkpoints_to_keep: int = _out(2)
+    # Steps to choose from (steps.py): every N steps a usable LoRA file loras/step-NNNNNN.safetensors (and one at
+    # the last step); with step_images, sample.prompt x sample.seeds drawn as `sample` draws them at those
+    # steps (steps/step-NNNNNN/, sheet steps/steps_x_seeds.png). 0 = off. No weight changes.
+    save_lora_every: int = _out(0)
+    step_images: bool = _out(True)
     # Speed: caches that change nothing but time, and GPU options.
     cache_latents: bool = _out(True)  # VAE-encode every photo once (centre crops; random crops cannot be cached)
     cache_text_embeddings: bool = _out(True)  # encode the two prompts once while the text encoder is frozen
@@ -524,6 +529,8 @@ def validation_errors(cfg: Config) -> list[str]:
                  "set train.name to a plain folder name such as 'dog-v2'")
     need(cfg.train.checkpoint_every > 0, f"train.checkpoint_every={cfg.train.checkpoint_every}: use a positive step count")
     need(cfg.train.checkpoints_to_keep > 0, f"train.checkpoints_to_keep={cfg.train.checkpoints_to_keep}: keep at least 1")
+    need(cfg.train.save_lora_every >= 0, f"train.save_lora_every={cfg.train.save_lora_every}: use 0 (off) or a step "
+         "count, e.g. 200 (a LoRA file and pictures every 200 steps)")
     need(cfg.train.log_with in ("none", "tensorboard"), f"train.log_with={cfg.train.log_with!r}: use none or tensorboard")
     need(cfg.train.validation_every >= 0, f"train.validation_every={cfg.train.validation_every}: use 0 (off) or a step count")
     need(cfg.sample.steps > 0, f"sample.steps={cfg.sample.steps}: use a positive number of steps")

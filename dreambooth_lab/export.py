@@ -98,20 +98,58 @@ def to_kohya(state: dict[str, torch.Tensor], alpha: float, family: str = "sd1") 
     return out
 
 
-def export_kohya(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def export_kohya(run_dir: str | Path, out: str | Path | None = None, step: int | None = None) -> Path:
     """Write the run's LoRA in the kohya layout with metadata; returns the file.
 
-    `run_dir` is a run folder or the LoRA file inside one."""
+    `run_dir` is a run folder or a LoRA file inside one (the final file, or a step's in loras/);
+    `step` picks a LoRA the run saved at that step (train.save_lora_every). The default target is
+    RUN/export/<download_name>; an existing file is never overwritten."""
+    run_dir, cfg, lora, step = _kohya_source(run_dir, step)
+    target = Path(out) if out else run_dir / "export" / download_name(run_dir, step)
+    if target.exists():
+        raise FileExistsError(f"{target} exists already: exports are never overwritten; pass another --out")
+    return _write_kohya(cfg, lora, target, step)
+
+
+def download_name(run_dir: str | Path, step: int | None = None) -> str:
+    """The kohya file's name: the run folder's name (<train.name>-<timestamp>, which no other run
+    has) and, for a step's LoRA, the step: sks-dog-20250101-120000_step-000400_kohya.safetensors (pure)."""
+    from .steps import step_name
+
+    return f"{Path(run_dir).name}{'' if step is None else '_' + step_name(step)}_kohya.safetensors"
+
+
+def kohya_for_download(run_dir: str | Path, step: int | None = None, out_dir: str | Path | None = None) -> Path:
+    """The kohya/A1111/ComfyUI file of a run's final LoRA (step=None) or of a saved step, named so
+    that files of different runs and steps never share a name (`download_name`), in
+    `out_dir` (default RUN/export/). Calling it again returns the same file: an existing file with
+    the same bytes is kept; one with other bytes is refused, never overwritten."""
+    run_dir, cfg, lora, step = _kohya_source(run_dir, step)
+    target = Path(out_dir or run_dir / "export") / download_name(run_dir, step)
+    return _write_kohya(cfg, lora, target, step, same_ok=True)
+
+
+def _kohya_source(run_dir: str | Path, step: int | None) -> tuple[Path, Config, Path, int | None]:
+    """(run folder, resolved config, LoRA file, step) of a run folder, its LoRA file or a step's file."""
     from .report import load_run_config
     from .sample import find_lora_file
+    from .steps import lora_file, run_of, step_of
 
     run_dir = Path(run_dir)
-    if run_dir.is_file():  # the LoRA file: check it first, the config is beside it
+    if run_dir.is_file():  # a LoRA file: check it first, the config is beside it (or above loras/)
         lora = find_lora_file(run_dir)
-        run_dir, cfg = lora.parent, load_run_config(lora.parent).resolved()
-    else:
-        cfg = load_run_config(run_dir).resolved()
-        lora = find_lora_file(run_dir)
+        owner = run_of(lora)
+        if owner is not None:
+            if step is not None and step != step_of(lora):
+                raise ValueError(f"{lora} is the LoRA of step {step_of(lora)}, not of step {step}: pass the run folder "
+                                 "with step, or the step's file alone")
+            step = step_of(lora)
+        return (owner or lora.parent), load_run_config(owner or lora.parent).resolved(), lora, step
+    cfg = load_run_config(run_dir).resolved()
+    return run_dir, cfg, lora_file(run_dir, step), step
+
+
+def _write_kohya(cfg: Config, lora: Path, target: Path, step: int | None, same_ok: bool = False) -> Path:
     if cfg.lora.use_dora:
         raise ExportRefused(f"{lora} is a DoRA adapter (lora.use_dora): the kohya/A1111 layout written here has no "
                             "place for its magnitude vectors, and dropping them would change the images. Use the "
@@ -121,15 +159,23 @@ def export_kohya(run_dir: str | Path, out: str | Path | None = None) -> Path:
     meta = {**run_metadata(cfg, family), PREFIX + "format": "kohya", "ss_network_dim": str(cfg.lora.rank),
             "ss_network_alpha": str(cfg.lora_alpha), "ss_base_model_version": BASE_MODEL_VERSION[family],
             "ss_output_name": f"{cfg.data.token}_{cfg.data.class_name}"}
+    if step is not None:
+        meta[PREFIX + "step"] = str(step)
     if family == "sd2":
         meta["ss_v2"] = "True"
-    target = Path(out) if out else run_dir / "export" / f"{run_dir.name}_kohya.safetensors"
+    data = files.safetensors_bytes(to_kohya(state, cfg.lora_alpha, family), meta)
+    _write_once(target, data, same_ok)
+    export_embedding(lora, target, same_ok)
+    return target
+
+
+def _write_once(target: Path, data: bytes, same_ok: bool) -> None:
     if target.exists():
-        raise FileExistsError(f"{target} exists already: exports are never overwritten; pass another --out")
-    kohya = to_kohya(state, cfg.lora_alpha, family)
-    written = files.write_safetensors(target, kohya, meta)
-    export_embedding(run_dir, target)
-    return written
+        if same_ok and target.is_file() and target.read_bytes() == data:
+            return
+        raise FileExistsError(f"{target} exists already" + (" with other contents" if same_ok else "") +
+                              ": exports are never overwritten; move it away or pass another --out")
+    files.write_bytes(target, data)
 
 
 def lora_family(lora: Path, cfg: Config) -> str:
@@ -149,18 +195,18 @@ def embedding_export_path(kohya_file: Path) -> Path:
     return kohya_file.with_name(kohya_file.stem.removesuffix("_kohya") + "_embedding.safetensors")
 
 
-def export_embedding(run_dir: Path, kohya_file: Path) -> Path | None:
+def export_embedding(lora: Path, kohya_file: Path, same_ok: bool = False) -> Path | None:
     """A learned identifier goes beside the kohya LoRA as an A1111/ComfyUI embedding file
-    ({"emb_params": [n, dim]}; prompts then name the file, e.g. <sks-dog_embedding>)."""
-    from .identifier import EMBEDDING_FILE
+    ({"emb_params": [n, dim]}; prompts then name the file, e.g. <sks-dog_embedding>). `lora` is the
+    LoRA file it belongs to (identifier.embedding_beside finds its embedding)."""
+    from .identifier import embedding_beside
 
-    source = Path(run_dir) / EMBEDDING_FILE
-    if not source.is_file():
+    source = embedding_beside(lora)
+    if source is None:
         return None
     target = embedding_export_path(kohya_file)
-    if target.exists():
-        raise FileExistsError(f"{target} exists already: exports are never overwritten; pass another --out")
-    return files.write_bytes(target, source.read_bytes())
+    _write_once(target, source.read_bytes(), same_ok)
+    return target
 
 
 def export_fused(run_dir: str | Path, scale_unet: float | None = None, scale_text_encoder: float | None = None,

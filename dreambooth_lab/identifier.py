@@ -94,17 +94,22 @@ def attach(text_encoder, tokenizer, placeholder_text: str, n: int, init: torch.T
     return module.vectors
 
 
-def save(folder: str | Path, vectors: torch.Tensor, metadata: dict[str, str]) -> Path:
-    """<folder>/learned_embeds.safetensors: {"emb_params": [n, dim]} with string metadata."""
+def save(folder: str | Path, vectors: torch.Tensor, metadata: dict[str, str], name: str = EMBEDDING_FILE) -> Path:
+    """<folder>/learned_embeds.safetensors (or `name`): {"emb_params": [n, dim]} with string metadata."""
     from . import files
 
-    return files.write_safetensors(Path(folder) / EMBEDDING_FILE,
+    return files.write_safetensors(Path(folder) / name,
                                    {KEY: vectors.detach().to("cpu", torch.float32).contiguous()}, metadata)
 
 
 def embedding_beside(lora_file: str | Path) -> Path | None:
-    path = Path(lora_file).parent / EMBEDDING_FILE
-    return path if path.is_file() else None
+    """The identifier that goes with a LoRA file: <stem>_learned_embeds.safetensors beside it (a
+    step's, loras/step-N_learned_embeds.safetensors), else learned_embeds.safetensors in its folder."""
+    lora_file = Path(lora_file)
+    for path in (lora_file.with_name(f"{lora_file.stem}_{EMBEDDING_FILE}"), lora_file.parent / EMBEDDING_FILE):
+        if path.is_file():
+            return path
+    return None
 
 
 def load_into(pipe, embedding_file: str | Path, placeholder_text: str) -> None:

@@ -66,9 +66,9 @@ def _state(module) -> dict:
 
 
 def save_lora(folder: str | Path, unet, text_encoder, with_text_encoder: bool,
-              metadata: dict[str, str] | None = None, text_encoder_2=None) -> Path:
-    """Write <folder>/pytorch_lora_weights.safetensors atomically (diffusers LoRA format), with
-    `metadata` (strings) added to the safetensors header. text_encoder_2 (SDXL) makes it an SDXL
+              metadata: dict[str, str] | None = None, text_encoder_2=None, name: str = LORA_FILE) -> Path:
+    """Write <folder>/pytorch_lora_weights.safetensors (or `name`) atomically (diffusers LoRA format),
+    with `metadata` (strings) added to the safetensors header. text_encoder_2 (SDXL) makes it an SDXL
     file: its adapters go under text_encoder_2.* when the text encoders were trained."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -80,7 +80,7 @@ def save_lora(folder: str | Path, unet, text_encoder, with_text_encoder: bool,
         extra = dict(text_encoder_2_lora_layers=_state(text_encoder_2) if with_text_encoder else None,
                      text_encoder_2_lora_adapter_metadata=adapter_metadata(text_encoder_2) if with_text_encoder
                      else None)
-    target = Path(folder) / LORA_FILE
+    target = Path(folder) / name
 
     def write(tmp: Path) -> None:
         # The adapters' LoraConfig (rank, alpha, targets) goes into the file: without it a loader

@@ -17,7 +17,7 @@ from . import files
 from .data import ImageSet
 from .metrics import nearest
 from .viz import dataset_vs_generation, image_grid, tensor_to_pil
-from .sample import (LORA_FILE, ImageSpec, apply_vae_options, find_lora_file, generate, load_lora, read_sidecar,
+from .sample import (LORA_FILE, ImageSpec, apply_vae_options, generate, load_lora, read_sidecar,
                      save_with_sidecars)
 
 SAMPLES = "samples"
@@ -30,12 +30,14 @@ def load_run_config(run_dir: str | Path) -> config_mod.Config:
     return config_mod.load(path)
 
 
-def open_run(run_dir: str | Path, device=None):
-    """Base pipeline of a run with its LoRA loaded (reuse it across calls: loading is the slow part)."""
+def open_run(run_dir: str | Path, device=None, step: int | None = None):
+    """Base pipeline of a run with its LoRA loaded (reuse it across calls: loading is the slow part);
+    `step`: the LoRA the run saved at that step (train.save_lora_every) instead of the final one."""
     from .models import load_pipeline
+    from .steps import lora_file
 
     cfg = load_run_config(run_dir)
-    lora = find_lora_file(run_dir)  # a missing or damaged LoRA is reported before the slow model load
+    lora = lora_file(run_dir, step)  # a missing or damaged LoRA is reported before the slow model load
     pipe = load_pipeline(cfg.model, device=device)
     apply_vae_options(pipe, cfg.sample.vae_slicing, cfg.sample.vae_tiling)
     load_lora(pipe, lora)

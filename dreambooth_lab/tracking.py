@@ -52,32 +52,16 @@ def log_scalars(acc, record: dict) -> None:
 @torch.no_grad()
 def log_validation(acc, cfg: Config, trainer, step: int, run_dir: Path) -> list:
     """Generate validation images with the LoRA as it is now; log them and save a grid PNG."""
-    from .sample import make_scheduler
+    from .steps import inference_pipeline
     from .viz import image_grid
 
-    dev = acc.device
-    vae_dev, te_devs = trainer.vae.device, [te.device for te in trainer.text_encoders]
-    trainer.vae.to(dev)
-    for te in trainer.text_encoders:
-        te.to(dev)
-    unet, tes = acc.unwrap_model(trainer.unet), [acc.unwrap_model(te) for te in trainer.text_encoders]
-    unet.eval()
-    for te in tes:
-        te.eval()
-    pipe = trainer.pipeline(make_scheduler(cfg.sample.sampler, trainer.noise_scheduler.config))
-    pipe.set_progress_bar_config(disable=True)
     prompt = cfg.fill(cfg.train.validation_prompt)
     seeds = [cfg.sample.seeds[i % len(cfg.sample.seeds)] + i // len(cfg.sample.seeds)
              for i in range(cfg.train.validation_images)]
-    with acc.autocast():
+    with inference_pipeline(acc, trainer, cfg.sample.sampler) as pipe, acc.autocast():
         images = pipe([prompt] * len(seeds), num_inference_steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance,
                       generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
                       height=cfg.resolution, width=cfg.resolution).images
-    unet.train()
-    for te, te_dev in zip(tes, te_devs):
-        te.train(cfg.train.train_text_encoder)
-        te.to(te_dev)
-    trainer.vae.to(vae_dev)
     image_grid(images, [f"seed {s}" for s in seeds], run_dir / "validation" / f"step-{step:06d}.png",
                title=f'step {step}: "{prompt}"', params={"guidance": cfg.sample.guidance, "steps": cfg.sample.steps})
     for tracker in acc.trackers:

@@ -103,6 +103,7 @@ class Session:
     t0: float
     step: int = 0  # steps completed so far
     override: dict | None = None
+    dataset_digest: str = ""
 
 
 def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bool = False,
@@ -266,7 +267,7 @@ def set_up(cfg: Config, acc, opened: runs.Opened, instance: ImageSet, ident: run
     return Session(cfg=cfg, acc=acc, run_dir=run_dir, objective=objective, optimizer=optimizer,
                    lr_scheduler=lr_scheduler, params=params, named=named, models=models, start=start,
                    resumed_from=resumed_from, history=history, generated=generated, eval_before=eval_before,
-                   t0=t0, step=start, override=opened.override)
+                   t0=t0, step=start, override=opened.override, dataset_digest=ident.dataset_digest)
 
 
 def class_images(cfg: Config, acc, pipe, weight_dtype, progress: bool) -> tuple[ImageSet | None, int]:
@@ -306,6 +307,11 @@ def make_callbacks(s: Session, on_step, progress: bool) -> list:
         out.append(OnStep(on_step))
     if RankReport.wanted():
         out.append(RankReport(s.acc, s.named))
+    if main and s.cfg.train.save_lora_every:
+        from .steps import StepSaver
+
+        out.append(StepSaver(s.acc, s.cfg, s.objective, s.run_dir,
+                             lambda step, path: write_lora(s, path.parent, path.name, step=step)))
     return out
 
 
@@ -419,21 +425,13 @@ def finish(s: Session, ident: runs.Identity, callbacks: list, *, progress: bool,
             cb.write()
     acc.wait_for_everyone()
     if acc.is_main_process:
-        from .export import PREFIX, run_metadata
         from .viz import plot_loss_curve
 
-        metadata = {**run_metadata(cfg, objective.family), PREFIX + "dataset_digest": ident.dataset_digest}
-        if objective.identifier is not None:
-            from . import identifier
+        write_lora(s, s.run_dir)
+        if cfg.train.save_lora_every and cfg.train.step_images:
+            from .compare import steps_sheet
 
-            metadata.update({PREFIX + "identifier": cfg.prompt_token,
-                             PREFIX + "identifier_vectors": str(cfg.identifier.num_vectors)})
-            identifier.save(s.run_dir, objective.identifier, {PREFIX + "placeholder": cfg.prompt_token,
-                                                              PREFIX + "init": cfg.identifier.init,
-                                                              PREFIX + "base_model": cfg.model.name})
-        second = acc.unwrap_model(objective.text_encoders[1]) if len(objective.text_encoders) > 1 else None
-        save_lora(s.run_dir, acc.unwrap_model(objective.unet), acc.unwrap_model(objective.text_encoder),
-                  cfg.train.train_text_encoder, metadata=metadata, text_encoder_2=second)
+            steps_sheet(s.run_dir)
         plot_loss_curve(s.history, s.run_dir / "loss.png", title=f"{s.run_dir.name}", params=run_params(cfg))
         summary = {"status": "finished", "steps": cfg.train.steps,
                    "final_loss": s.history[-1]["loss"] if s.history else None,
@@ -454,6 +452,30 @@ def finish(s: Session, ident: runs.Identity, callbacks: list, *, progress: bool,
                      final_loss=s.history[-1]["loss"] if s.history else float("nan"), eval_loss_before=s.eval_before,
                      eval_loss_after=eval_after, class_images_generated=s.generated, resumed_from=s.resumed_from,
                      seconds=time.time() - s.t0, history=s.history)
+
+
+def write_lora(s: Session, folder: Path, name: str = runs.LORA_FILE, step: int | None = None) -> Path:
+    """The LoRA as it is now, with the run's metadata (and the learned identifier beside it):
+    the final file, or with `step` a step's (its metadata then says dreambooth_lab.step)."""
+    from .export import PREFIX, run_metadata
+
+    cfg, acc, objective = s.cfg, s.acc, s.objective
+    metadata = {**run_metadata(cfg, objective.family), PREFIX + "dataset_digest": s.dataset_digest}
+    if step is not None:
+        metadata[PREFIX + "step"] = str(step)
+    if objective.identifier is not None:
+        from . import identifier
+        from .steps import embedding_name
+
+        metadata.update({PREFIX + "identifier": cfg.prompt_token,
+                         PREFIX + "identifier_vectors": str(cfg.identifier.num_vectors)})
+        identifier.save(folder, objective.identifier, {PREFIX + "placeholder": cfg.prompt_token,
+                                                       PREFIX + "init": cfg.identifier.init,
+                                                       PREFIX + "base_model": cfg.model.name},
+                        name=identifier.EMBEDDING_FILE if step is None else embedding_name(step))
+    second = acc.unwrap_model(objective.text_encoders[1]) if len(objective.text_encoders) > 1 else None
+    return save_lora(folder, acc.unwrap_model(objective.unet), acc.unwrap_model(objective.text_encoder),
+                     cfg.train.train_text_encoder, metadata=metadata, text_encoder_2=second, name=name)
 
 
 def warn_about_token(cfg: Config, tokenizer) -> None:

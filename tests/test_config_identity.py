@@ -23,6 +23,8 @@ BOOKKEEPING = [
     ("prior.cache_dir", "/tmp/class-cache"),
     ("train.checkpoint_every", 7),
     ("train.checkpoints_to_keep", 5),
+    ("train.save_lora_every", 200),  # more files; each holds the weights of its step, which this does not change
+    ("train.step_images", False),
     ("train.log_with", "tensorboard"),
     ("train.validation_every", 10),
     ("train.validation_prompt", "A {token} {class} on a boat"),
