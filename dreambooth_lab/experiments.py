@@ -96,8 +96,33 @@ def _from_root(path: str | Path, root: Path) -> str:
     return str(p if p.is_absolute() else root / p)
 
 
-def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Sweep:
-    """Read a sweep spec; `overrides` (dotted keys) go on top of every run (e.g. the smoke switch)."""
+def flat_keys(data: Any, prefix: str = "") -> set[str]:
+    """Dotted names of the leaves of a nested mapping (pure)."""
+    if not isinstance(data, dict):
+        return {prefix.rstrip(".")} if prefix else set()
+    out: set[str] = set()
+    for key, value in data.items():
+        out |= flat_keys(value, f"{prefix}{key}.")
+    return out
+
+
+def file_keys(path: str | Path) -> set[str]:
+    """The dotted fields a config YAML sets, itself or through `extends`."""
+    path = Path(path)
+    data = read_yaml(path) or {}
+    if not isinstance(data, dict):
+        return set()
+    keys = flat_keys({k: v for k, v in data.items() if k != "extends"})
+    if "extends" in data:
+        keys |= file_keys(path.parent / str(data["extends"]))
+    return keys
+
+
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None,
+               machine: dict[str, Any] | None = None) -> Sweep:
+    """Read a sweep spec; `overrides` (dotted keys) go on top of every run (e.g. the smoke switch).
+    `machine` (dotted keys: this runtime's precision, optimizer, checkpoint interval) fills the
+    fields a run's spec and config files leave unset: a value written in a file always wins."""
     path = Path(path)
     spec = read_yaml(path, keep_text=True)  # config values (base, set, grid) as written: `token: no` is "no"
     if not isinstance(spec, dict):
@@ -112,34 +137,36 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     here = path.parent
     base_spec = spec.get("base")
     if isinstance(base_spec, str):
-        base = load(here / base_spec)
+        base, base_keys = load(here / base_spec), file_keys(here / base_spec)
     elif isinstance(base_spec, dict):
-        base = from_dict(base_spec)
+        base, base_keys = from_dict(base_spec), flat_keys(base_spec)
     elif base_spec is None:
-        base = Config()
+        base, base_keys = Config(), set()
     else:
         raise ConfigError(f"{path}: base must be a config file name or a mapping")
 
-    explicit: list[tuple[str, Config]] = []
+    explicit: list[tuple[str, Config, set[str]]] = []
     for i, item in enumerate(spec.get("runs") or []):
         if isinstance(item, str):
-            explicit.append((Path(item).stem, load(here / item)))
+            explicit.append((Path(item).stem, load(here / item), file_keys(here / item)))
         elif isinstance(item, dict) and "name" in item:
-            cfg = load(here / item["config"]) if "config" in item else base
-            explicit.append((str(_text(item["name"])), with_overrides(cfg, item.get("set") or {})))
+            cfg, keys = (load(here / item["config"]), file_keys(here / item["config"])) if "config" in item \
+                else (base, base_keys)
+            explicit.append((str(_text(item["name"])), with_overrides(cfg, item.get("set") or {}),
+                             keys | set(item.get("set") or {})))
         else:
             raise ConfigError(f"{path}: runs[{i}] must be a config file or a mapping with 'name' (and 'config'/'set')")
     grid = expand_grid(spec.get("grid") or {})
-    runs: list[tuple[str, Config]] = []
+    runs: list[tuple[str, Config, set[str]]] = []
     if explicit:
-        for rid, cfg in explicit:  # a grid, when given too, varies every explicit run
-            runs += [(rid if not values else f"{rid}_{run_id(plain(values))}", with_overrides(cfg, values))
+        for rid, cfg, keys in explicit:  # a grid, when given too, varies every explicit run
+            runs += [(rid if not values else f"{rid}_{run_id(plain(values))}", with_overrides(cfg, values), keys | set(values))
                      for values in grid]
     elif spec.get("grid"):
-        runs = [(run_id(plain(values)), with_overrides(base, values)) for values in grid]
+        runs = [(run_id(plain(values)), with_overrides(base, values), base_keys | set(values)) for values in grid]
     else:
         raise ConfigError(f"{path}: the sweep has no runs: add 'runs' and/or 'grid'")
-    ids = [rid for rid, _ in runs]
+    ids = [rid for rid, _, _ in runs]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{path}: run ids repeat ({ids}); give explicit runs distinct names")
 
@@ -148,7 +175,8 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     if overrides and overrides.get("train.output_dir"):
         folder = Path(_from_root(str(_text(overrides["train.output_dir"])), root)) / name
     out = []
-    for rid, cfg in runs:
+    for rid, cfg, keys in runs:
+        cfg = with_overrides(cfg, {k: v for k, v in (machine or {}).items() if k not in keys})
         cfg = with_overrides(cfg, {k: v for k, v in (overrides or {}).items() if k != "train.output_dir"})
         cfg = with_overrides(cfg, {"train.output_dir": str(folder), "train.name": rid,
                                    "data.instance_dir": _from_root(cfg.data.instance_dir, root)})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 import subprocess
 import sys
@@ -29,6 +30,7 @@ DRIVE = Path("/content/drive/MyDrive")  # Google Drive, once mounted on Colab
 DRIVE_HOME = DRIVE / "dreambooth_lab"
 DRIVE_RUNS = DRIVE_HOME / "runs"
 DRIVE_DATASETS = DRIVE_HOME / "datasets"
+MODEL_CACHE = DRIVE_HOME / "hf-cache"  # the hub cache on Drive, when the set-up cell is asked to keep it
 COLAB_CHECKOUT = Path("/content/dreambooth_lab")
 INSTALL_MARKER = ".install-complete"  # written last by ensure_installed: its absence means "install again"
 
@@ -86,9 +88,11 @@ FORM_DEFAULTS: dict[str, Any] = {
     "RESOLUTION": 512,
     "MIXED_PRECISION": "fp16",
     "USE_8BIT_ADAM": True,
-    "GRADIENT_CHECKPOINTING": False,
-    # A T4 makes about 1.2 s/step at 512 px in fp16 (batch 1 + 1 class image, 8-bit AdamW), so 400
-    # steps are about 8 minutes: a Colab disconnect loses at most that (10 min even at 1.5 s/step).
+    # "auto": on when the memory model predicts the run does not fit this GPU without it (a T4 when
+    # there is none here); "on" / "off" are the user's and always win
+    "GRADIENT_CHECKPOINTING": "auto",
+    # No T4 step time has been measured for this project yet (benchmarks/gpu_check.py has not run on
+    # one); 400 steps is a disconnect's worst loss, whatever the speed turns out to be.
     "CHECKPOINT_EVERY": 400,
     "LORA_SCALE_UNET": 0.4,
     "LORA_SCALE_TEXT_ENCODER": 0.4,
@@ -98,6 +102,12 @@ FORM_DEFAULTS: dict[str, Any] = {
     "GEN_SEED": 0,
 }
 ALWAYS_FORM = ("DATASET_DIR", "OUTPUT_DIR")  # where things are on this machine: never from a preset
+# How this runtime trains, not what the experiment is: always the form's (a preset describes the
+# experiment: token, steps, lr, photos, seeds), adapted to the machine (no fp16 without CUDA).
+MACHINE_FIELDS = ("MIXED_PRECISION", "USE_8BIT_ADAM", "GRADIENT_CHECKPOINTING", "CHECKPOINT_EVERY")
+# The machine settings the summary prints first.
+MACHINE_KEYS = ("train.mixed_precision", "optim.optimizer", "train.gradient_checkpointing", "train.checkpoint_every")
+GRADIENT_CHECKPOINTING_CHOICES = ("auto", "on", "off")
 # BASE_MODEL's dropdown (any other hub id or folder can be typed in): SD1.5 and SDXL base. The family
 # comes from the model itself (models.detect_family); the form has no per-family code.
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -163,8 +173,15 @@ def ensure_installed(root: str | Path, run: Callable[..., Any] = subprocess.run)
     if marker.is_file() and marker.read_text().strip() == key:
         return False
     marker.unlink(missing_ok=True)
+    from .colab import pip_report, requirement_names
+
+    req = root / "requirements.txt"
+    ours = requirement_names(req.read_text()) if req.is_file() else set()
     for args in INSTALL_COMMANDS:
-        run([sys.executable, *args], check=True, cwd=str(root))
+        done = run([sys.executable, *args], check=True, cwd=str(root), capture_output=True, text=True)
+        output = f"{getattr(done, 'stdout', '') or ''}\n{getattr(done, 'stderr', '') or ''}"
+        for line in pip_report(output, ours):
+            print(line)
     marker.write_text(key + "\n")
     return True
 
@@ -205,18 +222,20 @@ def device_report() -> str:
         bf16 = "bf16 yes" if bf16_supported() else "no bf16 (use MIXED_PRECISION='fp16')"
         return (f"GPU: {torch.cuda.get_device_name(0)}, {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB, "
                 f"{bf16}")
-    return "no GPU: training will be slow; BASE_MODEL='tiny' runs the offline CPU model"
+    return ("no GPU: a hub model will not train here (the train cell stops and says how to switch to a T4); "
+            "BASE_MODEL='toyworld' or 'tiny' train on a CPU in seconds")
 
 
 def setup(mount_drive: bool = True, hub_token: bool = False, root: str | Path | None = None,
-          run: Callable[..., Any] = subprocess.run) -> str:
+          run: Callable[..., Any] = subprocess.run, cache_model_on_drive: bool = False) -> str:
     """Every notebook's set-up cell: Drive, code, packages, widgets; returns what it found.
 
     On Colab: mounts Google Drive (runs and class images are kept there across disconnects),
     restores files a cut-short clone left out, installs the requirements (again, if a previous
     install did not finish), and turns on Colab's widget manager. Everywhere: the versions of
     torch/diffusers/transformers/peft/accelerate, the GPU, and where results will go. `run` stands
-    in for subprocess.run (the tests).
+    in for subprocess.run (the tests). cache_model_on_drive keeps the downloaded base model in
+    Drive (MODEL_CACHE), so a reconnect does not download it again.
     """
     root = Path(root) if root else find_repo_root()
     lines = [f"code: {root}"]
@@ -233,6 +252,11 @@ def setup(mount_drive: bool = True, hub_token: bool = False, root: str | Path | 
         from google.colab import output  # type: ignore
 
         output.enable_custom_widget_manager()
+    if cache_model_on_drive:
+        from .colab import drive_model_cache
+
+        lines.append(drive_model_cache(MODEL_CACHE) if DRIVE.is_dir() else
+                     "model cache: Google Drive is not mounted, so the model is cached on this machine only")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     lines.append(device_report())
@@ -326,6 +350,35 @@ def check_photos(folder: str | Path, expect: str = "3–30 photos of the subject
                                        drive_mounted=DRIVE.is_dir()))
 
 
+def add_photos(folder: str | Path, *, upload: bool = False, zip_path: str = "") -> list[Path]:
+    """Photos into the dataset folder: from Colab's file picker (upload=True; .zip files are
+    unpacked) and/or a .zip on Drive (zip_path). Folders inside an archive are flattened, caption
+    .txt files come along, other files are skipped and named; a different photo of the same name
+    is never overwritten. Returns the photos added (the notebook's next cell checks the folder)."""
+    from .colab import add_files, read_zip
+
+    dest = Path(_absolute(folder))
+    items: dict[str, bytes] = {}
+    try:
+        if upload:
+            if not in_colab():
+                raise NotebookStop(f"the file picker is Colab's: here, copy the photos into {dest} "
+                                   "(or give ZIP_PATH, a .zip of them)")
+            from google.colab import files as colab_files  # type: ignore
+
+            for name, data in colab_files.upload().items():
+                items.update(read_zip(io.BytesIO(data)) if name.lower().endswith(".zip") else {name: data})
+        if zip_path:
+            items.update(read_zip(_absolute(zip_path)))
+        added, skipped = add_files(dest, items)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        raise NotebookStop(str(exc)) from None
+    photos = [p for p in added if p.suffix.lower() != ".txt"]
+    print(f"added {len(photos)} photo(s) to {dest}" + (f"; skipped (not photos or captions): {', '.join(skipped)}"
+                                                        if skipped else ""))
+    return photos
+
+
 # ---- the form -> config ---------------------------------------------------------------------------
 
 def field_overrides(name: str, value: Any) -> dict[str, Any]:
@@ -337,6 +390,14 @@ def field_overrides(name: str, value: Any) -> dict[str, Any]:
         return {path: [int(value) + i for i in range(4)]}  # the seed grid: 4 consecutive seeds
     if name == "RANK":
         return {path: int(value), "lora.alpha": float(value)}
+    if name == "GRADIENT_CHECKPOINTING":
+        if value in (True, "on"):
+            return {path: True}
+        if value in (False, "off"):
+            return {path: False}
+        if value == "auto":
+            return {}  # decided by `_auto_checkpointing` once the config is known
+        raise ValueError(f"GRADIENT_CHECKPOINTING={value!r}: choose one of {', '.join(GRADIENT_CHECKPOINTING_CHOICES)}")
     if name == "RESOLUTION":
         return {path: int(value) if value else None}  # 0 / None = the model's own size
     if name in ("LR_UNET", "LR_TEXT_ENCODER", "PRIOR_LOSS_WEIGHT", "LORA_SCALE_UNET", "LORA_SCALE_TEXT_ENCODER",
@@ -360,15 +421,17 @@ def merge_form(form: dict[str, Any], preset: bool, defaults: dict[str, Any] = FO
                ) -> tuple[dict[str, Any], list[str]]:
     """The form's overrides, and the names of the fields they came from (pure).
 
-    Without a preset every field applies. With one, a field applies when it differs from its
-    default in the form (you changed it) or names a folder on this machine; the others are left to
-    the preset, or to the package default when the preset does not set them.
+    Without a preset every field applies. With one, the machine's fields (MACHINE_FIELDS: precision,
+    optimizer, checkpointing, checkpoint interval) and the folders always apply, whatever their
+    value; an experiment field applies when it differs from its default in the form (you changed
+    it); the others are left to the preset, or to the package default when the preset does not set them.
     """
     missing = [k for k in FORM_FIELDS if k not in form]
     if missing:
         raise KeyError(f"the hyperparameter cell does not define {', '.join(missing)}")
     used = [name for name in FORM_FIELDS
-            if not preset or name in ALWAYS_FORM or name not in defaults or form[name] != defaults[name]]
+            if not preset or name in ALWAYS_FORM or name in MACHINE_FIELDS or name not in defaults
+            or form[name] != defaults[name]]
     out: dict[str, Any] = {}
     for name in used:
         if name in ALWAYS_FORM and not form[name]:
@@ -377,24 +440,11 @@ def merge_form(form: dict[str, Any], preset: bool, defaults: dict[str, Any] = FO
     return out, used
 
 
-def flat_keys(data: Any, prefix: str = "") -> set[str]:
-    """Dotted names of the leaves of a nested mapping (pure)."""
-    if not isinstance(data, dict):
-        return {prefix.rstrip(".")} if prefix else set()
-    out: set[str] = set()
-    for key, value in data.items():
-        out |= flat_keys(value, f"{prefix}{key}.")
-    return out
-
-
 def preset_keys(path: str | Path) -> set[str]:
     """The dotted fields a preset YAML sets, itself or through `extends`."""
-    path = Path(path)
-    data = read_yaml(path) or {}
-    keys = flat_keys({k: v for k, v in data.items() if k != "extends"})
-    if "extends" in data:
-        keys |= preset_keys(path.parent / str(data["extends"]))
-    return keys
+    from .experiments import file_keys
+
+    return file_keys(path)
 
 
 def preset_path(preset: str | Path) -> Path:
@@ -458,8 +508,42 @@ def _machine_precision(cfg: Config, sources: dict[str, str]) -> Config:
     return cfg
 
 
+def _machine_variant(cfg: Config, sources: dict[str, str]) -> Config:
+    """On a GPU training in fp16, the repository's fp16 weights when it has them (SD1.5 and SDXL do):
+    half the download, and the frozen weights are used in fp16 anyway."""
+    import torch
+
+    from .colab import fp16_variant
+
+    variant = fp16_variant(cfg.model.name, cfg.model.variant, torch.cuda.is_available(), cfg.train.mixed_precision)
+    if variant != cfg.model.variant:
+        cfg.model.variant, sources["model.variant"] = variant, "this machine"
+    return cfg
+
+
+def _auto_checkpointing(cfg: Config, sources: dict[str, str], gpu_gib: float | None = None) -> Config:
+    """GRADIENT_CHECKPOINTING='auto': on when the memory model predicts that the run, without it,
+    does not fit this GPU (a 15 GB T4 when there is none here) with the usual margin; off otherwise,
+    and off (the package default) when the model's configs cannot be read here."""
+    try:
+        from .memory import estimate
+
+        cfg.train.gradient_checkpointing = False
+        peak = estimate(cfg, "cuda").as_gib()["peak"]
+    except Exception:  # noqa: BLE001 - no estimate: the package default, said in the sources
+        cfg.train.gradient_checkpointing, sources["train.gradient_checkpointing"] = False, "auto (no estimate)"
+        return cfg
+    if gpu_gib is None:
+        import torch
+
+        gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else T4_GIB
+    cfg.train.gradient_checkpointing = peak * MEMORY_MARGIN > gpu_gib
+    sources["train.gradient_checkpointing"] = f"auto ({peak:.1f} GiB predicted without it, {gpu_gib:.0f} GiB here)"
+    return cfg
+
+
 def _finish(base: Config, preset_set: set[str], form_over: dict[str, Any], dataset_dir: str,
-            output_dir: str) -> tuple[Config, dict[str, str]]:
+            output_dir: str, auto_checkpointing: bool = False) -> tuple[Config, dict[str, str]]:
     cfg = with_overrides(base, form_over)
     sources = {k: "preset" for k in preset_set}
     sources.update({k: "form" for k in form_over})
@@ -479,6 +563,9 @@ def _finish(base: Config, preset_set: set[str], form_over: dict[str, Any], datas
         cfg.data.instance_dir = dataset_dir
     cfg.data.instance_dir = _absolute(cfg.data.instance_dir) if cfg.data.instance_dir else ""
     cfg = _machine_precision(cfg, sources)
+    cfg = _machine_variant(cfg, sources)
+    if auto_checkpointing:
+        cfg = _auto_checkpointing(cfg, sources)
     return cfg.validate(), sources
 
 
@@ -499,7 +586,8 @@ def configure(form: dict[str, Any], preset: str = "") -> tuple[Config, dict[str,
     over = {k: v for k, v in over.items() if k not in ("data.instance_dir", "train.output_dir")}
     if not preset and not form["DATASET_DIR"]:
         over["data.instance_dir"] = ""  # no silent fallback: validation names DATASET_DIR's field
-    return _finish(base, keys, over, form["DATASET_DIR"], form["OUTPUT_DIR"])
+    return _finish(base, keys, over, form["DATASET_DIR"], form["OUTPUT_DIR"],
+                   auto_checkpointing=form["GRADIENT_CHECKPOINTING"] == "auto")
 
 
 def build_config(form: dict[str, Any], preset: str = "") -> Config:
@@ -529,6 +617,13 @@ def eval_settings(**values) -> "EvalConfig":
     return ev
 
 
+def output_folder(value: str = "") -> str:
+    """Where a notebook's runs and pictures go (absolute): the smoke switch's folder in the tests,
+    else OUTPUT_DIR when set, else Google Drive when mounted (a disconnect keeps them), else runs/."""
+    env_out = os.environ.get(OUTPUT_ENV) if smoke() else None
+    return _absolute(env_out or value or default_output_dir())
+
+
 def default_output_dir() -> Path:
     """Google Drive when it is mounted (results survive a Colab disconnect), else ./runs."""
     return DRIVE_RUNS if DRIVE.is_dir() else Path("runs")
@@ -553,6 +648,7 @@ def leaves(cfg: Config) -> list[tuple[str, Any]]:
 def format_sources(cfg: Config, sources: dict[str, str], skip: tuple[str, ...] = ("eval.",)) -> str:
     """Every value with where it came from; unlisted fields are the package's defaults (pure)."""
     rows = [(k, v, sources.get(k, "default")) for k, v in leaves(cfg) if not k.startswith(skip)]
+    rows.sort(key=lambda row: MACHINE_KEYS.index(row[0]) if row[0] in MACHINE_KEYS else len(MACHINE_KEYS))
     width = max(len(k) for k, _, _ in rows)
     lines = []
     for k, v, src in rows:
@@ -609,12 +705,37 @@ def memory_note(cfg: Config, gpu_gib: float | None = None, gpu_name: str | None 
 
 # ---- training and sweeps from a notebook ---------------------------------------------------------
 
-def train_run(cfg: Config, every: int = 25):
-    """Train (or resume, or reuse the finished run) with a live loss plot; prints where it all went."""
+def train_run(cfg: Config, every: int = 25, *, new_run: bool = False, allow_cpu: bool = False,
+              take_over_lock: bool = False):
+    """Train (or resume, or reuse the finished run) with a live loss plot; prints where it all went.
+
+    new_run=True (the form's NEW_RUN) starts a new run folder instead of resuming or reusing one
+    (after the photos or settings changed; the old run is kept). take_over_lock=True
+    (TAKE_OVER_LOCK) takes over the lock of a runtime that is gone (never a live process's here). A hub model on a runtime without a
+    GPU stops here, before anything loads, unless allow_cpu (ALLOW_CPU). Every refusal is one
+    message that names the form field to change, never a traceback.
+    """
+    import torch
+
+    from .colab import cpu_runtime_problem
+    from .runs import RunLocked, RunMismatch
+    from .runs import take_over_lock as take_over
     from .train import train
 
+    problem = None if allow_cpu else cpu_runtime_problem(cfg.model.name, torch.cuda.is_available(), in_colab())
+    if problem:
+        raise NotebookStop(problem)
     live = LiveLoss(every=4 if smoke() else every)
-    result = train(cfg, on_step=live, reuse_finished=True)
+    for attempt in range(2):
+        try:
+            result = train(cfg, on_step=live, reuse_finished=not new_run, resume=None if new_run else "auto")
+            break
+        except RunMismatch as exc:
+            raise NotebookStop(mismatch_message(exc)) from None
+        except RunLocked as exc:
+            if not (take_over_lock and exc.can_take_over and attempt == 0):
+                raise NotebookStop(locked_message(exc, take_over_lock)) from None
+            take_over(exc.run_dir, holder=exc.holder)  # the user ticked TAKE_OVER_LOCK: this very lock, once
     print(f"run folder: {result.run_dir}")
     print(f"LoRA:       {result.lora_path}")
     print(f"loss curve: {result.run_dir / 'loss.png'}")
@@ -622,11 +743,46 @@ def train_run(cfg: Config, every: int = 25):
     return result
 
 
+def runtime_settings(cuda: bool | None = None) -> dict[str, Any]:
+    """How this runtime trains when a sweep's files do not say (pure given `cuda`): on a GPU fp16
+    autocast and 8-bit AdamW (what fits a T4) and a checkpoint every 250 steps, so a disconnect
+    costs little; on a CPU the package defaults (fp32, AdamW)."""
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        return {"train.mixed_precision": "no", "optim.optimizer": "adamw", "train.checkpoint_every": 250}
+    return {"train.mixed_precision": "fp16", "optim.optimizer": "adamw8bit", "train.checkpoint_every": 250}
+
+
+def locked_message(exc: Exception, ticked: bool) -> str:
+    """RunLocked in the notebook's words: who holds the run and whether ticking TAKE_OVER_LOCK helps (pure)."""
+    text = str(exc)
+    if not getattr(exc, "can_take_over", False):
+        return text + "\nThis lock belongs to a process that is still running on this machine: let it finish, or stop it."
+    if ticked:
+        return text + "\nThe lock changed while it was being taken over: run this cell again."
+    return (text + "\nIf that runtime is gone (a disconnect), tick TAKE_OVER_LOCK in the form (section 2), run the "
+            "form and this cell again: the run resumes from its last checkpoint. Untick it afterwards.")
+
+
+def mismatch_message(exc: Exception) -> str:
+    """RunMismatch in the notebook's words: what differs, and the form field that starts a new run (pure)."""
+    text = str(exc)
+    for cut in (". To train on", ". Resume it with", ": start a new run"):
+        text = text.split(cut, 1)[0]
+    return (f"{text.rstrip('.')}.\nTo train on the current photos and settings, tick NEW_RUN in the form "
+            "(section 2) and run the form and this cell again: a new run folder is made and the old run is kept. "
+            "Untick it afterwards, so that a reconnect resumes instead of starting over.")
+
+
 def load_study(spec: str | Path, dataset_dir: str = "", output_dir: str = ""):
-    """A sweep spec (relative = from the repository root) with this machine's folders."""
+    """A sweep spec (relative = from the repository root) with this machine's folders; the runtime's
+    precision, optimizer and checkpoint interval fill what the spec's files leave unset."""
     from .experiments import load_sweep
 
-    return load_sweep(Path(_absolute(spec)), machine_overrides(dataset_dir, output_dir))
+    return load_sweep(Path(_absolute(spec)), machine_overrides(dataset_dir, output_dir), machine=runtime_settings())
 
 
 def sweep_status(sweep) -> tuple[dict[str, Path], list[str]]:
@@ -642,7 +798,8 @@ def sweep_status(sweep) -> tuple[dict[str, Path], list[str]]:
             done[run.id] = found
         c = run.config
         print(f"{run.id:<10} token={c.data.token:<6} text encoder={c.train.train_text_encoder!s:<5} "
-              f"steps={c.train.steps:<5} {'finished: ' + str(found) if found else 'not trained yet'}")
+              f"steps={c.train.steps:<5} precision={c.train.mixed_precision:<4} optimizer={c.optim.optimizer:<9} "
+              f"{'finished: ' + str(found) if found else 'not trained yet'}")
     print(f"runs go to {sweep.folder}")
     return done, todo
 

@@ -41,8 +41,10 @@ def test_preset_is_the_base_and_changed_form_fields_win(monkeypatch, tmp_path):
     assert (cfg.data.token, cfg.data.class_name) == ("oue", "cat")
     assert sources["data.token"] == sources["data.class_name"] == "form"
     assert cfg.train.steps == 1300 and sources["train.steps"] == "preset"  # left at the form's default
-    assert cfg.train.gradient_checkpointing and sources["train.gradient_checkpointing"] == "preset"
-    assert cfg.train.checkpoint_every == 250 and sources["train.checkpoint_every"] == "preset"
+    # the machine's settings are the form's, never the preset's: checkpointing 'auto' asks the memory
+    # model (SD1.5 at 512 px fits a T4 without it), the checkpoint interval is the form's 400
+    assert not cfg.train.gradient_checkpointing and sources["train.gradient_checkpointing"].startswith("auto (")
+    assert cfg.train.checkpoint_every == 400 and sources["train.checkpoint_every"] == "form"
     assert cfg.prior.steps == 25 and "prior.steps" not in sources  # neither: the package default
     assert cfg.train.output_dir == str(tmp_path) and sources["train.output_dir"] == "form"
     assert cfg.data.instance_dir.endswith("datasets/sample_subject") and sources["data.instance_dir"] == "form"
@@ -69,11 +71,12 @@ def test_merge_form_without_a_preset_uses_every_field():
 @pytest.mark.parametrize(("changes", "expected"), [
     ({}, ["DATASET_DIR", "OUTPUT_DIR"]),
     ({"STEPS": 100}, ["DATASET_DIR", "OUTPUT_DIR", "STEPS"]),
-    ({"RANK": 16, "USE_8BIT_ADAM": False}, ["DATASET_DIR", "OUTPUT_DIR", "RANK", "USE_8BIT_ADAM"]),
+    ({"RANK": 16, "USE_8BIT_ADAM": False}, ["DATASET_DIR", "OUTPUT_DIR", "RANK"]),
 ])
-def test_merge_form_with_a_preset_uses_changed_fields_only(changes, expected):
+def test_merge_form_with_a_preset_uses_changed_fields_and_the_machine_s(changes, expected):
     over, used = nb.merge_form(dict(nb.FORM_DEFAULTS, **changes), preset=True)
-    assert used == expected
+    machine = [n for n in nb.FORM_FIELDS if n in nb.MACHINE_FIELDS]
+    assert used == [n for n in nb.FORM_FIELDS if n in expected or n in machine]
     if "RANK" in changes:
         assert over["lora.rank"] == 16 and over["lora.alpha"] == 16.0 and over["optim.optimizer"] == "adamw"
 
@@ -85,7 +88,9 @@ def test_preset_keys_follow_extends():
 
 
 def test_flat_keys_is_the_dotted_leaves():
-    assert nb.flat_keys({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b", "a.c.d", "e"}
+    from dreambooth_lab.experiments import flat_keys
+
+    assert flat_keys({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b", "a.c.d", "e"}
 
 
 def test_preset_choices_list_the_study_presets_not_sweeps():

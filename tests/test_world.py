@@ -410,3 +410,15 @@ def test_demo_on_toyworld_trains_the_world_dog_with_the_recipe_and_draws_its_she
     assert list(cfg.sample.test_prompts) == list(TEST_PROMPTS)
     for sheet in (res.seed_grid, res.prompt_suite, res.compare):
         assert sheet.is_file() and sheet.stat().st_size > 1000
+
+
+def test_a_build_started_from_another_latent_shape_keeps_all_but_the_first_and_last_convolution():
+    """world.build --init onto a 4x VAE: the UNet's inner layers come from the old pipeline."""
+    from dreambooth_lab.world.architecture import make_unet
+    from dreambooth_lab.world.build import matching_state
+
+    old, new = make_unet(1, channels=8, side=8), make_unet(2, channels=4, side=16)
+    keep, fresh = matching_state(new, old.state_dict())
+    assert fresh == ["conv_in.weight", "conv_out.bias", "conv_out.weight"]
+    new.load_state_dict(keep, strict=False)
+    assert all((new.state_dict()[k] == v).all() for k, v in keep.items()) and len(keep) == len(old.state_dict()) - 3

@@ -319,12 +319,24 @@ def vae_from(out: Path, src: Path) -> None:
     log(out, f"vae: taken from {src}")
 
 
-def _load_init(src: Path, unet, te) -> None:
+def matching_state(model: torch.nn.Module, state: dict) -> tuple[dict, list[str]]:
+    """The tensors of `state` whose name and shape `model` shares, and the names it had to leave out
+    (a UNet read onto another latent shape keeps everything but its first and last convolution)."""
+    own = model.state_dict()
+    keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    return keep, sorted(set(own) - set(keep))
+
+
+def _load_init(src: Path, unet, te) -> list[str]:
+    """Start the UNet and text encoder from a finished pipeline; tensors whose shape differs (another
+    VAE's latent channels) keep their fresh initialisation and are returned by name."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    unet.load_state_dict(UNet2DConditionModel.from_pretrained(src / "unet", torch_dtype=torch.float32).state_dict())
     te.load_state_dict(CLIPTextModel.from_pretrained(src / "text_encoder", dtype=torch.float32).state_dict())
+    keep, fresh = matching_state(unet, UNet2DConditionModel.from_pretrained(src / "unet", torch_dtype=torch.float32).state_dict())
+    unet.load_state_dict(keep, strict=False)
+    return fresh
 
 
 def build_unet(out: Path, minutes: float, seed: int, batch: int = 64, lr: float = 1e-3,
@@ -348,8 +360,9 @@ def build_unet(out: Path, minutes: float, seed: int, batch: int = 64, lr: float 
     unet, te = make_unet(seed, channels, side), make_text_encoder(seed + 1)
     state = out / "unet_state.safetensors"
     if init is not None and not state.is_file():
-        _load_init(Path(init), unet, te)
-        log(out, f"unet: starting from the weights in {init}")
+        fresh = _load_init(Path(init), unet, te)
+        log(out, f"unet: starting from the weights in {init}"
+                 + (f"; kept fresh (another latent shape): {', '.join(fresh)}" if fresh else ""))
     ema_unet, ema_te = copy.deepcopy(unet), copy.deepcopy(te)
     for m in (ema_unet, ema_te):
         m.requires_grad_(False)
