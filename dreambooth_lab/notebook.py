@@ -57,6 +57,8 @@ FORM_FIELDS = {
     "USE_8BIT_ADAM": "optim.optimizer",
     "GRADIENT_CHECKPOINTING": "train.gradient_checkpointing",
     "CHECKPOINT_EVERY": "train.checkpoint_every",
+    "SAVE_LORA_EVERY": "train.save_lora_every",
+    "STEP_IMAGES": "train.step_images",
     "LORA_SCALE_UNET": "sample.lora_scale_unet",
     "LORA_SCALE_TEXT_ENCODER": "sample.lora_scale_text_encoder",
     "GUIDANCE": "sample.guidance",
@@ -94,6 +96,10 @@ FORM_DEFAULTS: dict[str, Any] = {
     # No T4 step time has been measured for this project yet (benchmarks/gpu_check.py has not run on
     # one); 400 steps is a disconnect's worst loss, whatever the speed turns out to be.
     "CHECKPOINT_EVERY": 400,
+    # a usable LoRA file every 200 steps, with pictures of "A {token} {class}" at each: the step
+    # before the subject overfits can be seen, picked and exported
+    "SAVE_LORA_EVERY": 200,
+    "STEP_IMAGES": True,
     "LORA_SCALE_UNET": 0.4,
     "LORA_SCALE_TEXT_ENCODER": 0.4,
     "GUIDANCE": 6.4,
@@ -104,7 +110,10 @@ FORM_DEFAULTS: dict[str, Any] = {
 ALWAYS_FORM = ("DATASET_DIR", "OUTPUT_DIR")  # where things are on this machine: never from a preset
 # How this runtime trains, not what the experiment is: always the form's (a preset describes the
 # experiment: token, steps, lr, photos, seeds), adapted to the machine (no fp16 without CUDA).
-MACHINE_FIELDS = ("MIXED_PRECISION", "USE_8BIT_ADAM", "GRADIENT_CHECKPOINTING", "CHECKPOINT_EVERY")
+MACHINE_FIELDS = ("MIXED_PRECISION", "USE_8BIT_ADAM", "GRADIENT_CHECKPOINTING", "CHECKPOINT_EVERY", "SAVE_LORA_EVERY",
+                  "STEP_IMAGES")
+# The form's switches for this one call of the train cell (not config fields, never from a preset).
+FORM_SWITCHES: dict[str, Any] = {"NEW_RUN": False, "TAKE_OVER_LOCK": False, "ALLOW_CPU": False}
 # The machine settings the summary prints first.
 MACHINE_KEYS = ("train.mixed_precision", "optim.optimizer", "train.gradient_checkpointing", "train.checkpoint_every")
 GRADIENT_CHECKPOINTING_CHOICES = ("auto", "on", "off")
@@ -468,6 +477,7 @@ def smoke_overrides(output_dir: str | None = None) -> dict[str, Any]:
     """Seconds-long settings on the tiny model: the test suite's switch, same code path, same photos."""
     out = {
         "model.name": TINY_MODEL, "data.resolution": None, "train.steps": 12, "train.checkpoint_every": 6,
+        "train.save_lora_every": 6,
         "train.mixed_precision": "no", "prior.num_class_images": 4, "prior.steps": 4, "sample.steps": 4,
         "sample.seeds": [0, 1], "sample.test_prompts": ["A {token} {class} in the forest"],
         "optim.lr_unet": 1e-3,
@@ -775,6 +785,25 @@ def mismatch_message(exc: Exception) -> str:
     return (f"{text.rstrip('.')}.\nTo train on the current photos and settings, tick NEW_RUN in the form "
             "(section 2) and run the form and this cell again: a new run folder is made and the old run is kept. "
             "Untick it afterwards, so that a reconnect resumes instead of starting over.")
+
+
+def export_lora(run_dir: str | Path, step: int | None = None, download: bool = True) -> Path:
+    """The run's LoRA (the final one, or a saved step's) as a kohya file for A1111/ComfyUI, named
+    after the run folder (and the step), so files of different runs never share a name; offered
+    for download on Colab, and its place on Drive printed."""
+    from .export import kohya_for_download
+
+    try:
+        path = kohya_for_download(run_dir, step=step or None)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        raise NotebookStop(str(exc)) from None
+    where = drive_location(path)
+    print(f"kohya LoRA for A1111 / ComfyUI: {path}" + (f" (Google Drive: {where})" if where else ""))
+    if download and in_colab():
+        from google.colab import files as colab_files  # type: ignore
+
+        colab_files.download(str(path))
+    return path
 
 
 def load_study(spec: str | Path, dataset_dir: str = "", output_dir: str = ""):

@@ -294,3 +294,20 @@ def test_world_runs_checkpoint_often_enough_to_resume():
 
     cfg = study.world_recipe_config("dog", 5)
     assert cfg.train.checkpoint_every < cfg.train.steps  # a disconnect resumes instead of starting over
+
+
+# ---- 4. the step to keep, exported under the run's own name -------------------------------------------
+
+def test_the_export_cell_names_the_file_after_the_run_and_offers_it(trained_run, tmp_path, monkeypatch):
+    import sys
+
+    offered = []
+    fake = types.ModuleType("google.colab")
+    fake.files = types.SimpleNamespace(download=offered.append)
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setitem(sys.modules, "google.colab", fake)
+    path = nb.export_lora(trained_run.run_dir, step=0)  # the form's 0 = the final LoRA
+    assert path.name == f"{trained_run.run_dir.name}_kohya.safetensors" and offered == [str(path)]
+    assert nb.export_lora(trained_run.run_dir) == path  # run again: the same file, not a copy
+    with pytest.raises(nb.NotebookStop, match="step"):
+        nb.export_lora(trained_run.run_dir, step=3)  # no LoRA was saved at step 3

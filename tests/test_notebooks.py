@@ -36,8 +36,8 @@ def _env(monkeypatch, tmp_path):
 
 
 def _inject(nb, **params):
-    """A cell after the `parameters` cell that sets `params` (papermill's injected-parameters)."""
-    i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    """A cell after the last `parameters` cell that sets `params` (papermill's injected-parameters)."""
+    i = max(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     body = "\n".join(f"{k} = {v!r}" for k, v in params.items())
     nb.cells.insert(i + 1, nbformat.v4.new_code_cell(body, metadata={"tags": ["injected-parameters"]}))
     return nb
@@ -103,20 +103,34 @@ def test_one_short_setup_cell_calls_the_shared_setup(path):
     assert "pip" not in setup[0].source  # installing is the set-up function's job (with its marker)
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: str(p.relative_to(REPO)))
+def test_cells_stay_thin(path):
+    """The notebooks call the package: no code cell over 25 lines."""
+    nb = nbformat.read(path, as_version=4)
+    long = {i: len(c.source.splitlines()) for i, c in enumerate(nb.cells)
+            if c.cell_type == "code" and len(c.source.splitlines()) > 25}
+    assert not long, f"{path.name}: code cells {long} (cell: lines) are over 25 lines; move the logic into the package"
+
+
 def test_main_form_defaults_are_the_package_s():
     from dreambooth_lab import notebook
 
     nb = nbformat.read(MAIN, as_version=4)
-    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     values = {}
-    for node in ast.parse(cell.source).body:
-        values[node.targets[0].id] = ast.literal_eval(node.value)
+    for cell in cells:  # the experiment, this runtime, sampling: each cell short
+        assert len(cell.source.splitlines()) <= 25
+        for node in ast.parse(cell.source).body:
+            values[node.targets[0].id] = ast.literal_eval(node.value)
     preset = values.pop("PRESET")
     assert preset == ""
+    switches = {k: values.pop(k) for k in notebook.FORM_SWITCHES}
+    assert switches == notebook.FORM_SWITCHES
     assert values == notebook.FORM_DEFAULTS
     assert set(values) == set(notebook.FORM_FIELDS)
+    cell = "\n".join(c.source for c in cells)
     # the dropdown offers every preset, the study's included, and no bf16 (a T4 has none)
-    lines = {line.split("=")[0].strip(): line for line in cell.source.splitlines()}
+    lines = {line.split("=")[0].strip(): line for line in cell.splitlines()}
     offered = ast.literal_eval(lines["PRESET"].split("#@param", 1)[1].strip())
     assert offered == [""] + notebook.preset_choices()
     study = {"configs/study/exp1.yaml", "configs/study/exp8.yaml", "configs/study/small_dog_scale060.yaml"}
@@ -145,7 +159,8 @@ def test_main_trains_on_the_photos_it_is_given(tmp_path, monkeypatch):
     assert runs, "main.ipynb trained nothing"
     out = nbformat.writes(nb)
     assert str(photos) in out
-    for written in ("run folder:", "loss.png", "seed_grid.png", "prompt_suite.png", "written: "):
+    for written in ("run folder:", "loss.png", "seed_grid.png", "prompt_suite.png", "written: ", "steps_x_seeds.png",
+                    "kohya LoRA for A1111 / ComfyUI:"):
         assert written in out, f"main.ipynb does not say where {written!r} went"
     secret = os.environ.get("HF_TOKEN")
     if secret:
