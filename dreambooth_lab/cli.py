@@ -131,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="metadata of a LoRA file (or of a run folder's)")
     i.add_argument("file", help="a LoRA .safetensors file or a run folder")
 
-    d = sub.add_parser("demo", help="train, sample and compare on the sample subject")
-    d.add_argument("--model", default="tiny", help="'tiny' or 'toyworld' (offline, CPU) or a hub id for a GPU box")
+    d = sub.add_parser("demo", help="train, sample and compare: the toy world's 5-photo dog on its offline base model")
+    d.add_argument("--model", default=config_mod.TOYWORLD, help="'toyworld' (the default: a learned offline model, CPU), 'tiny' "
+                   "(random weights, the sample subject: code paths only) or a hub id for a GPU box")
     d.add_argument("--output-dir", default="runs")
     d.add_argument("--steps", type=int)
     return p

@@ -17,6 +17,7 @@ def test_demo_command_writes_the_run_and_its_pictures(tmp_path):
     lines = dict(line.split(":", 1) for line in proc.stdout.splitlines() if ":" in line)
     run = Path(lines["run folder"].strip())
     assert run.parent == tmp_path / "runs" and (run / "pytorch_lora_weights.safetensors").is_file()
+    assert "name: toyworld" in (run / "config.yaml").read_text()  # one demo everywhere: make demo's
     for key in ("seed grid", "test prompts", "comparison", "loss curve"):
         assert Path(lines[key].strip()).is_file(), key
 
