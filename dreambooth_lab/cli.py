@@ -148,6 +148,8 @@ def run_tokens(args) -> str:
         return tokens.format_table(tokens.analyze(args.tokens, tok, class_name=args.class_name))
     if args.tokens_command == "suggest":
         return tokens.format_suggestions(tokens.suggest(tok, args.n, max_chars=args.max_chars, seed=args.seed))
+    if not 1 <= args.k < len(tok):  # before the text encoder loads (a hub model's takes a while)
+        raise ValueError(tokens.neighbours_k_problem(args.k, len(tok) - 3))
     from .models import load_text_encoder
 
     encoder = load_text_encoder(args.model)
@@ -301,7 +303,7 @@ def _run(args) -> int:
         return 2
     except RuntimeError as exc:  # a run that is locked, stopped (NaN) or has unusable checkpoints: one line
         if type(exc).__module__.startswith("dreambooth_lab."):
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {getattr(exc, 'cli_message', None) or exc}", file=sys.stderr)  # the CLI's own words
             return 1
         raise
     except KeyboardInterrupt as exc:  # Ctrl-C: say how to go on, not a traceback

@@ -99,7 +99,32 @@ def row_label(run_dir: Path, cfg: Config, spec: ImageSpec, seeds: Sequence[int] 
              f"scales {spec.lora_scale_unet:g}/{spec.lora_scale_text_encoder:g}")
     if seeds is not None:
         label += "\nseeds " + " ".join(map(str, seeds))
-    return label + metrics_label(run_dir)
+    return label + metrics_label(run_dir) + group_label(run_dir)
+
+
+def group_label(run_dir: Path) -> str:
+    """'\ngroup of 3: judge: subject 0.62 ± 0.10' when the run is a replicate (its sweep folder's
+    registry gives it a group) and 2 or more replicates of the group have the metric: the group's
+    mean ± the half-width of its 95% t-interval (stats.py), else nothing."""
+    from . import stats
+    from .experiments import REGISTRY, load_registry
+
+    registry = Path(run_dir).resolve().parent / f"{REGISTRY}.jsonl"
+    if not registry.is_file():
+        return ""
+    rows = load_registry(registry)
+    group = next((r.get("group") for r in rows if r.get("run_dir") == str(Path(run_dir).resolve())), None)
+    if group is None:
+        return ""
+    mine = [r for r in rows if r.get("group") == group]
+    parts, n = [], 0
+    for key, label in METRIC_NAMES + JUDGE_NAMES:
+        values = [stats.number(r.get("metric_" + key)) for r in mine if r.get("status") == "finished"]
+        s = stats.describe([v for v in values if v is not None])
+        if s["n"] >= 2:
+            parts.append(f"{label} {s['mean']:.2f} ± {s['high'] - s['mean']:.2f}")
+            n = max(n, s["n"])
+    return f"\ngroup of {n}: " + " ".join(parts) if parts else ""
 
 
 def runs_by_prompts(run_dirs: Sequence[str | Path], out: str | Path, *, seeds: Sequence[int] | str | None = None,

@@ -80,6 +80,9 @@ def evaluate_run(run_dir: str | Path, ev: EvalConfig | None = None, *, settings:
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    from .sample import find_lora_file
+
+    find_lora_file(run_dir)  # an unfinished run, or a damaged LoRA: one line, before any model loads
     ev = ev or cfg.eval
     # The metric models first: one that cannot be loaded fails before a single image is generated.
     embedder = (embedder or Embedder(ev.dino_model, ev.clip_model, batch_size=ev.batch_size)).load()
@@ -154,10 +157,11 @@ def _measure(run_dir: Path, cfg, ev: EvalConfig, embedder: Embedder, pipe, first
     }
     if ev.drift_images > 0:
         summary.update(measure_drift(pipe, cfg, first, ev, embedder, real_dino, work, progress))
-    if cfg.model.name == TOYWORLD:  # the toy world's judge reads what the pictures show
-        from .world.study import judge_metrics
+    if cfg.model.name == TOYWORLD:  # the toy world's judge reads what the pictures show, of its own subjects
+        from .world.study import judge_absent_reason, judge_metrics
 
-        summary.update(judge_metrics(cfg, [sp.prompt for sp in specs], images))
+        absent = judge_absent_reason(cfg)
+        summary.update({"judge": absent} if absent else judge_metrics(cfg, [sp.prompt for sp in specs], images))
 
     _memorisation_sheet(work, images, per_image, real, real_names, ev, run_dir.name)
     result = EvalResult(
@@ -184,9 +188,10 @@ def measure_drift(pipe, cfg, spec: ImageSpec, ev: EvalConfig, embedder: Embedder
     to_subject_tuned = mean_pairwise_cosine(e_tuned, real_dino)
     judged = {}
     if cfg.model.name == TOYWORLD:  # drift in the world: the subject's traits in class-prompt images
-        from .world.study import judge_drift
+        from .world.study import judge_absent_reason, judge_drift
 
-        judged = judge_drift(cfg, images[: len(base)], images[len(base):])
+        if judge_absent_reason(cfg) is None:  # (only of the world's own subjects)
+            judged = judge_drift(cfg, images[: len(base)], images[len(base):])
     return {
         **judged,
         "drift_class_prompt": first.prompt,

@@ -9,6 +9,7 @@ A sweep spec (YAML) names a base config and the runs to make from it:
     grid:                            # and/or a grid: every combination of these values
       data.token: [sks, oue]
       train.train_text_encoder: [false, true]
+    replicates: 3                    # optional: each run trained 3 times (default 1)
 
 Relative paths (data.instance_dir and output_dir, wherever they are written: the spec, a run's
 config file, a `set`, a grid or `--set`) are taken from the project root — the checkout the
@@ -21,11 +22,21 @@ Runs execute one after another and share the class-image cache. A run whose exac
 config already finished is skipped; an interrupted one resumes from its checkpoint, so a Colab
 disconnect costs at most the run in flight. The registry is derived from the run folders
 themselves (config.yaml, summary.json, metrics.json), so it can never disagree with them.
+
+Replicates (`replicates: N`, or `sweep --replicates N`): with N > 1 every run is trained N times,
+as runs `<id>-r0 … <id>-r{N-1}` that differ only in train.seed: replicate 0 keeps the run's own
+seed, replicate k > 0 takes `replicate_seed(seed, k)` (a hash of both, below 2**31). The sweep
+folder's replicates.json records each replicate's group (the run id), index and seeds, and the
+registry gains the columns group, replicate, training_seed and group_seed. `seed` in the
+registry is always the training seed; the sampling seeds are `generation_seeds`. N = 1 changes
+nothing: the same run ids, seeds and registry columns as without the key. Summaries with
+intervals and verdicts across replicates: `summarise` and `compare` (the method: stats.py).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -40,12 +51,16 @@ from .config import (Config, ConfigError, Typed, experiment_axes, from_dict, loa
 
 REGISTRY = "registry"
 FAILURES = "failures.json"
+REPLICATES = "replicates.json"
 
 
 @dataclass
 class SweepRun:
     id: str
     config: Config
+    group: str | None = None  # replicates: the run id without -rK, the replicate K and the seed they derive from
+    replicate: int | None = None
+    group_seed: int | None = None
 
 
 @dataclass
@@ -53,6 +68,30 @@ class Sweep:
     name: str
     folder: Path
     runs: list[SweepRun]
+    replicates: int = 1
+
+
+def replicate_seed(seed: int, k: int) -> int:
+    """Training seed of replicate k of a run whose seed is `seed`: the seed itself for k = 0, else
+    a hash of both below 2**31 (any library takes it; unrelated to seed + 1, which training uses
+    for the class images' noise) (pure)."""
+    if k == 0:
+        return int(seed)
+    return int(hashlib.sha256(f"{int(seed)}/replicate/{k}".encode()).hexdigest()[:8], 16) % 2**31
+
+
+def replicate_id(rid: str, k: int) -> str:
+    """'exp2' -> 'exp2-r0' (pure)."""
+    return f"{rid}-r{k}"
+
+
+def _replicates(value: Any, where: str) -> int:
+    """A replicate count as written (spec or --replicates): a whole number >= 1."""
+    value = value.value if isinstance(value, Typed) else value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: replicates={value!r}: give a whole number >= 1 (how many times each run is "
+                          "trained, with different training seeds)")
+    return value
 
 
 def expand_grid(grid: dict[str, list]) -> list[dict[str, Any]]:
@@ -119,17 +158,21 @@ def file_keys(path: str | Path) -> set[str]:
 
 
 def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None,
-               machine: dict[str, Any] | None = None) -> Sweep:
+               machine: dict[str, Any] | None = None, replicates: int | None = None) -> Sweep:
     """Read a sweep spec; `overrides` (dotted keys) go on top of every run (e.g. the smoke switch).
     `machine` (dotted keys: this runtime's precision, optimizer, checkpoint interval) fills the
-    fields a run's spec and config files leave unset: a value written in a file always wins."""
+    fields a run's spec and config files leave unset: a value written in a file always wins.
+    `replicates` (None: the spec's `replicates`, else 1) trains every run that many times."""
     path = Path(path)
     spec = read_yaml(path, keep_text=True)  # config values (base, set, grid) as written: `token: no` is "no"
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: a sweep spec is a mapping with name, base, runs and/or grid")
-    unknown = set(spec) - {"name", "output_dir", "base", "runs", "grid"}
+    unknown = set(spec) - {"name", "output_dir", "base", "runs", "grid", "replicates"}
     if unknown:
-        raise ConfigError(f"{path}: unknown sweep key(s) {sorted(unknown)}; use name, output_dir, base, runs, grid")
+        raise ConfigError(f"{path}: unknown sweep key(s) {sorted(unknown)}; use name, output_dir, base, runs, grid, "
+                          "replicates")
+    n_rep = _replicates(replicates, "--replicates") if replicates is not None else \
+        _replicates(spec["replicates"], str(path)) if spec.get("replicates") is not None else 1
     name = str(_text(spec.get("name")) or path.stem)
     if problem := name_problem(name):
         raise ConfigError(f"{path}: name={name!r} {problem}: the sweep's folder is <output_dir>/<name>, so use a "
@@ -178,10 +221,20 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None,
     for rid, cfg, keys in runs:
         cfg = with_overrides(cfg, {k: v for k, v in (machine or {}).items() if k not in keys})
         cfg = with_overrides(cfg, {k: v for k, v in (overrides or {}).items() if k != "train.output_dir"})
-        cfg = with_overrides(cfg, {"train.output_dir": str(folder), "train.name": rid,
+        cfg = with_overrides(cfg, {"train.output_dir": str(folder),
                                    "data.instance_dir": _from_root(cfg.data.instance_dir, root)})
-        out.append(SweepRun(rid, cfg.validate()))
-    return Sweep(name, folder, out)
+        if n_rep == 1:
+            out.append(SweepRun(rid, with_overrides(cfg, {"train.name": rid}).validate()))
+            continue
+        seed = cfg.train.seed
+        for k in range(n_rep):
+            rep_id = replicate_id(rid, k)
+            rep_cfg = with_overrides(cfg, {"train.name": rep_id, "train.seed": replicate_seed(seed, k)})
+            out.append(SweepRun(rep_id, rep_cfg.validate(), group=rid, replicate=k, group_seed=seed))
+    ids = [r.id for r in out]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{path}: run ids repeat once replicated ({ids}); give explicit runs distinct names")
+    return Sweep(name, folder, out, n_rep)
 
 
 def _text(value: Any) -> Any:
@@ -190,16 +243,18 @@ def _text(value: Any) -> Any:
 
 
 def select_runs(sweep: Sweep, only: str | list[str] | None) -> Sweep:
-    """The sweep cut to the named runs ('exp2,exp8' or a list), in the spec's order (pure)."""
+    """The sweep cut to the named runs ('exp2,exp8' or a list), in the spec's order (pure). A
+    replicated run's name picks all its replicates; 'exp2-r1' picks one."""
     if not only:
         return sweep
     wanted = [w.strip() for w in (only.split(",") if isinstance(only, str) else only) if w.strip()]
-    known = [r.id for r in sweep.runs]
+    known = list(dict.fromkeys([r.group for r in sweep.runs if r.group] + [r.id for r in sweep.runs]))
     unknown = [w for w in wanted if w not in known]
     if unknown:
         raise ConfigError(f"--only {','.join(unknown)}: no such run in sweep '{sweep.name}'; its runs are "
                           f"{', '.join(known)}")
-    return Sweep(sweep.name, sweep.folder, [r for r in sweep.runs if r.id in wanted])
+    return Sweep(sweep.name, sweep.folder, [r for r in sweep.runs if r.id in wanted or r.group in wanted],
+                 sweep.replicates)
 
 
 def run_status(run: SweepRun, failures: dict | None = None) -> str:
@@ -239,7 +294,8 @@ def sweep_plan(sweep: Sweep) -> list[dict]:
                      "steps": c.train.steps, "lr_unet": c.optim.lr_unet,
                      "lr_text_encoder": c.optim.lr_text_encoder if c.train.train_text_encoder else None,
                      "dataset": str(folder), "dataset_exists": folder.is_dir(), "photos": photos,
-                     "status": run_status(run, failures)})
+                     "status": run_status(run, failures),
+                     **({"training_seed": c.train.seed} if run.group is not None else {})})
     return rows
 
 
@@ -256,6 +312,10 @@ def format_plan(sweep: Sweep, rows: list[dict]) -> str:
     head = ["run", "token", "text encoder", "steps", "lr unet/te", "dataset", "photos", "status"]
     table = [[r["id"], r["token"], "trained" if r["text_encoder"] else "frozen", str(r["steps"]), lr(r),
               r["dataset"], photos(r), r["status"]] for r in rows]
+    if any("training_seed" in r for r in rows):  # replicates: which training seed each one gets
+        head.insert(4, "training seed")
+        for t, r in zip(table, rows):
+            t.insert(4, str(r.get("training_seed", "")))
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip() for t in table]
@@ -277,6 +337,7 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, on_run: Callable[[str, str
     from .train import find_finished, train
 
     sweep.folder.mkdir(parents=True, exist_ok=True)
+    record_replicates(sweep)
     failures = _read_failures(sweep.folder)
     for i, run in enumerate(sweep.runs, 1):
         if find_finished(run.config) is not None:
@@ -295,6 +356,14 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, on_run: Callable[[str, str
                 status = "failed"
                 if progress:
                     print(f"    failed: {failures[run.id]['error']}")
+                if files.is_disk_full(exc):  # every later run would fail the same way: stop here, in one line
+                    try:
+                        files.write_json(sweep.folder / FAILURES, failures)
+                        write_registry(sweep.folder)
+                    except OSError as err:
+                        if not files.is_disk_full(err):
+                            raise
+                    raise exc
             if failures or (sweep.folder / FAILURES).exists():
                 files.write_json(sweep.folder / FAILURES, failures)
         write_registry(sweep.folder)
@@ -308,8 +377,26 @@ def _read_failures(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def record_replicates(sweep: Sweep) -> None:
+    """Add the sweep's replicates to <folder>/replicates.json (run id -> group, replicate, seeds;
+    sorted); a sweep without replicates writes nothing."""
+    mine = {r.id: {"group": r.group, "replicate": r.replicate, "training_seed": r.config.train.seed,
+                   "group_seed": r.group_seed} for r in sweep.runs if r.group is not None}
+    if not mine:
+        return
+    known = read_replicates(sweep.folder)
+    if {**known, **mine} != known:
+        files.write_json(sweep.folder / REPLICATES, dict(sorted({**known, **mine}.items())))
+
+
+def read_replicates(folder: str | Path) -> dict:
+    path = Path(folder) / REPLICATES
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 # ---- the registry ------------------------------------------------------------------------------
 
+REPLICATE_COLUMNS = ["group", "replicate", "training_seed", "group_seed"]  # after "id", in replicated sweeps
 COLUMNS = ["id", "status", "config_hash", "token", "class", "train_text_encoder", "lr_unet", "lr_text_encoder",
            "steps", "rank", "batch_size", "seed", "resolution", "prior", "class_images", "class_images_generated",
            "lora_scale_unet", "lora_scale_text_encoder", "guidance", "generation_seeds", "dataset", "photos",
@@ -391,6 +478,13 @@ def scan_runs(root: str | Path) -> list[dict]:
     for rid, failure in _read_failures(root).items():
         rows.append({"id": rid, "status": "failed", "config_hash": failure.get("config_hash"),
                      "error": failure.get("error"), "seconds": failure.get("seconds")})
+    replicates = read_replicates(root)
+    for row in rows:
+        if row["id"] in replicates:
+            rep = replicates[row["id"]]
+            row.update({k: rep.get(k) for k in REPLICATE_COLUMNS})
+            if "seed" in row:  # the folder's own config says which seed trained it
+                row["training_seed"] = row["seed"]
     return rows
 
 
@@ -399,7 +493,8 @@ def write_registry(root: str | Path) -> list[dict]:
     root = Path(root)
     rows = scan_runs(root)
     files.write_text(root / f"{REGISTRY}.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    columns = COLUMNS + sorted({k for r in rows for k in r} - set(COLUMNS))
+    head = COLUMNS[:1] + REPLICATE_COLUMNS + COLUMNS[1:] if any("group" in r for r in rows) else COLUMNS
+    columns = head + sorted({k for r in rows for k in r} - set(head))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -409,11 +504,46 @@ def write_registry(root: str | Path) -> list[dict]:
 
 
 def load_registry(path: str | Path) -> list[dict]:
-    """The registry as a list of dicts (a folder, or its registry.jsonl)."""
-    path = Path(path)
+    """The registry as a list of dicts (a sweep folder, its registry.jsonl or its registry.csv)."""
+    path = Path(path).expanduser()
     if path.is_dir():
         path = path / f"{REGISTRY}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no registry there: give a sweep folder, its registry.jsonl or registry.csv "
+                                "(`python -m dreambooth_lab sweep SPEC` writes them)")
+    if path.suffix == ".csv":
+        with path.open(newline="") as f:
+            return [{k: _cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _cell(text: str) -> Any:
+    """A registry.csv cell back as the value registry.jsonl holds ('' None, 'True', '0.5', '7')."""
+    if text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def summarise(rows: list[dict], by: str | list[str] = "group", metrics: list[str] | None = None) -> list[dict]:
+    """Per group and metric: n, mean, sd and the 95% t-interval across replicates (stats.summarise)."""
+    from . import stats
+
+    return stats.summarise(rows, by=by, metrics=metrics)
+
+
+def compare(rows: list[dict], a: str, b: str, metric: str, by: str | list[str] = "group") -> dict:
+    """Whether groups a and b differ on metric: a − b, its Welch 95% interval and a sentence
+    (stats.compare)."""
+    from . import stats
+
+    return stats.compare(rows, a, b, metric, by=by)
 
 
 def format_registry(rows: list[dict], columns: tuple[str, ...] = ("id", "status", "token", "train_text_encoder",
@@ -437,3 +567,43 @@ def metrics_note(rows: list[dict], random_models: set[str] | None = None) -> str
     return (f"note: scores marked NOT MEANINGFUL come from tiny metric models with random weights ({which}): they "
             "show that the pipeline runs, not how good a run is. For real numbers use the defaults "
             "(facebook/dino-vits16, openai/clip-vit-base-patch32).")
+
+
+# settings named under an axis plot: the value when every run shares it, else listed as varying
+AXIS_PARAMS = ("model", "token", "class", "train_text_encoder", "steps", "lr_unet", "lr_text_encoder", "rank",
+               "batch_size", "resolution", "prior", "lora_scale_unet", "lora_scale_text_encoder", "guidance",
+               "generation_seeds")
+
+
+def axis_sheet(registry: str | Path, axis: str, metric: str, out: str | Path | None = None) -> Path:
+    """A metric against one registry column (`sheet axis`): each run a dot, per axis value the mean
+    with its 95% t-interval across runs. Written to <sweep folder>/axis_<axis>_<metric>.png (or
+    `out`) with a .json of the numbers beside; settings that also vary are named under it."""
+    from . import stats
+    from .viz import metric_vs_axis
+
+    registry = Path(registry).expanduser()
+    rows = [r for r in load_registry(registry) if r.get("status", "finished") == "finished"]
+    column = stats.metric_column(rows, metric)
+    if not any(axis in r for r in rows):
+        there = sorted({k for r in rows for k in r if not k.startswith("metric_")})
+        raise ValueError(f"--axis {axis}: not a column of {registry}; columns there: {', '.join(there)}")
+    summary = stats.summarise(rows, by=axis, metrics=[column])
+    if not summary:
+        raise ValueError(f"--metric {metric}: no finished run in {registry} has a value for it")
+    used = [r for r in rows if stats.number(r.get(column)) is not None]
+    fixed = {c: used[0].get(c) for c in AXIS_PARAMS if c != axis and len({str(r.get(c)) for r in used}) == 1
+             and used[0].get(c) is not None}
+    varying = [c for c in AXIS_PARAMS if c != axis and len({str(r.get(c)) for r in used}) > 1]
+    groups = sorted({str(stats.group_of(r)) for r in used})
+    params = {"registry": str(registry), "axis": axis, "metric": column, "runs": len(used), "settings": len(groups),
+              "interval": "95% t across runs (a run is the unit)", **fixed}
+    if varying:
+        params["also varies (pooled per point)"] = " ".join(varying)
+    name = column[len("metric_"):] if column.startswith("metric_") else column
+    folder = registry if registry.is_dir() else registry.parent
+    path = Path(out) if out else folder / f"axis_{axis}_{name}.png"
+    files.write_json(path.with_suffix(".json"), {"axis": axis, "metric": column, "params": params, "points": [
+        {k: s[k] for k in ("group", "n", "mean", "sd", "low", "high", "values")} for s in summary]})
+    return metric_vs_axis([(s["group"], s["values"], s) for s in summary], path, axis=axis, metric=name,
+                          title=f"{name} against {axis} ({len(used)} runs)", params=params)

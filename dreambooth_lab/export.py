@@ -154,8 +154,16 @@ def _write_kohya(cfg: Config, lora: Path, target: Path, step: int | None, same_o
         raise ExportRefused(f"{lora} is a DoRA adapter (lora.use_dora): the kohya/A1111 layout written here has no "
                             "place for its magnitude vectors, and dropping them would change the images. Use the "
                             "diffusers-format file itself (pipe.load_lora_weights), or train without lora.use_dora")
-    state = load_file(str(lora))
+    from .lora_check import base_components, check_fits, checked_embedding, read_checked
+
+    # The file is checked whole before anything is written: finite float weights, whole layers that
+    # fit the base model's modules (built from its configs, no weights), its learned identifier.
+    layers = read_checked(lora)
+    checked_embedding(lora)
     family = lora_family(lora, cfg)
+    check_fits(lora, layers, base_components(cfg.model.name, cfg.model.revision, family),
+               f"the base model {cfg.model.name}")
+    state = load_file(str(lora))
     meta = {**run_metadata(cfg, family), PREFIX + "format": "kohya", "ss_network_dim": str(cfg.lora.rank),
             "ss_network_alpha": str(cfg.lora_alpha), "ss_base_model_version": BASE_MODEL_VERSION[family],
             "ss_output_name": f"{cfg.data.token}_{cfg.data.class_name}"}
@@ -199,11 +207,12 @@ def export_embedding(lora: Path, kohya_file: Path, same_ok: bool = False) -> Pat
     """A learned identifier goes beside the kohya LoRA as an A1111/ComfyUI embedding file
     ({"emb_params": [n, dim]}; prompts then name the file, e.g. <sks-dog_embedding>). `lora` is the
     LoRA file it belongs to (identifier.embedding_beside finds its embedding)."""
-    from .identifier import embedding_beside
+    from .lora_check import checked_embedding
 
-    source = embedding_beside(lora)
-    if source is None:
+    found = checked_embedding(lora)  # missing or damaged when the LoRA was trained with one: LoraFileError
+    if found is None:
         return None
+    source = found[0]
     target = embedding_export_path(kohya_file)
     _write_once(target, source.read_bytes(), same_ok)
     return target

@@ -38,6 +38,10 @@ def open_run(run_dir: str | Path, device=None, step: int | None = None):
 
     cfg = load_run_config(run_dir)
     lora = lora_file(run_dir, step)  # a missing or damaged LoRA is reported before the slow model load
+    from .lora_check import checked_embedding, read_checked
+
+    read_checked(lora)  # and so are non-finite or non-float weights, and a missing or damaged identifier
+    checked_embedding(lora)
     pipe = load_pipeline(cfg.model, device=device)
     apply_vae_options(pipe, cfg.sample.vae_slicing, cfg.sample.vae_tiling)
     load_lora(pipe, lora)

@@ -220,19 +220,31 @@ def open_run(cfg: Config, ident: Identity, resume, allow_change: bool = False) -
         if not (run / CONFIG).is_file():
             raise FileNotFoundError(f"{run} is not a run folder (it has no {CONFIG}): pass the folder that "
                                     f"train() printed, or resume='auto'")
-        if not is_open(run):
-            raise RunMismatch(f"{run} has already ended ({(read_summary(run) or {}).get('status', 'finished')}); "
-                              "it cannot be resumed: start a new run")
+        from .checkpoint import list_checkpoints
+
+        ckpts = list_checkpoints(run)
+        failed = (read_summary(run) or {}).get("status") == "failed" and bool(ckpts)  # e.g. a NaN: go on from
+        if not is_open(run) and not failed:                                            # its last good checkpoint
+            status = (read_summary(run) or {}).get("status", "finished")
+            raise RunMismatch(f"{run} has already ended ({status}"
+                              f"{' with no checkpoint to go on from' if status == 'failed' else ''}); it cannot be "
+                              "resumed: start a new run")
         recorded = read_identity(run)
         diffs = ident.differences(recorded) if recorded else ["the run has no identity.json (an older version)"]
         if diffs and not allow_change:
             raise RunMismatch(f"cannot resume {run}: {'; '.join(diffs)}. Resume it with the config and photos it "
                               "was started with, start a new run (resume=None / --new-run), or pass "
                               "allow_change=True (--allow-change) to continue it anyway (recorded in summary.json)")
+        if diffs and ckpts:  # what a checkpoint cannot take: refused before anything loads
+            problem = resume_change_problem(load(run / CONFIG), cfg, checkpoint_step(ckpts[-1]))
+            if problem:
+                raise RunMismatch(f"cannot resume {run} with this change: {problem}")
         override = {"differences": diffs, "config_hash": ident.config_hash,
                     "dataset_digest": ident.dataset_digest} if diffs else None
         if diffs:
             files.write_text(run / f"config-resumed-{files.timestamp()}.yaml", to_yaml(cfg))
+        if failed and (run / SUMMARY).exists():  # the failure stays on record beside the run, which is open again
+            os.replace(run / SUMMARY, run / f"summary-failed-{files.timestamp()}.json")
         return Opened(run, False, override)
     if resume == "auto" and (run := find_resumable(cfg)) is not None:
         diffs = ident.differences(read_identity(run))
@@ -244,6 +256,37 @@ def open_run(cfg: Config, ident: Identity, resume, allow_change: bool = False) -
     files.write_text(run / CONFIG, to_yaml(cfg))
     files.write_json(run / IDENTITY, ident.to_json())
     return Opened(run, True)
+
+
+# What a checkpoint's LoRA and optimizer state are shaped by: a resume cannot change them.
+SHAPE_FIELDS = ("model.name", "model.revision", "lora.rank", "lora.unet_targets", "lora.text_encoder_targets",
+                "lora.conv", "lora.use_dora", "train.train_text_encoder", "identifier.learned",
+                "identifier.num_vectors", "optim.optimizer")
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint folder step-NNNNNN (pure)."""
+    return int(Path(path).name.rsplit("-", 1)[-1])
+
+
+def resume_change_problem(old: Config, new: Config, step: int | None) -> str | None:
+    """Why a run started with `old` and checkpointed at `step` cannot go on with `new`, in words; None
+    when it can (a changed learning rate, schedule, loss or data takes effect from the resumed step) (pure)."""
+    from .config import _get
+
+    def value(cfg: Config, name: str):
+        v = _get(cfg, name)
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    for name in SHAPE_FIELDS:
+        was, now = value(old, name), value(new, name)
+        if was != now:
+            return (f"{name} is {now!r} now but {was!r} in the run, and its checkpoint at step {step} holds a LoRA "
+                    f"(and optimizer state) of that shape: resume with {name}={was!r}, or start a new run (--new-run)")
+    if step is not None and new.train.steps < step:
+        return (f"train.steps={new.train.steps} is fewer than the {step} steps its checkpoint has trained: resume "
+                f"with train.steps of at least {step}, or start a new run (--new-run)")
+    return None
 
 
 # ---- the lock -----------------------------------------------------------------------------------

@@ -86,8 +86,7 @@ def find_lora_file(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         if not (path / LORA_FILE).is_file():
-            what = ("the run has not finished: train it to the end first" if (path / "config.yaml").is_file()
-                    else "not a run folder")
+            what = unfinished_reason(path) if (path / "config.yaml").is_file() else "not a run folder"
             raise LoraFileError(f"{path} holds no {LORA_FILE} ({what}): pass a finished run folder or a LoRA "
                                 ".safetensors file")
         path = path / LORA_FILE
@@ -111,20 +110,72 @@ def find_lora_file(path: str | Path) -> Path:
     return path
 
 
+def unfinished_reason(run: Path) -> str:
+    """Why a run folder has no LoRA yet and how to get one, in the CLI's words."""
+    from .runs import read_summary
+
+    summary = read_summary(run) or {}
+    if summary.get("status") == "failed":
+        return (f"the run failed at step {summary.get('failed_at_step', '?')}: go on from its last checkpoint with "
+                f"`train --resume {run} --allow-change` and the fix its error named, or train it again")
+    return f"the run has not finished: finish it with `train --resume {run}`"
+
+
 def load_lora(pipe, lora_path: str | Path) -> None:
     """Load a LoRA file (diffusers or kohya layout, safetensors only) into pipe as the 'dreambooth'
-    adapter; `lora_path` is the file or a run folder."""
+    adapter; `lora_path` is the file or a run folder.
+
+    The file is checked whole first (floating-point finite weights, whole layers that fit this base
+    model's modules, the learned identifier's file when it was trained with one) and the adapters
+    attached are counted against it afterwards (lora_check): a file that loads nothing, or part of
+    itself, raises LoraFileError in one line and leaves no adapter behind."""
+    from . import lora_check
+
     path = find_lora_file(lora_path)
+    model = _model_name(pipe)
+    layers = lora_check.read_checked(path)
+    embedding = lora_check.checked_embedding(path, width=pipe.text_encoder.get_input_embeddings().weight.shape[1])
+    components = {k: getattr(pipe, k, None) for k in ("unet", "text_encoder", "text_encoder_2")}
+    lora_check.check_fits(path, layers, {k: v for k, v in components.items() if v is not None}, model)
     if ADAPTER in (pipe.get_list_adapters().get("unet") or []):
         pipe.delete_adapters(ADAPTER)
     try:
         with _quiet_missing_text_encoder_keys():
             pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER)
-    except (ValueError, RuntimeError, KeyError) as exc:  # e.g. a LoRA of another base model (other shapes)
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
-        raise LoraFileError(f"{path} does not fit this base model ({reason}): load it on the model it was "
+        lora_check.check_attached(path, layers, pipe, ADAPTER, model)
+    except LoraFileError:
+        _drop_adapter(pipe)
+        raise
+    except (ValueError, RuntimeError, KeyError, IndexError, TypeError) as exc:  # e.g. another base model's LoRA
+        _drop_adapter(pipe)
+        raise LoraFileError(f"{path} does not fit this base model ({_reason(exc)}): load it on the model it was "
                             "trained on") from exc
-    load_identifier(pipe, path)
+    if embedding is not None:
+        from . import identifier
+
+        identifier.load_into(pipe, embedding[0], embedding[1])
+
+
+def _model_name(pipe) -> str:
+    name = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    return f"the base model {name}" if name else "this base model"
+
+
+def _drop_adapter(pipe) -> None:
+    """Remove a half-loaded adapter so the pipeline draws nothing under the LoRA's name."""
+    try:
+        if ADAPTER in {a for names in pipe.get_list_adapters().values() for a in names}:
+            pipe.delete_adapters(ADAPTER)
+    except (ValueError, RuntimeError, KeyError, AttributeError):
+        pass
+
+
+def _reason(exc: BaseException) -> str:
+    """The informative part of a library error: its first line, and the next one when the first only
+    introduces it ('Error(s) in loading state_dict for X:') (pure)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return text[:300]
 
 
 @contextmanager
@@ -151,21 +202,16 @@ def _quiet_missing_text_encoder_keys():
 
 def load_identifier(pipe, lora_file: Path) -> str | None:
     """A run with a learned identifier keeps its embedding beside the LoRA: load it through
-    diffusers' textual-inversion loader; returns the placeholder (None when there is none)."""
-    from . import identifier
+    diffusers' textual-inversion loader; returns the placeholder (None when there is none). A
+    missing or damaged embedding of a LoRA trained with one is a LoraFileError (lora_check)."""
+    from . import identifier, lora_check
 
-    emb = identifier.embedding_beside(lora_file)
-    if emb is None:
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    found = lora_check.checked_embedding(Path(lora_file), width=width)
+    if found is None:
         return None
-    from safetensors import safe_open
-
-    with safe_open(str(emb), framework="pt") as f:
-        token = (f.metadata() or {}).get("dreambooth_lab.placeholder")
-    if not token:
-        raise LoraFileError(f"{emb} has no dreambooth_lab.placeholder in its metadata: it was not written by "
-                            "this workbench; load it with pipe.load_textual_inversion(path, token=...)")
-    identifier.load_into(pipe, emb, token)
-    return token
+    identifier.load_into(pipe, found[0], found[1])
+    return found[1]
 
 
 def apply_vae_options(pipe, slicing: bool, tiling: bool) -> None:

@@ -272,6 +272,8 @@ def rare_candidates(tokenizer, max_chars: int = 3, min_rarity: float = 0.7, max_
 
 def suggest(tokenizer, n: int = 10, max_chars: int = 3, seed: int = 0) -> list[Suggestion]:
     """n candidates drawn (reproducibly, by seed) from the rare tail, rarest-in-English first."""
+    if n < 1 or max_chars < 1:
+        raise ValueError(f"{'-n ' + str(n) if n < 1 else '--max-chars ' + str(max_chars)}: ask for at least 1")
     pool = [s for s in rare_candidates(tokenizer, max_chars) if tokenizer.tokenize(s.token) == [s.token + END]]
     if not pool:
         raise ValueError(f"no single-token candidates of at most {max_chars} letters in this vocabulary")
@@ -320,9 +322,17 @@ def neighbours(token: str, text_encoder, tokenizer, k: int = 10) -> list[Neighbo
     sims[ids] = float("-inf")  # the token itself is not its own neighbour
     special = [tokenizer.bos_token_id, tokenizer.eos_token_id]
     sims[[i for i in special if i is not None]] = float("-inf")
+    others = int(torch.isfinite(sims).sum())
+    if not 1 <= k <= others:
+        raise ValueError(neighbours_k_problem(k, others))
     top = torch.topk(sims, k)
     inv = {v: t for t, v in tokenizer.get_vocab().items()}
     return [Neighbour(inv[i].replace(END, ""), int(i), float(c)) for c, i in zip(top.values.tolist(), top.indices.tolist())]
+
+
+def neighbours_k_problem(k: int, others: int) -> str:
+    """The one line for a -k that the vocabulary cannot give (pure)."""
+    return f"-k {k}: the vocabulary has {others} other entries; use -k from 1 to {others}"
 
 
 NEIGHBOURS_HELP = "(numbers: cosine similarity of the text encoder's input embeddings, 1 = the same direction)"

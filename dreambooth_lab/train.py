@@ -47,7 +47,12 @@ class TrainingStopped(RuntimeError):
 
 
 class NonFiniteLoss(TrainingStopped, FloatingPointError):
-    """The loss became NaN or inf; the run folder is marked failed."""
+    """The loss became NaN or inf; the run folder is marked failed. The message speaks the Python API;
+    `cli_message` says the same in the command line's words (what cli.py prints)."""
+
+    def __init__(self, message: str, cli_message: str | None = None):
+        super().__init__(message)
+        self.cli_message = cli_message or message
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -127,6 +132,7 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
         if detect_family(cfg.model.name, cfg.model.revision) == "sdxl":
             raise ConfigError("identifier.learned is not supported for SDXL models yet (its tokens would need both "
                               "text encoders): use a rare token (identifier.learned: false)")
+        check_identifier_tokens(cfg)  # a clash with the tokenizer's own entries: before any folder or model
     ident = runs.Identity.of(cfg)  # reads the photos' bytes: a missing folder fails here, in a second
     if reuse_finished and (done := runs.check_reusable(cfg, ident)) is not None:
         if progress:
@@ -262,12 +268,31 @@ def set_up(cfg: Config, acc, opened: runs.Opened, instance: ImageSet, ident: run
     if choice.message() and acc.is_main_process:
         warnings.warn(f"{run_dir}: {choice.message()}", runs.RunWarning, stacklevel=3)
     if choice.path is not None:
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.optimizer.param_groups]
         start = resumed_from = checkpoint.load(choice.path, named, optimizer.optimizer, lr_scheduler, acc.scaler)
+        if opened.override:  # --allow-change: the config's learning rates and optimizer settings from here on
+            use_config_hyperparameters(optimizer.optimizer, lr_scheduler, fresh)
     history = read_metrics(run_dir, up_to_step=start) if acc.is_main_process else []
     return Session(cfg=cfg, acc=acc, run_dir=run_dir, objective=objective, optimizer=optimizer,
                    lr_scheduler=lr_scheduler, params=params, named=named, models=models, start=start,
                    resumed_from=resumed_from, history=history, generated=generated, eval_before=eval_before,
                    t0=t0, step=start, override=opened.override, dataset_digest=ident.dataset_digest)
+
+
+def use_config_hyperparameters(optimizer, lr_scheduler, fresh: list[dict]) -> None:
+    """After a checkpoint is loaded into a run resumed with a changed config: its optimizer groups take
+    the config's hyperparameters (`fresh`: the groups as the config built them, before the load, which
+    replaced them with the checkpoint's) and the schedule the config's base learning rates, at the
+    step the checkpoint reached. The moments (Adam's state) stay the checkpoint's."""
+    for group, new in zip(optimizer.param_groups, fresh):
+        group.update(new)
+    lr_scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    lambdas = getattr(lr_scheduler, "lr_lambdas", None)  # diffusers' schedules are all LambdaLR
+    if lambdas is not None:
+        lrs = [base * fn(lr_scheduler.last_epoch) for base, fn in zip(lr_scheduler.base_lrs, lambdas)]
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        lr_scheduler._last_lr = lrs
 
 
 def class_images(cfg: Config, acc, pipe, weight_dtype, progress: bool) -> tuple[ImageSet | None, int]:
@@ -388,20 +413,72 @@ def last_checkpoint_note(run_dir: Path) -> str:
 
 
 def stop_failed(s: Session, exc: FloatingPointError) -> NonFiniteLoss:
-    """Mark the run failed in summary.json and say, in one line, what to try."""
+    """Mark the run failed in summary.json and say, in one line, what to try: the learning rate that
+    is large (the group whose weights went non-finite, else the one furthest above its default) or
+    fp16, and how to go on from the last good checkpoint with the change (train(..., resume=<run>,
+    allow_change=True); on the CLI --resume RUN --allow-change), or that nothing is kept."""
     step = s.step + 1
-    hint = ("fp16 overflow is the usual cause: use train.mixed_precision=bf16 or no"
-            if s.cfg.train.mixed_precision == "fp16" else "lower optim.lr_unet / optim.lr_text_encoder (e.g. halve it)")
     ckpts = checkpoint.list_checkpoints(s.run_dir)
-    note = last_checkpoint_note(s.run_dir)
+    if s.cfg.train.mixed_precision == "fp16":
+        change = "train.mixed_precision=bf16"
+        hint = "fp16 overflow is the usual cause: use train.mixed_precision=bf16 or no"
+    else:
+        field, value = large_learning_rate(s.cfg, blown_groups(s))
+        change = f"{field}={value / 2:g}"
+        hint = f"lower {field} (now {value:g}; e.g. halve it)"
     if s.acc.is_main_process:
         files.write_json(s.run_dir / SUMMARY, {
             "status": "failed", "error": str(exc), "failed_at_step": step,
             "last_checkpoint": str(ckpts[-1]) if ckpts else None, "config_hash": s.cfg.hash(),
             "steps": s.cfg.train.steps})
-    return NonFiniteLoss(f"loss became non-finite at step {step} in {s.run_dir}: {hint}; also try full precision "
-                         f"(train.mixed_precision=no); {note} (start again with resume=<that run> and "
-                         f"allow_change=True to keep its steps)")
+    head = f"loss became non-finite at step {step} in {s.run_dir}: {hint}; also try full precision " \
+           "(train.mixed_precision=no)"
+    if ckpts:
+        api = (f"{head}; the last good checkpoint is {ckpts[-1]}: to go on from it with the change, "
+               f"train(cfg, resume={str(s.run_dir)!r}, allow_change=True)")
+        cli = (f"{head}; the last good checkpoint is {ckpts[-1]}: to go on from it with the change, run the same "
+               f"command with --set {change} --resume {s.run_dir} --allow-change")
+    else:
+        api = cli = f"{head}; no checkpoint was written, so no step is kept: train again with the change (a new run)"
+    return NonFiniteLoss(api, cli)
+
+
+LR_FIELDS = {"unet": "optim.lr_unet", "text_encoder": "optim.lr_text_encoder",
+             "text_encoder_2": "optim.lr_text_encoder_2", "identifier": "identifier.lr"}
+
+
+def blown_groups(s: Session) -> set[str]:
+    """The optimizer groups (unet, text_encoder, text_encoder_2, identifier) with a non-finite weight."""
+    out = set()
+    ident = s.objective.identifier
+    if ident is not None and not bool(torch.isfinite(ident).all()):
+        out.add("identifier")
+    for name, p in s.named.items():
+        if p is not ident and name.split(".", 1)[0] not in out and not bool(torch.isfinite(p).all()):
+            out.add(name.split(".", 1)[0])
+    return out
+
+
+def large_learning_rate(cfg: Config, blown: set[str] = frozenset()) -> tuple[str, float]:
+    """(field, value) of the learning rate to lower after a non-finite loss: among the groups that
+    train (those whose weights went non-finite when any did), the one furthest above its default (pure)."""
+    from .config import _get
+
+    defaults = Config()
+    trained = {"unet"}
+    if cfg.train.train_text_encoder:
+        trained |= {"text_encoder"} | ({"text_encoder_2"} if cfg.optim.lr_text_encoder_2 is not None else set())
+    if cfg.identifier.learned:
+        trained.add("identifier")
+    pool = (trained & blown) or trained
+    ratios = {}
+    for group in pool:
+        field = LR_FIELDS[group]
+        value = _get(cfg, field)
+        default = _get(defaults, field) or defaults.optim.lr_text_encoder
+        ratios[field] = (value / default, value)
+    field = max(sorted(ratios), key=lambda f: ratios[f][0])
+    return field, ratios[field][1]
 
 
 def interrupted_message(s: Session) -> str:
@@ -439,8 +516,8 @@ def finish(s: Session, ident: runs.Identity, callbacks: list, *, progress: bool,
                    "class_images_generated": s.generated, "resumed_from": s.resumed_from,
                    "seconds": round(time.time() - s.t0, 2), "config_hash": cfg.hash(), "family": objective.family,
                    "dataset_digest": ident.dataset_digest, "photos": len(ident.dataset)}
-        if s.override:
-            summary["resume_override"] = s.override
+        if s.override:  # the changed config trained from the resumed step on (steps before it: the run's own)
+            summary["resume_override"] = {**s.override, "applied_from_step": s.resumed_from or 0}
         files.write_json(s.run_dir / SUMMARY, summary)
         if profile:
             report = profile_report(objective.timer.seconds, cfg.train.steps - s.start)
@@ -476,6 +553,22 @@ def write_lora(s: Session, folder: Path, name: str = runs.LORA_FILE, step: int |
     second = acc.unwrap_model(objective.text_encoders[1]) if len(objective.text_encoders) > 1 else None
     return save_lora(folder, acc.unwrap_model(objective.unet), acc.unwrap_model(objective.text_encoder),
                      cfg.train.train_text_encoder, metadata=metadata, text_encoder_2=second, name=name)
+
+
+def check_identifier_tokens(cfg: Config, tokenizer=None) -> None:
+    """A learned identifier's tokens (<sks>, <sks>_1, ...) must be new to the model's tokenizer (only
+    the tokenizer is loaded: a second, before any run folder or the model); ConfigError naming data.token."""
+    from .config import ConfigError
+    from .identifier import token_names
+    from .models import load_tokenizer
+
+    tokenizer = tokenizer or load_tokenizer(cfg.model.name)
+    vocab = tokenizer.get_vocab()
+    clash = [t for t in token_names(cfg.prompt_token, cfg.identifier.num_vectors) if t in vocab]
+    if clash:
+        raise ConfigError(f"data.token={cfg.data.token!r}: the learned identifier's token(s) {', '.join(clash)} are "
+                          f"already in {cfg.model.name}'s tokenizer, so they cannot be learned: pick another "
+                          "data.token")
 
 
 def warn_about_token(cfg: Config, tokenizer) -> None:

@@ -224,3 +224,35 @@ def metric_bars(rows: Sequence[dict], keys: Sequence[str], path: str | Path, *, 
     ax.set_title(title, fontsize=9)
     _footer(fig, params)
     return files.save_figure(path, fig)
+
+
+def metric_vs_axis(groups: Sequence[tuple[str, Sequence[float], dict]], path: str | Path, *, axis: str,
+                   metric: str, title: str = "", params: dict | None = None) -> Path:
+    """A metric against one axis: per axis value (label, the runs' values, their summary with n,
+    mean, low, high) each run as a dot and the mean with its 95% interval as an error bar,
+    labelled 'mean [low, high]' and n (a mean alone, 'no interval', where n = 1)."""
+    fig = Figure(figsize=(max(5.0, 1.4 * len(groups) + 2.0), 4.2), layout="constrained")
+    ax = fig.subplots()
+    for i, (_, values, s) in enumerate(groups):
+        offsets = np.linspace(-0.1, 0.1, len(values)) if len(values) > 1 else np.zeros(1)
+        ax.scatter(i - 0.15 + offsets, values, s=22, color="tab:blue", alpha=0.7, zorder=3,
+                   label="one run (a replicate)" if i == 0 else None)
+        if s["low"] is not None:
+            ax.errorbar([i + 0.15], [s["mean"]], yerr=[[s["mean"] - s["low"]], [s["high"] - s["mean"]]], fmt="o",
+                        color="black", capsize=5, zorder=4, label="mean, 95% t-interval" if i == 0 else None)
+            text = f"{s['mean']:.2f} [{s['low']:.2f}, {s['high']:.2f}]\nn = {s['n']}"
+            top = s["high"]
+        else:
+            ax.plot([i + 0.15], [s["mean"]], "o", color="black", zorder=4)
+            text, top = f"{s['mean']:.2f}\nn = {s['n']}: no interval", s["mean"]
+        ax.annotate(text, (i + 0.15, top), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=8)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.margins(y=0.25)
+    ax.set_xlabel(axis)
+    ax.set_ylabel(metric)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(title or f"{metric} against {axis}", fontsize=9)
+    _footer(fig, params)
+    return files.save_figure(path, fig)

@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -463,6 +464,28 @@ def export(src: Path, dest: Path, fp16: bool = True) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def arg_problem(args) -> str | None:
+    """What is wrong with the build's arguments, in one line naming the option; None when they can
+    run (pure but for looking at the --init / --vae-from folders)."""
+    if args.threads < 1:
+        return f"--threads {args.threads}: use 1 or more torch threads (1 leaves a core free)"
+    for name in ("vae_steps", "unet_steps", "scenes"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} {value}: use 1 or more (a build of no steps makes nothing)"
+    for name in ("vae_minutes", "unet_minutes", "snapshot_minutes", "finetune_decoder", "lr"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            return f"--{name.replace('_', '-')} {value}: use a positive number"
+    if args.init is not None and not (Path(args.init).expanduser() / "model_index.json").is_file():
+        return (f"--init {args.init}: no model_index.json there; point it at a finished pipeline folder "
+                "(e.g. dreambooth_lab/world/weights/toyworld)")
+    if args.vae_from is not None and not (Path(args.vae_from).expanduser() / "config.json").is_file():
+        return (f"--vae-from {args.vae_from}: no config.json there; point it at a VAE folder "
+                "(e.g. dreambooth_lab/world/weights/stages/vae4x)")
+    return None
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="build folder (default <cache>/world-build)")
@@ -488,6 +511,10 @@ def main(argv=None) -> None:
                     help="end the build after this phase (a staged build: measure each stage before going on)")
     ap.add_argument("--export", type=Path, default=None, help="write <out>/final (or snapshot) here as fp16 and exit")
     args = ap.parse_args(argv)
+    problem = arg_problem(args)
+    if problem:  # one line, before any folder is made or anything loads
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     out = (args.out or default_build_dir()).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)

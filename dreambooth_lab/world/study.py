@@ -348,13 +348,46 @@ def table(rows: list[dict], columns=("token", "text_encoder", "subject_rate", "d
 
 # ---- the judge's metrics for `evaluate` ---------------------------------------------------------
 
+def world_subject(cfg: Config) -> str | None:
+    """The world subject whose photos a run trained on (subjects.subject_dir: its SUBJECT.txt, or a
+    folder named <subject>-<n>-seed<seed>); None for any other photos, which the judge cannot read."""
+    import re
+
+    folder = Path(cfg.data.instance_dir).expanduser()
+    try:
+        text = (folder / "SUBJECT.txt").read_text()
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    if (m := re.match(r"toy-world subject '([^']+)'", text)) and m.group(1) in SUBJECTS:
+        return m.group(1)
+    for name in SUBJECTS:
+        if re.fullmatch(rf"{re.escape(name)}-\d+-seed\d+(-captioned)?", folder.name):
+            return name
+    return None
+
+
 def subject_of(cfg: Config) -> str:
-    """The world subject a run is about: the one whose photos it trained on, else by class."""
+    """The world subject a run is about: the one whose photos it trained on, else by class (the
+    studies' runs; evaluate judges only runs with world_subject)."""
+    found = world_subject(cfg)
+    if found is not None:
+        return found
     folder = Path(cfg.data.instance_dir).name
     for name, sub in SUBJECTS.items():
         if folder.startswith(f"{name}-"):
             return name
     return next((n for n, s in SUBJECTS.items() if s.cls == cfg.data.class_name), next(iter(SUBJECTS)))
+
+
+def judge_absent_reason(cfg: Config) -> str | None:
+    """Why `evaluate` reports no judge metrics for a run, in words; None when it judges them (pure
+    but for reading the photo folder's SUBJECT.txt)."""
+    if cfg.model.name != TOYWORLD:
+        return None
+    if world_subject(cfg) is None:
+        return (f"not judged: {cfg.data.instance_dir} is not a toy-world subject's photo folder (made by "
+                "world.subjects.subject_dir), and the judge reads only the world's subjects")
+    return None
 
 
 def judge_metrics(cfg: Config, prompts: Sequence[str], images: Sequence, judge=None) -> dict:
