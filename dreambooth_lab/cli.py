@@ -1,4 +1,5 @@
-"""`python -m dreambooth_lab train|sample|compare|tokens|sweep|sheet|evaluate|export|info|demo` — argument parsing only."""
+"""`python -m dreambooth_lab train|sample|compare|tokens|sweep|compare-runs|sheet|evaluate|export|info|demo` —
+argument parsing only."""
 
 from __future__ import annotations
 
@@ -97,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--only", metavar="RUN[,RUN...]", help="run only these runs of the spec, e.g. --only exp2,exp8")
     w.add_argument("--dry-run", action="store_true", help="per run: token, text encoder, steps, lr, dataset folder "
                    "(exists? photos) and status; trains nothing")
+    w.add_argument("--replicates", type=int, metavar="N", help="train each run N times with different training "
+                   "seeds, as runs RUN-r0 ... RUN-r{N-1} (default: the spec's `replicates`, else 1)")
+
+    r = sub.add_parser("compare-runs", help="do two settings differ? the difference of a metric across replicates, "
+                       "its 95%% interval and a verdict")
+    r.add_argument("registry", help="a sweep folder, its registry.jsonl or registry.csv")
+    r.add_argument("--metric", required=True, help="e.g. judge_subject_fidelity, dino, clip_t, final_loss")
+    r.add_argument("--a", help="a group: a run id without its -rK (see the table without --a/--b)")
+    r.add_argument("--b", help="the group to compare it with")
+    r.add_argument("--by", default="group", help="group runs by this registry column instead (e.g. lr_unet)")
 
     h = sub.add_parser("sheet", help="comparison sheets: runs x prompts, or one run's parameter grid")
     hsub = h.add_subparsers(dest="sheet_command", required=True)
@@ -114,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     hs = hsub.add_parser("steps", help="one run's saved steps x its seeds (train.save_lora_every)")
     hs.add_argument("run_dir")
     hs.add_argument("--out", help="PNG path (default: RUN/steps/steps_x_seeds.png)")
+    hx = hsub.add_parser("axis", help="a metric against one setting: each run a dot, the mean with its 95%% interval")
+    hx.add_argument("registry", help="a sweep folder, its registry.jsonl or registry.csv")
+    hx.add_argument("--axis", required=True, help="a registry column, e.g. lr_unet, token, steps")
+    hx.add_argument("--metric", required=True, help="e.g. judge_subject_fidelity, dino, final_loss")
+    hx.add_argument("--out", help="PNG path (default: <sweep folder>/axis_<axis>_<metric>.png)")
 
     v = sub.add_parser("evaluate", help="DINO, CLIP-I, CLIP-T, memorisation and drift; writes RUN/metrics.json")
     v.add_argument("run_dirs", nargs="+")
@@ -171,14 +187,34 @@ def _axis(text: str) -> tuple[str, list]:
 def run_sweep_command(args) -> str:
     from .experiments import format_plan, format_registry, load_sweep, run_sweep, select_runs, sweep_plan
 
-    sweep = select_runs(load_sweep(args.spec, _overrides(args.set)), args.only)
+    sweep = select_runs(load_sweep(args.spec, _overrides(args.set), replicates=args.replicates), args.only)
     if args.dry_run:
         return format_plan(sweep, sweep_plan(sweep))
     rows = run_sweep(sweep)
     return f"{format_registry(rows)}\nregistry: {sweep.folder / 'registry.csv'}"
 
 
+def run_compare_runs_command(args) -> str:
+    from . import stats
+    from .experiments import load_registry
+
+    rows = load_registry(args.registry)
+    if (args.a is None) != (args.b is None):
+        raise ValueError("compare-runs: give both --a GROUP and --b GROUP (or neither, for the table of groups)")
+    by = [c.strip() for c in args.by.split(",")] if "," in args.by else args.by
+    if args.a is None:
+        return stats.format_summary(stats.summarise(rows, by=by, metrics=[args.metric]))
+    result = stats.compare(rows, args.a, args.b, args.metric, by=by)
+    summary = stats.summarise(rows, by=by, metrics=[args.metric])
+    table = [s for g in dict.fromkeys((result["group_a"], result["group_b"])) for s in summary if s["group"] == g]
+    return f"{stats.format_summary(table)}\n{result['sentence']}"
+
+
 def run_sheet_command(args) -> Path:
+    if args.sheet_command == "axis":
+        from .experiments import axis_sheet
+
+        return axis_sheet(args.registry, args.axis, args.metric, args.out)
     from .compare import parameter_grid, runs_by_prompts, steps_sheet
 
     if args.sheet_command == "steps":
@@ -262,6 +298,8 @@ def _run(args) -> int:
             print(run_tokens(args))
         elif args.command == "sweep":
             print(run_sweep_command(args))
+        elif args.command == "compare-runs":
+            print(run_compare_runs_command(args))
         elif args.command == "sheet":
             print(f"sheet: {run_sheet_command(args)}")
         elif args.command == "evaluate":
