@@ -25,15 +25,21 @@ class MetricsFile:
 
     def __init__(self, run_dir: Path, history: list[dict]):
         # Drop lines written after the checkpoint we resume from, then append.
+        self.run_dir = run_dir
         files.write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in history))
         self.f = open(run_dir / METRICS, "a")
 
     def on_step(self, record: dict) -> None:
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
+        with files.disk_full_as(self.run_dir):  # a full disk is one line, not a traceback
+            self.f.write(json.dumps(record) + "\n")
+            self.f.flush()
 
     def close(self) -> None:
-        self.f.close()
+        try:
+            self.f.close()
+        except OSError as exc:  # the last line could not be flushed: the run's own fault report says more
+            if not files.is_disk_full(exc):
+                raise
 
 
 class Tracker:

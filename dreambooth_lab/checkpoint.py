@@ -97,13 +97,13 @@ def save(folder: Path, step: int, params: dict[str, torch.Tensor], optimizer, lr
     with the same config write the same bytes.
     """
     root = Path(folder) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=root))
+    with files.disk_full_as(root):
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=root))
+    written: dict[str, bytes] = {}
     try:
         os.chmod(tmp, 0o777 & ~files.current_umask())  # mkdtemp makes it private; the user's umask decides
-        written = {
-            "lora_params.safetensors": files.safetensors_bytes(params),
-        }
+        written["lora_params.safetensors"] = files.safetensors_bytes(params)
         tensors, meta = flatten_optimizer_state(optimizer.state_dict())
         written["optimizer.safetensors"] = files.safetensors_bytes(tensors)
         written["optimizer.json"] = _json(meta).encode()
@@ -120,8 +120,12 @@ def save(folder: Path, step: int, params: dict[str, torch.Tensor], optimizer, lr
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as exc:  # a full disk: name the checkpoints folder and the checkpoint's size
+        if not files.is_disk_full(exc):
+            raise
+        raise files.as_disk_full(exc, root, needed=sum(map(len, written.values())) or None) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

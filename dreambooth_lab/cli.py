@@ -251,6 +251,16 @@ def run_evaluate_command(args) -> str:
     return "\n".join(lines + ["", format_registry(rows, cols)] + ([note] if note else []))
 
 
+def disk_full_line(exc: OSError) -> str:
+    """A full-disk error as one line: DiskFull says it all; a raw ENOSPC from a library is named
+    by its file's folder (or the working folder)."""
+    from . import files
+
+    if isinstance(exc, files.DiskFull):
+        return str(exc)
+    return str(files.as_disk_full(exc, Path(exc.filename).parent if exc.filename else Path.cwd()))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():  # restores the caller's warning display afterwards
@@ -339,6 +349,13 @@ def _run(args) -> int:
     except (config_mod.ConfigError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk or quota, wherever it happened: one line naming the folder
+        from . import files
+
+        if not files.is_disk_full(exc):
+            raise
+        print(f"error: {disk_full_line(exc)}", file=sys.stderr)
+        return 1
     except RuntimeError as exc:  # a run that is locked, stopped (NaN) or has unusable checkpoints: one line
         if type(exc).__module__.startswith("dreambooth_lab."):
             print(f"error: {getattr(exc, 'cli_message', None) or exc}", file=sys.stderr)  # the CLI's own words

@@ -147,7 +147,13 @@ def runs_by_prompts(run_dirs: Sequence[str | Path], out: str | Path, *, seeds: S
     shared = None if own else list(seeds or cfgs[0].sample.seeds)
     prompts = list(test_prompts if test_prompts is not None else cfgs[0].sample.test_prompts)
     cache = cache or PipelineCache()
-    folder = files.new_dir(out, "runs_x_prompts")
+    with files.Building(out, "runs_x_prompts") as b:  # named only when complete (a full disk leaves nothing)
+        sheet = _runs_by_prompts(run_dirs, cfgs, b.tmp, own, shared, prompts, cache, progress)
+    return b.final(sheet)
+
+
+def _runs_by_prompts(run_dirs: list[Path], cfgs: list[Config], folder: Path, own: bool, shared, prompts: list[str],
+                     cache: PipelineCache, progress: bool) -> Path:
     rows, labels, cells = [], [], []
     for run_dir, cfg in zip(run_dirs, cfgs):
         row_seeds = list(cfg.sample.seeds) if own else shared
@@ -217,15 +223,18 @@ def parameter_grid(run_dir: str | Path, out: str | Path | None = None, *,
     if pipe is None:
         pipe = PipelineCache().for_run(run_dir, cfg)
     images = generate(pipe, specs, batch_size=cfg.sample.batch_size, progress=progress)
-    folder = files.new_dir(Path(out) if out else run_dir / "sheets", f"{rows[0]}_x_{cols[0]}")
-    names = [p.name for p in save_with_sidecars(images, specs, folder, "img")]
-    n = len(cols[1])
-    grid = [images[i * n:(i + 1) * n] for i in range(len(rows[1]))]
-    cells = [names[i * n:(i + 1) * n] for i in range(len(rows[1]))]
-    fixed = {k: getattr(first, k) for k in SPEC_FIELDS if k not in (rows[0], cols[0])}
-    return labeled_grid(grid, [f"{rows[0]}\n{_fmt(v)}" for v in rows[1]], [f"{cols[0]} {_fmt(v)}" for v in cols[1]],
-                        folder / f"{rows[0]}_x_{cols[0]}.png", title=f'{run_dir.name}: "{first.prompt}"',
-                        params={**fixed, "sampler": first.sampler}, cell_files=cells)
+    with files.Building(Path(out) if out else run_dir / "sheets", f"{rows[0]}_x_{cols[0]}") as b:
+        folder = b.tmp  # named only when complete (a full disk leaves nothing)
+        names = [p.name for p in save_with_sidecars(images, specs, folder, "img")]
+        n = len(cols[1])
+        grid = [images[i * n:(i + 1) * n] for i in range(len(rows[1]))]
+        cells = [names[i * n:(i + 1) * n] for i in range(len(rows[1]))]
+        fixed = {k: getattr(first, k) for k in SPEC_FIELDS if k not in (rows[0], cols[0])}
+        sheet = labeled_grid(grid, [f"{rows[0]}\n{_fmt(v)}" for v in rows[1]],
+                             [f"{cols[0]} {_fmt(v)}" for v in cols[1]], folder / f"{rows[0]}_x_{cols[0]}.png",
+                             title=f'{run_dir.name}: "{first.prompt}"', params={**fixed, "sampler": first.sampler},
+                             cell_files=cells)
+    return b.final(sheet)
 
 
 def steps_sheet(run_dir: str | Path, out: str | Path | None = None) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -245,15 +246,18 @@ def export_fused(run_dir: str | Path, scale_unet: float | None = None, scale_tex
         pipe.fuse_lora(components=["text_encoder_2"], lora_scale=ste2)
     pipe.unload_lora_weights()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".fused-", dir=target.parent))
-    pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
-    (tmp / "pipe" / "dreambooth_lab.json").write_text(json.dumps(
-        {**run_metadata(cfg, lora_family(find_lora_file(run_dir), cfg)), PREFIX + "fused_scale_unet": su,
-         PREFIX + "fused_scale_text_encoder": ste,
-         **({PREFIX + "fused_scale_text_encoder_2": ste2} if "text_encoder_2" in adapters else {})},
-        indent=2, sort_keys=True))
-    (tmp / "pipe").rename(target)
-    tmp.rmdir()
+    with files.disk_full_as(target.parent, hint="free space there or pass another --out"):
+        tmp = Path(tempfile.mkdtemp(prefix=".fused-", dir=target.parent))
+        try:
+            pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
+            (tmp / "pipe" / "dreambooth_lab.json").write_text(json.dumps(
+                {**run_metadata(cfg, lora_family(find_lora_file(run_dir), cfg)), PREFIX + "fused_scale_unet": su,
+                 PREFIX + "fused_scale_text_encoder": ste,
+                 **({PREFIX + "fused_scale_text_encoder_2": ste2} if "text_encoder_2" in adapters else {})},
+                indent=2, sort_keys=True))
+            (tmp / "pipe").rename(target)
+        finally:  # a full disk (or anything else) leaves no half-written pipeline behind
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -2,32 +2,129 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 import threading
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+# ---- a full disk or an exhausted quota: one error type, one line ---------------------------------
+
+FULL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
+DEFAULT_HINT = "free space there, or write somewhere else"
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def human_bytes(n: int | float) -> str:
+    """'512 B', '3.4 KB', '1.2 MB', '5.0 GB' (pure)."""
+    n = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def free_bytes(folder: str | Path) -> int | None:
+    """Free bytes on the disk of folder (or of its nearest existing parent); None when unknown."""
+    p = Path(folder)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Is this a write that failed for want of space (ENOSPC) or over a quota (EDQUOT)?"""
+    return isinstance(exc, OSError) and exc.errno in FULL_ERRNOS
+
+
+def disk_full_message(folder: Path, needed: int | None, free: int | None, quota: bool, hint: str) -> str:
+    """The one line a full disk gets: the folder, what was needed and what is free, what to do (pure)."""
+    what = "over its quota" if quota else "full"
+    sizes = ([f"{human_bytes(needed)} needed"] if needed is not None else []) + \
+        ([f"{human_bytes(free)} free"] if free is not None else [])
+    on_colab = " (on Colab: Google Drive's storage is full)" if quota else ""
+    return f"the disk of {folder} is {what}{on_colab}" + (f" ({', '.join(sizes)})" if sizes else "") + f": {hint}"
+
+
+class DiskFull(OSError):
+    """A write failed with ENOSPC or EDQUOT; str() is one line naming the folder and what to do.
+
+    `folder`: where it was writing; `needed`: bytes the write needed (None when unknown); `free`:
+    bytes free there when it failed; `hint`: what to do (callers say it better with `again`)."""
+
+    def __init__(self, folder: str | Path, needed: int | None = None, *, free: int | None = None,
+                 quota: bool = False, hint: str = DEFAULT_HINT):
+        self.folder, self.needed, self.free, self.quota, self.hint = Path(folder), needed, free, quota, hint
+        code = getattr(errno, "EDQUOT", errno.ENOSPC) if quota else errno.ENOSPC
+        super().__init__(code, disk_full_message(self.folder, needed, free, quota, hint))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def __reduce__(self):  # picklable (multiprocessing and accelerate pass exceptions around)
+        return (_rebuild_disk_full, (str(self.folder), self.needed, self.free, self.quota, self.hint))
+
+    def again(self, *, folder: str | Path | None = None, needed: int | None = None,
+              hint: str | None = None) -> "DiskFull":
+        """The same fault told better: another folder (free space measured there), size or hint."""
+        where = Path(folder) if folder is not None else self.folder
+        free = free_bytes(where) if folder is not None else self.free
+        return DiskFull(where, self.needed if needed is None else needed, free=free, quota=self.quota,
+                        hint=self.hint if hint is None else hint)
+
+
+def _rebuild_disk_full(folder, needed, free, quota, hint) -> DiskFull:
+    return DiskFull(folder, needed, free=free, quota=quota, hint=hint)
+
+
+def as_disk_full(exc: OSError, folder: str | Path, needed: int | None = None, hint: str | None = None) -> DiskFull:
+    """A full-disk OSError (raw or DiskFull already) as DiskFull naming `folder`."""
+    if isinstance(exc, DiskFull):
+        return exc.again(folder=folder, needed=needed, hint=hint)
+    return DiskFull(folder, needed, free=free_bytes(folder), quota=exc.errno != errno.ENOSPC,
+                    hint=DEFAULT_HINT if hint is None else hint)
+
+
+@contextmanager
+def disk_full_as(folder: str | Path, needed: int | None = None, hint: str | None = None) -> Iterator[None]:
+    """Inside: a raw ENOSPC/EDQUOT OSError becomes DiskFull(folder); a DiskFull raised deeper
+    passes unchanged; other errors pass through."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, DiskFull) or not is_disk_full(exc):
+            raise
+        raise as_disk_full(exc, folder, needed, hint) from exc
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], size: int | None = None) -> Path:
     """Call write(tmp) on a temporary file beside path, then rename it into place.
 
     The file gets the permissions an ordinary write would (0644 under umask 022), not mkstemp's
-    private 0600, so e.g. ComfyUI running as another user can read a LoRA.
+    private 0600, so e.g. ComfyUI running as another user can read a LoRA. Whatever fails, the
+    temporary file is gone afterwards; a full disk or quota raises DiskFull naming the folder
+    (and `size`, the bytes it needed, when the caller knows it).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with disk_full_as(path.parent, size):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            write(Path(tmp))
+            os.chmod(tmp, 0o666 & ~current_umask())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -51,11 +148,12 @@ def current_umask() -> int:
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
-    return atomic_write(path, lambda t: t.write_bytes(data))
+    return atomic_write(path, lambda t: t.write_bytes(data), size=len(data))
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda t: t.write_text(text, encoding="utf-8"))
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda t: t.write_bytes(data), size=len(data))
 
 
 def write_json(path: str | Path, data: Any) -> Path:
@@ -82,6 +180,8 @@ def new_dir(parent: str | Path, name: str) -> Path:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        if is_disk_full(exc):
+            raise as_disk_full(exc, parent) from exc
         raise PermissionError(f"cannot create the output folder {parent} ({exc.strerror or exc}): "
                               "choose another train.output_dir (OUTPUT_DIR)") from exc
     if not os.access(parent, os.W_OK):
@@ -90,11 +190,64 @@ def new_dir(parent: str | Path, name: str) -> Path:
     for i in range(1, 1000):
         path = parent / (base if i == 1 else f"{base}-{i}")
         try:
-            path.mkdir()
+            with disk_full_as(parent):
+                path.mkdir()
             return path
         except FileExistsError:
             continue
     raise FileExistsError(f"could not make a new folder for {base} in {parent}")
+
+
+PARTIAL = ".partial"  # suffix of a folder being filled (hidden: its name starts with a dot)
+
+
+class Building:
+    """A new folder parent/name-<timestamp> that only ever appears complete (a context manager).
+
+    Inside the `with`, files go into `tmp`, a hidden `.name-XXXX.partial` beside it; on success it
+    is renamed to a name no folder has (`path`, as `new_dir` would pick it), on any failure it is
+    removed. Readers that list `name-*` folders thus never see a half-filled one, and a full disk
+    leaves nothing behind.
+    """
+
+    def __init__(self, parent: str | Path, name: str):
+        self.parent, self.name = Path(parent).expanduser(), name
+        self.tmp: Path | None = None
+        self.path: Path | None = None
+
+    def __enter__(self) -> "Building":
+        with disk_full_as(self.parent):
+            self.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}-", suffix=PARTIAL, dir=self.parent))
+        os.chmod(self.tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the user's umask decides
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, DiskFull):  # name the folder the user knows, not the hidden one that is gone
+                raise exc.again(folder=self.parent) from None
+            return
+        base = f"{self.name}-{timestamp()}"
+        for i in range(1, 1000):
+            path = self.parent / (base if i == 1 else f"{base}-{i}")
+            if path.exists():
+                continue
+            try:
+                os.rename(self.tmp, path)  # fails on a non-empty folder of that name made meanwhile
+            except OSError as err:
+                if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    continue
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
+            self.path = path
+            return
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        raise FileExistsError(f"could not make a new folder for {base} in {self.parent}")
+
+    def final(self, inside: Path) -> Path:
+        """Where a path inside `tmp` lies now that the folder has its final name."""
+        return self.path / Path(inside).relative_to(self.tmp)
 
 
 # ---- safetensors with a deterministic header -----------------------------------------------------
@@ -126,4 +279,4 @@ def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> 
 
 def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
     data = safetensors_bytes(tensors, metadata)
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), size=len(data))

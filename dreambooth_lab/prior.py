@@ -149,16 +149,31 @@ def ensure_class_images(cfg: Config, pipe_factory, progress: bool = True, dtype:
             warnings.warn(f"class images are keyed as {key['dtype']} but the pipeline runs in {made_in}: "
                           "pass dtype=generation_dtype(cfg, device) and a pipeline in that dtype",
                           RuntimeWarning, stacklevel=2)
-        prompt = key["prompt"]
-        folder.mkdir(parents=True, exist_ok=True)
-        todo = list(range(len(names), want))
-        batch = cfg.prior.batch_size
-        from tqdm.auto import tqdm
+        try:
+            generated = _generate_missing(cfg, pipe, folder, key, names, want, progress)
+        except OSError as exc:  # a full disk: the images made so far stay listed (the manifest lists whole files only)
+            if not files.is_disk_full(exc):
+                raise
+            kept = len(read_manifest(folder, key))
+            raise files.as_disk_full(exc, folder, hint=CACHE_HINT.format(done=kept, want=want)) from None
+    return ClassImages(folder, [folder / n for n in names[:want]], generated)
 
-        bar = tqdm(total=len(todo), desc="class images", unit="img", disable=not progress)
+
+CACHE_HINT = ("free space there or point prior.cache_dir to another disk, then run the same command "
+              "({done} of {want} class images are kept and the rest are made then)")
+
+
+def _generate_missing(cfg: Config, pipe, folder: Path, key: dict, names: list[str], want: int, progress: bool) -> int:
+    """Generate class images len(names)..want-1 into folder, appending each finished name to `names`
+    and listing it in the manifest batch by batch; returns how many were made."""
+    from tqdm.auto import tqdm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    todo, batch, generated = list(range(len(names), want)), cfg.prior.batch_size, 0
+    with tqdm(total=len(todo), desc="class images", unit="img", disable=not progress) as bar:
         for start in range(0, len(todo), batch):
             idx = todo[start : start + batch]
-            specs = [ImageSpec(prompt=prompt, seed=cfg.prior.seed + i, guidance=cfg.prior.guidance,
+            specs = [ImageSpec(prompt=key["prompt"], seed=cfg.prior.seed + i, guidance=cfg.prior.guidance,
                                steps=cfg.prior.steps, sampler=cfg.prior.sampler, width=cfg.resolution,
                                height=cfg.resolution, model=cfg.model.name) for i in idx]
             images = generate(pipe, specs, batch_size=batch, progress=False)
@@ -170,5 +185,4 @@ def ensure_class_images(cfg: Config, pipe_factory, progress: bool = True, dtype:
             files.write_json(folder / MANIFEST, {"key": key, "images": names})
             generated += len(idx)
             bar.update(len(idx))
-        bar.close()
-    return ClassImages(folder, [folder / n for n in names[:want]], generated)
+    return generated

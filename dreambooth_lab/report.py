@@ -83,15 +83,24 @@ def sample_run(run_dir: str | Path, *, pipe=None, seeds: list[int] | None = None
     specs = [ImageSpec(prompt=cfg.fill(p), seed=seed, **common) for p in prompts for seed in seeds]
     pipe = pipe or open_run(run_dir)
     images = generate(pipe, specs, batch_size=s.batch_size, progress=progress)
-    folder = files.new_dir(run_dir / SAMPLES, "samples")
-    paths = save_with_sidecars(images, specs, folder, "img")
     params = {k: v for k, v in common.items() if k not in ("model", "lora", "run", "width", "height")
               and not (k == "lora_scale_text_encoder_2" and v is None)}
     params.update(run=run_dir.name, model=cfg.model.name, size=cfg.resolution)
     n = len(seeds)
-    grid = _sheet(folder / "seed_grid.png", images[:n], specs[:n], f'"{specs[0].prompt}" × {n} seeds', params, n)
-    suite = _sheet(folder / "prompt_suite.png", images, specs, "test prompts × seeds (rows: prompts)", params, n)
-    return Samples(folder, paths, grid, suite)
+    # Written into a hidden folder that gets its samples-<timestamp> name only when complete: a
+    # full disk (or a kill) never leaves a half-filled samples folder for compare to use.
+    try:
+        with files.Building(run_dir / SAMPLES, "samples") as b:
+            paths = save_with_sidecars(images, specs, b.tmp, "img")
+            grid = _sheet(b.tmp / SEED_GRID, images[:n], specs[:n], f'"{specs[0].prompt}" × {n} seeds', params, n)
+            suite = _sheet(b.tmp / PROMPT_SUITE, images, specs, "test prompts × seeds (rows: prompts)", params, n)
+    except files.DiskFull as exc:
+        raise exc.again(folder=run_dir / SAMPLES, hint="free space there, then sample again (nothing of this "
+                        "sample was kept)") from None
+    return Samples(b.path, [b.final(p) for p in paths], b.final(grid), b.final(suite))
+
+
+SEED_GRID, PROMPT_SUITE = "seed_grid.png", "prompt_suite.png"  # the suite is written last: it marks a whole folder
 
 
 def _sheet(path: Path, images, specs, title: str, params: dict, ncols: int) -> Path:
@@ -99,8 +108,15 @@ def _sheet(path: Path, images, specs, title: str, params: dict, ncols: int) -> P
                       params=params, ncols=ncols)
 
 
+def is_complete_samples(folder: Path) -> bool:
+    """A samples folder that `sample` finished (its last file, the prompt suite, is there); folders
+    left half-filled by an older version on a full disk lack it."""
+    return folder.is_dir() and not folder.name.startswith(".") and (folder / PROMPT_SUITE).is_file()
+
+
 def latest_samples(run_dir: str | Path) -> Path:
-    folders = sorted(p for p in (Path(run_dir) / SAMPLES).glob("samples-*") if p.is_dir())
+    """The newest complete samples folder of a run (half-filled ones are never used)."""
+    folders = sorted(p for p in (Path(run_dir) / SAMPLES).glob("samples-*") if is_complete_samples(p))
     if not folders:
         raise FileNotFoundError(f"{run_dir} has no samples yet: run `sample` first")
     return folders[-1]
@@ -111,6 +127,9 @@ def compare_run(run_dir: str | Path, samples_folder: str | Path | None = None) -
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     folder = Path(samples_folder) if samples_folder else latest_samples(run_dir)
+    if samples_folder and folder.is_dir() and not is_complete_samples(folder):
+        raise FileNotFoundError(f"{folder} is not a complete samples folder (no {PROMPT_SUITE}: `sample` did not "
+                                "finish, e.g. on a full disk): delete it and run `sample` again, or pick another")
     generated = sorted(folder.glob("img-*.png"))
     if not generated:
         raise FileNotFoundError(f"{folder} holds no generated images (img-*.png)")

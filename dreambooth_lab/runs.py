@@ -135,8 +135,12 @@ def is_finished(run: Path) -> bool:
 
 
 def is_open(run: Path) -> bool:
-    """Neither finished nor marked failed: a run that can be resumed."""
-    return not (Path(run) / SUMMARY).exists()
+    """A run that can be resumed: not finished and not ended for good (no summary.json yet, or
+    one that says the run stopped on a full disk with a checkpoint to go on from: `resumable`)."""
+    if not (Path(run) / SUMMARY).exists():
+        return True
+    s = read_summary(run)
+    return isinstance(s, dict) and s.get("status") == "failed" and s.get("resumable") is True
 
 
 def runs_of(cfg: Config) -> list[Path]:
@@ -252,9 +256,20 @@ def open_run(cfg: Config, ident: Identity, resume, allow_change: bool = False) -
             raise RunMismatch(f"the unfinished run {run} has this config but {'; '.join(diffs)}. To train on the "
                               "current photos start a new run: train(cfg, resume=None), or `train --new-run`")
         return Opened(run, False)
-    run = files.new_dir(cfg.train.output_dir, cfg.run_name)
-    files.write_text(run / CONFIG, to_yaml(cfg))
-    files.write_json(run / IDENTITY, ident.to_json())
+    run = None
+    try:
+        run = files.new_dir(cfg.train.output_dir, cfg.run_name)
+        files.write_text(run / CONFIG, to_yaml(cfg))
+        files.write_json(run / IDENTITY, ident.to_json())
+    except BaseException as exc:  # e.g. a full disk: no empty or half-made run folder stays behind
+        import shutil
+
+        if run is not None:
+            shutil.rmtree(run, ignore_errors=True)
+        if isinstance(exc, files.DiskFull):
+            raise exc.again(hint="free space there or point train.output_dir to another disk, then run the same "
+                                 "command (no run folder was made)") from None
+        raise
     return Opened(run, True)
 
 

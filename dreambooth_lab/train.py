@@ -19,6 +19,7 @@ caller's global state — torch/numpy/python RNGs and the TF32 flags — is as i
 from __future__ import annotations
 
 import math
+import shutil
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -149,25 +150,37 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
             from accelerate.utils import broadcast_object_list
 
             opened = broadcast_object_list([opened])[0]  # every process resumes from the same checkpoint
-        with runs.RunLock(opened.path) if acc.is_main_process else nullcontext():
-            if acc.is_main_process and not (opened.path / "dataset.png").exists():  # each run: its photos as seen
-                from .viz import dataset_sheet
+        s: Session | None = None
+        try:
+            with runs.RunLock(opened.path) if acc.is_main_process else nullcontext():
+                try:
+                    if acc.is_main_process and not (opened.path / "dataset.png").exists():  # each run: its photos
+                        from .viz import dataset_sheet
 
-                dataset_sheet(instance, opened.path / "dataset.png", title=f"{len(instance)} photos in "
-                              f"{cfg.data.instance_dir}", params={"resolution": cfg.resolution, "token": cfg.data.token,
-                                                                 "class": cfg.data.class_name})
-            s = set_up(cfg, acc, opened, instance, ident, progress=progress, profile=profile)
-            callbacks = make_callbacks(s, on_step, progress)
-            try:
-                run_loop(s, callbacks)
-            except FloatingPointError as exc:
-                raise stop_failed(s, exc) from None
-            except KeyboardInterrupt:
-                raise TrainingInterrupted(interrupted_message(s)) from None
-            finally:
-                for cb in callbacks:
-                    getattr(cb, "close", lambda: None)()
-            return finish(s, ident, callbacks, progress=progress, profile=profile)
+                        dataset_sheet(instance, opened.path / "dataset.png", title=f"{len(instance)} photos in "
+                                      f"{cfg.data.instance_dir}", params={"resolution": cfg.resolution,
+                                                                         "token": cfg.data.token,
+                                                                         "class": cfg.data.class_name})
+                    s = set_up(cfg, acc, opened, instance, ident, progress=progress, profile=profile)
+                    callbacks = make_callbacks(s, on_step, progress)
+                    try:
+                        run_loop(s, callbacks)
+                    except FloatingPointError as exc:
+                        raise stop_failed(s, exc) from None
+                    except KeyboardInterrupt:
+                        raise TrainingInterrupted(interrupted_message(s)) from None
+                    finally:
+                        for cb in callbacks:
+                            getattr(cb, "close", lambda: None)()
+                    return finish(s, ident, callbacks, progress=progress, profile=profile)
+                except OSError as exc:
+                    if not files.is_disk_full(exc) or not trained_anything(opened, s):
+                        raise
+                    raise stop_disk_full(cfg, opened.path, s, exc, main=acc.is_main_process) from None
+        except OSError as exc:  # a full disk before the first step (or at the lock): nothing to keep
+            if not files.is_disk_full(exc) or trained_anything(opened, s):
+                raise
+            raise discard_untrained(cfg, opened, exc, main=acc.is_main_process) from None
 
 
 def make_accelerator(cfg: Config):
@@ -481,6 +494,63 @@ def large_learning_rate(cfg: Config, blown: set[str] = frozenset()) -> tuple[str
     return field, ratios[field][1]
 
 
+OUTPUT_HINT = "free space there or point train.output_dir to another disk"
+
+
+def trained_anything(opened: runs.Opened, s: Session | None) -> bool:
+    """Is there anything in the run folder a full disk must not lose: steps done in this call, a
+    checkpoint, or a run that existed before this call?"""
+    return (not opened.new) or (s is not None and s.step > 0) or bool(checkpoint.list_checkpoints(opened.path))
+
+
+def output_hint(cfg: Config, exc: files.DiskFull, run_dir: Path) -> str:
+    """What to do about a full disk, by where it was writing: the run folder (train.output_dir) or
+    elsewhere (the class-image cache says prior.cache_dir itself)."""
+    inside = Path(exc.folder).resolve().is_relative_to(Path(run_dir).resolve())
+    return OUTPUT_HINT if inside else exc.hint
+
+
+def stop_disk_full(cfg: Config, run_dir: Path, s: Session | None, exc: OSError, *, main: bool) -> files.DiskFull:
+    """A full disk after training began: mark the run failed at its step, resumable from its newest
+    checkpoint by the same command (summary.json says so; runs.is_open), and say it in one line."""
+    full = exc if isinstance(exc, files.DiskFull) else files.as_disk_full(exc, run_dir)
+    step = s.step if s is not None else None
+    ckpts = checkpoint.list_checkpoints(run_dir)
+    resume = (f"run the same command to resume from step {int(ckpts[-1].name.split('-')[1])}" if ckpts
+              else "no checkpoint was written, so the same command starts again from step 0")
+    marked = "" if not main else "; " + mark_failed_on_full_disk(cfg, run_dir, step, ckpts, full)
+    at = f" at step {step}" if step is not None else ""
+    return full.again(hint=f"{output_hint(cfg, full, run_dir)}, then {resume}; training stopped{at}{marked}")
+
+
+def mark_failed_on_full_disk(cfg: Config, run_dir: Path, step: int | None, ckpts: list[Path],
+                             full: files.DiskFull) -> str:
+    """Write summary.json (status failed, resumable when a checkpoint is there); the words that say
+    whether it could be written."""
+    summary = {"status": "failed", "reason": "disk_full", "error": str(full.again(hint="free space")),
+               "failed_at_step": step, "last_checkpoint": str(ckpts[-1]) if ckpts else None,
+               "resumable": bool(ckpts), "config_hash": cfg.hash(), "steps": cfg.train.steps}
+    try:
+        files.write_json(run_dir / SUMMARY, summary)
+    except OSError as err:
+        if not files.is_disk_full(err):
+            raise
+        return f"summary.json could not be written either, so {run_dir.name} is not marked failed"
+    return f"{run_dir} is marked failed in summary.json"
+
+
+def discard_untrained(cfg: Config, opened: runs.Opened, exc: OSError, *, main: bool) -> files.DiskFull:
+    """A full disk before the first step of a new run: the run folder goes (nothing was trained;
+    left behind it would be an orphan), and the line says what to do."""
+    import shutil
+
+    full = exc if isinstance(exc, files.DiskFull) else files.as_disk_full(exc, opened.path)
+    if main:
+        shutil.rmtree(opened.path, ignore_errors=True)
+    return full.again(hint=f"{output_hint(cfg, full, opened.path)}, then run the same command; nothing was "
+                           f"trained, so the new run folder {opened.path.name} was removed")
+
+
 def interrupted_message(s: Session) -> str:
     if s.step == s.start and s.start == 0:
         where = "before the first step"
@@ -504,6 +574,9 @@ def finish(s: Session, ident: runs.Identity, callbacks: list, *, progress: bool,
     if acc.is_main_process:
         from .viz import plot_loss_curve
 
+        # The last step is checkpointed before anything else is written: a full disk from here on
+        # loses no step (the same command resumes at the last step); it goes once summary.json is.
+        last = keep_last_step(s)
         write_lora(s, s.run_dir)
         if cfg.train.save_lora_every and cfg.train.step_images:
             from .compare import steps_sheet
@@ -519,6 +592,7 @@ def finish(s: Session, ident: runs.Identity, callbacks: list, *, progress: bool,
         if s.override:  # the changed config trained from the resumed step on (steps before it: the run's own)
             summary["resume_override"] = {**s.override, "applied_from_step": s.resumed_from or 0}
         files.write_json(s.run_dir / SUMMARY, summary)
+        shutil.rmtree(last, ignore_errors=True)
         if profile:
             report = profile_report(objective.timer.seconds, cfg.train.steps - s.start)
             files.write_json(s.run_dir / "profile.json", report)
@@ -529,6 +603,16 @@ def finish(s: Session, ident: runs.Identity, callbacks: list, *, progress: bool,
                      final_loss=s.history[-1]["loss"] if s.history else float("nan"), eval_loss_before=s.eval_before,
                      eval_loss_after=eval_after, class_images_generated=s.generated, resumed_from=s.resumed_from,
                      seconds=time.time() - s.t0, history=s.history)
+
+
+def keep_last_step(s: Session) -> Path:
+    """A checkpoint of the last step (loop checkpoints stop short of it), kept apart from
+    train.checkpoints_to_keep: what a resume needs when a write of `finish` fails."""
+    path = s.run_dir / checkpoint.CHECKPOINTS / f"step-{s.step:06d}"
+    if path in checkpoint.list_checkpoints(s.run_dir):  # resumed from it: already there
+        return path
+    return checkpoint.save(s.run_dir, s.step, s.named, s.optimizer.optimizer, s.lr_scheduler, keep=10**9,
+                           scaler=s.acc.scaler)
 
 
 def write_lora(s: Session, folder: Path, name: str = runs.LORA_FILE, step: int | None = None) -> Path:
