@@ -433,20 +433,33 @@ def merge_form(form: dict[str, Any], preset: bool, defaults: dict[str, Any] = FO
     Without a preset every field applies. With one, the machine's fields (MACHINE_FIELDS: precision,
     optimizer, checkpointing, checkpoint interval) and the folders always apply, whatever their
     value; an experiment field applies when it differs from its default in the form (you changed
-    it); the others are left to the preset, or to the package default when the preset does not set them.
+    it) or is named in the form's FORM_WINS ("STEPS, LR_UNET": set back to the form's default on
+    purpose); the others are left to the preset, or to the package default when the preset does not set them.
     """
     missing = [k for k in FORM_FIELDS if k not in form]
     if missing:
         raise KeyError(f"the hyperparameter cell does not define {', '.join(missing)}")
+    wins = form_wins(form.get("FORM_WINS", ""))
     used = [name for name in FORM_FIELDS
             if not preset or name in ALWAYS_FORM or name in MACHINE_FIELDS or name not in defaults
-            or form[name] != defaults[name]]
+            or name in wins or form[name] != defaults[name]]
     out: dict[str, Any] = {}
     for name in used:
         if name in ALWAYS_FORM and not form[name]:
             continue  # empty = the preset's / the default folder
         out.update(field_overrides(name, form[name]))
     return out, used
+
+
+def form_wins(text: str | None) -> set[str]:
+    """The form fields named in FORM_WINS ("STEPS, LR_UNET"): with a preset they apply even at the
+    form's default value, so a preset's 1300 steps can be set back to the form's 800 (pure)."""
+    names = [n.strip().upper() for n in str(text or "").replace(";", ",").split(",") if n.strip()]
+    unknown = [n for n in names if n not in FORM_FIELDS]
+    if unknown:
+        raise ValueError(f"FORM_WINS names {', '.join(unknown)}, which the form does not have; use the "
+                         f"form's field names, e.g. STEPS, LR_UNET, RARE_TOKEN")
+    return set(names)
 
 
 def preset_keys(path: str | Path) -> set[str]:
@@ -806,12 +819,37 @@ def export_lora(run_dir: str | Path, step: int | None = None, download: bool = T
     return path
 
 
-def load_study(spec: str | Path, dataset_dir: str = "", output_dir: str = ""):
+def load_study(spec: str | Path, dataset_dir: str = "", output_dir: str = "", replicates: int | None = None):
     """A sweep spec (relative = from the repository root) with this machine's folders; the runtime's
-    precision, optimizer and checkpoint interval fill what the spec's files leave unset."""
+    precision, optimizer and checkpoint interval fill what the spec's files leave unset.
+    `replicates` (None: the spec's) trains every run that many times (training seeds differ)."""
     from .experiments import load_sweep
 
-    return load_sweep(Path(_absolute(spec)), machine_overrides(dataset_dir, output_dir), machine=runtime_settings())
+    return load_sweep(Path(_absolute(spec)), machine_overrides(dataset_dir, output_dir), machine=runtime_settings(),
+                      replicates=replicates)
+
+
+def intervals(rows: list[dict], metrics: list[str], a: str = "", b: str = "", metric: str = "",
+              by: str = "group") -> str:
+    """Printed and returned: per group (a run's replicates; a run without any is its own group) and
+    metric n, mean, sd and the 95% interval (experiments.summarise), then the verdict on a vs b
+    (experiments.compare on `metric`, default the first) — or why there is none: a group with no
+    evaluated run is named, not an error (this notebook evaluates only what has finished)."""
+    from . import stats
+    from .experiments import compare, summarise
+
+    lines = [stats.format_summary(summarise(rows, by=by, metrics=metrics))]
+    if a and b:
+        try:
+            lines.append(compare(rows, a, b, metric or metrics[0], by=by)["sentence"])
+        except ValueError as exc:
+            why = str(exc).split(" ", 1)[1] if str(exc).startswith("--") else str(exc)  # '--b exp2: ...'
+            lines.append(f"no verdict on {a} vs {b}: {why}")
+    else:
+        lines.append("no verdict: name two groups (COMPARE_A, COMPARE_B) to compare")
+    text = "\n".join(lines)
+    print(text)
+    return text
 
 
 def sweep_status(sweep) -> tuple[dict[str, Path], list[str]]:

@@ -81,6 +81,20 @@ def test_merge_form_with_a_preset_uses_changed_fields_and_the_machine_s(changes,
         assert over["lora.rank"] == 16 and over["lora.alpha"] == 16.0 and over["optim.optimizer"] == "adamw"
 
 
+def test_form_wins_sets_a_field_back_to_the_form_default_over_a_preset(tmp_path):
+    """A preset's 1300 steps cannot be set back to the form's 800 by typing 800 (it is the form's
+    default, so it reads as "not set"); naming STEPS in FORM_WINS makes the form's value win."""
+    form = dict(nb.FORM_DEFAULTS, OUTPUT_DIR=str(tmp_path), DATASET_DIR="datasets/sample_subject")
+    preset = "configs/study/exp2.yaml"
+    cfg, sources = nb.configure(form, preset)
+    assert cfg.train.steps != nb.FORM_DEFAULTS["STEPS"] and sources["train.steps"] == "preset"
+    cfg, sources = nb.configure(dict(form, FORM_WINS="steps, LR_UNET"), preset)
+    assert cfg.train.steps == nb.FORM_DEFAULTS["STEPS"] and sources["train.steps"] == "form"
+    assert sources["optim.lr_unet"] == "form" and sources["data.token"] == "preset"
+    with pytest.raises(ValueError, match="FORM_WINS names STEP,"):
+        nb.configure(dict(form, FORM_WINS="STEP, RANK"), preset)
+
+
 def test_preset_keys_follow_extends():
     keys = nb.preset_keys(nb.find_repo_root() / "configs/study/exp5.yaml")
     assert {"data.token", "train.train_text_encoder", "sample.seeds", "optim.lr_unet", "model.name"} <= keys
