@@ -100,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "(exists? photos) and status; trains nothing")
     w.add_argument("--replicates", type=int, metavar="N", help="train each run N times with different training "
                    "seeds, as runs RUN-r0 ... RUN-r{N-1} (default: the spec's `replicates`, else 1)")
+    w.add_argument("--launcher", choices=["local", "ray"], default="local", help="local: the runs one after another "
+                   "in this process (default); ray: each run a Ray task in its own worker, on this machine's GPUs or a "
+                   "Ray cluster (pip install 'dreambooth_lab[cluster]')")
+    w.add_argument("--address", help="with --launcher ray: the cluster to join (auto: the one `ray start` made on this "
+                   "machine; ray://HOST:10001 a remote one); default: a local Ray on this machine")
+    w.add_argument("--gpus-per-run", type=float, metavar="N", help="with --launcher ray: GPUs each run reserves "
+                   "(default 1 when the cluster has GPUs, else 0; 0.5 puts two runs on a GPU)")
+    w.add_argument("--cpus-per-run", type=float, metavar="N", help="with --launcher ray: CPUs each run reserves "
+                   "(default 1; on a CPU also its torch threads)")
+    w.add_argument("--max-retries", type=int, metavar="N", help="with --launcher ray: how often a run whose worker "
+                   "died (killed, out of memory, node lost) is started again, resuming (default 2)")
 
     r = sub.add_parser("compare-runs", help="do two settings differ? the difference of a metric across replicates, "
                        "its 95%% interval and a verdict")
@@ -190,7 +201,13 @@ def run_sweep_command(args) -> str:
     sweep = select_runs(load_sweep(args.spec, _overrides(args.set), replicates=args.replicates), args.only)
     if args.dry_run:
         return format_plan(sweep, sweep_plan(sweep))
-    rows = run_sweep(sweep)
+    given = {"address": args.address, "gpus_per_run": args.gpus_per_run, "cpus_per_run": args.cpus_per_run,
+             "max_retries": args.max_retries}
+    ray_options = {k: v for k, v in given.items() if v is not None}
+    if ray_options and args.launcher != "ray":
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in ray_options)}: options of the Ray launcher; "
+                         "add --launcher ray")
+    rows = run_sweep(sweep, launcher=args.launcher, **ray_options)
     return f"{format_registry(rows)}\nregistry: {sweep.folder / 'registry.csv'}"
 
 

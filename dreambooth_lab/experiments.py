@@ -328,47 +328,186 @@ def format_plan(sweep: Sweep, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_sweep(sweep: Sweep, *, progress: bool = True, on_run: Callable[[str, str], None] | None = None) -> list[dict]:
+LAUNCHERS = ("local", "ray")
+
+
+@dataclass
+class Outcome:
+    """What one attempt at a run of a sweep came to, in whichever process made it (picklable: a Ray
+    task returns it to the driver). status: 'skipped' (finished already), 'finished', 'failed', or
+    'claimed' (a live process holds the run's claim: `holder` says which)."""
+    id: str
+    status: str
+    run_dir: str | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    holder: dict | None = None
+    config_hash: str | None = None
+    host: str | None = None
+    disk_full: BaseException | None = None  # raised again by the driver: every later run would fail the same way
+
+
+def attempt_run(run: SweepRun, *, progress: bool = True, on_start: Callable[[], None] | None = None) -> Outcome:
+    """Train one run of a sweep unless it has finished or another process has claimed it.
+
+    The run is claimed (runs.claim_run: a lock under <sweep>/.claims/) before its folder is looked
+    for, so two sweeps or two Ray tasks never train one configuration twice; under the claim a run
+    that finished meanwhile is skipped and an interrupted one resumes from its newest checkpoint.
+    A failure comes back as an Outcome (the sweep goes on); Ctrl-C propagates."""
+    import socket
+
+    from .runs import RunLocked, claim_run, find_finished
+    from .train import train
+
+    host, chash = socket.gethostname(), run.config.hash()
+    if (done := find_finished(run.config)) is not None:
+        return Outcome(run.id, "skipped", str(done), config_hash=chash, host=host)
+    try:
+        claim = claim_run(run.config)
+    except RunLocked as exc:
+        return Outcome(run.id, "claimed", holder=exc.holder, error=str(exc), config_hash=chash, host=host)
+    t0 = time.time()
+    try:
+        if (done := find_finished(run.config)) is not None:  # finished by another process just before our claim
+            return Outcome(run.id, "skipped", str(done), config_hash=chash, host=host)
+        if on_start:
+            on_start()
+        result = train(run.config, resume="auto", progress=progress)
+        return Outcome(run.id, "finished", str(result.run_dir), seconds=round(time.time() - t0, 2), config_hash=chash,
+                       host=host)
+    except Exception as exc:  # noqa: BLE001 - recorded by the caller, which goes on with the next run
+        return Outcome(run.id, "failed", error=f"{type(exc).__name__}: {exc}", seconds=round(time.time() - t0, 2),
+                       config_hash=chash, host=host, disk_full=exc if files.is_disk_full(exc) else None)
+    finally:
+        claim.release()
+
+
+class SweepBook:
+    """The driver's side of a sweep, whichever launcher trains the runs: records each Outcome in
+    failures.json (read, changed and written under the sweep's file lock, so concurrent sweeps lose
+    no entry), rewrites the registry, prints one line per run and calls on_run(run_id, status)."""
+
+    def __init__(self, sweep: Sweep, progress: bool = True, on_run: Callable[[str, str], None] | None = None):
+        self.sweep, self.progress, self.on_run = sweep, progress, on_run
+        self.waiting: dict[str, tuple[SweepRun, dict | None]] = {}  # claimed elsewhere: the run, its failure then
+        self.statuses: dict[str, str] = {}
+        with files.disk_full_as(sweep.folder):
+            sweep.folder.mkdir(parents=True, exist_ok=True)
+        record_replicates(sweep)
+
+    def say(self, text: str) -> None:
+        if self.progress:
+            print(text, flush=True)
+
+    def record(self, run: SweepRun, out: Outcome) -> None:
+        if out.status == "claimed":
+            from .runs import describe_holder
+
+            self.waiting[run.id] = (run, _read_failures(self.sweep.folder).get(run.id))
+            self.say(f"    {run.id}: being trained by {describe_holder(out.holder)}: not trained here; the sweep waits "
+                     "for it at the end")
+            return
+        if out.status == "failed":
+            entry = {"error": out.error, "seconds": out.seconds, "config_hash": out.config_hash}
+            self.say(f"    failed: {out.error}")
+        else:
+            entry = None
+        if out.disk_full is not None:  # every later run would fail the same way: stop here, in one line
+            try:
+                self._set_failure(run.id, entry)
+                write_registry(self.sweep.folder)
+            except OSError as err:
+                if not files.is_disk_full(err):
+                    raise
+            raise out.disk_full
+        self._set_failure(run.id, entry)
+        self.finish(run.id, out.status)
+
+    def finish(self, rid: str, status: str) -> None:
+        self.statuses[rid] = status
+        write_registry(self.sweep.folder)
+        if self.on_run:
+            self.on_run(rid, status)
+
+    def _set_failure(self, rid: str, entry: dict | None) -> None:
+        folder = self.sweep.folder
+        with registry_lock(folder):
+            failures = _read_failures(folder)
+            if entry is None and rid not in failures:
+                return
+            if entry is None:
+                failures.pop(rid)
+            else:
+                failures[rid] = entry
+            files.write_json(folder / FAILURES, failures)
+
+    def settle_waiting(self) -> list[SweepRun]:
+        """The runs claimed elsewhere whose claim has gone: those that finished or failed there are
+        recorded as such; the others (their process died) are returned, to be trained here."""
+        from .runs import claim_holder, find_finished
+
+        free = []
+        for rid, (run, failure_before) in list(self.waiting.items()):
+            if claim_holder(run.config) is not None:
+                continue
+            del self.waiting[rid]
+            if (done := find_finished(run.config)) is not None:
+                self.say(f"    {rid}: finished by the other process ({done})")
+                self.finish(rid, "skipped")
+            elif (failure := _read_failures(self.sweep.folder).get(rid)) and failure != failure_before:
+                self.say(f"    {rid}: failed in the other process: {failure.get('error')}")
+                self.finish(rid, "failed")
+            else:
+                free.append(run)
+        return free
+
+
+def registry_lock(folder: str | Path):
+    """The sweep folder's file lock (.registry.lock): failures.json and the registry are read and
+    rewritten under it, so two sweep processes never interleave their writes."""
+    from filelock import FileLock
+
+    folder = Path(folder)
+    with files.disk_full_as(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / ".registry.lock"))
+
+
+def run_sweep(sweep: Sweep, *, progress: bool = True, on_run: Callable[[str, str], None] | None = None,
+              launcher: str = "local", poll: float = 2.0, **ray_options) -> list[dict]:
     """Train every run that has not finished; returns the registry rows of the sweep's folder.
 
     on_run(run_id, status) is called after each run with 'skipped', 'finished' or 'failed'.
-    A failing run is recorded (failures.json) and the sweep goes on with the next.
-    """
-    from .train import find_finished, train
+    A failing run is recorded (failures.json) and the sweep goes on with the next. A run that
+    another process is training (two sweeps of one spec at once) is not trained here: the sweep
+    goes on with the others, then waits for it (polling every `poll` seconds), and trains it itself
+    only if that process died before finishing it (resuming from its checkpoint).
 
-    sweep.folder.mkdir(parents=True, exist_ok=True)
-    record_replicates(sweep)
-    failures = _read_failures(sweep.folder)
+    launcher="ray" trains each run as a Ray task (launch_ray.run_sweep_ray, which takes
+    `ray_options`: address, gpus_per_run, cpus_per_run, max_retries); "local" trains them here, one
+    after another.
+    """
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"launcher={launcher!r}: use one of {', '.join(LAUNCHERS)}")
+    if launcher == "ray":
+        from .launch_ray import run_sweep_ray
+
+        return run_sweep_ray(sweep, progress=progress, on_run=on_run, poll=poll, **ray_options)
+    if ray_options:
+        raise ConfigError(f"{', '.join(sorted(ray_options))}: options of the Ray launcher; add launcher='ray' "
+                          "(--launcher ray)")
+    book = SweepBook(sweep, progress, on_run)
+    n = len(sweep.runs)
     for i, run in enumerate(sweep.runs, 1):
-        if find_finished(run.config) is not None:
-            status = "skipped"
-        else:
-            if progress:
-                print(f"[{i}/{len(sweep.runs)}] {run.id}")
-            t0 = time.time()
-            try:
-                train(run.config, resume="auto", progress=progress)
-                failures.pop(run.id, None)
-                status = "finished"
-            except Exception as exc:  # noqa: BLE001 - record it, go on with the next run
-                failures[run.id] = {"error": f"{type(exc).__name__}: {exc}", "seconds": round(time.time() - t0, 2),
-                                    "config_hash": run.config.hash()}
-                status = "failed"
-                if progress:
-                    print(f"    failed: {failures[run.id]['error']}")
-                if files.is_disk_full(exc):  # every later run would fail the same way: stop here, in one line
-                    try:
-                        files.write_json(sweep.folder / FAILURES, failures)
-                        write_registry(sweep.folder)
-                    except OSError as err:
-                        if not files.is_disk_full(err):
-                            raise
-                    raise exc
-            if failures or (sweep.folder / FAILURES).exists():
-                files.write_json(sweep.folder / FAILURES, failures)
-        write_registry(sweep.folder)
-        if on_run:
-            on_run(run.id, status)
+        book.record(run, attempt_run(run, progress=progress, on_start=lambda i=i, run=run: book.say(f"[{i}/{n}] {run.id}")))
+    if book.waiting:
+        book.say(f"waiting for {len(book.waiting)} run(s) that other processes are training: "
+                 f"{', '.join(book.waiting)}")
+    while book.waiting:
+        time.sleep(poll)
+        for run in book.settle_waiting():
+            book.record(run, attempt_run(run, progress=progress, on_start=lambda run=run: book.say(
+                f"[{run.id}] the process that claimed it stopped: training it here")))
     return write_registry(sweep.folder)
 
 
@@ -477,7 +616,8 @@ def scan_runs(root: str | Path) -> list[dict]:
             continue
     for rid, failure in _read_failures(root).items():
         rows.append({"id": rid, "status": "failed", "config_hash": failure.get("config_hash"),
-                     "error": failure.get("error"), "seconds": failure.get("seconds")})
+                     "error": failure.get("error"), "seconds": failure.get("seconds"), "_folder": str(root.resolve())})
+    rows = one_row_per_run(rows)
     replicates = read_replicates(root)
     for row in rows:
         if row["id"] in replicates:
@@ -488,9 +628,39 @@ def scan_runs(root: str | Path) -> list[dict]:
     return rows
 
 
+RANK = {"finished": 0, "interrupted": 1}  # which row of one run the registry keeps; any other status after these
+
+
+def one_row_per_run(rows: list[dict]) -> list[dict]:
+    """One row per run: of rows with the same folder, id and config hash (twin folders of one
+    configuration, or a failure recorded beside the folder that later finished) the finished one,
+    else the open one, else the newest; in the order of the rows kept (pure but for `_folder`)."""
+    def key(row: dict) -> tuple:
+        folder = row.pop("_folder", None)
+        if row.get("run_dir"):
+            folder = str(Path(row["run_dir"]).parent)
+        return folder, row.get("id"), row.get("config_hash")
+
+    best: dict[tuple, tuple[int, int]] = {}
+    keys = [key(r) for r in rows]
+    for i, (k, row) in enumerate(zip(keys, rows)):
+        rank = (RANK.get(row.get("status"), 2), -i)  # the better status, then the later row
+        if k not in best or rank < best[k]:
+            best[k] = rank
+    keep = {-rank[1] for rank in best.values()}
+    return [r for i, r in enumerate(rows) if i in keep]
+
+
 def write_registry(root: str | Path) -> list[dict]:
-    """Write <root>/registry.jsonl and registry.csv from the run folders; return the rows."""
+    """Write <root>/registry.jsonl and registry.csv from the run folders; return the rows. The folders
+    are read and both files replaced under the folder's file lock, so that of two sweep processes
+    the later write is always the fresher one."""
     root = Path(root)
+    with registry_lock(root):
+        return _write_registry(root)
+
+
+def _write_registry(root: Path) -> list[dict]:
     rows = scan_runs(root)
     files.write_text(root / f"{REGISTRY}.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     head = COLUMNS[:1] + REPLICATE_COLUMNS + COLUMNS[1:] if any("group" in r for r in rows) else COLUMNS

@@ -18,6 +18,7 @@ import json
 import os
 import warnings
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,23 +141,53 @@ def ensure_class_images(cfg: Config, pipe_factory, progress: bool = True, dtype:
     """
     folder, key = cache_folder(cfg, dtype)
     want = cfg.prior.num_class_images
-    names = read_manifest(folder, key)
+    names = read_manifest(folder, key)  # the manifest is replaced whole: read without the lock, it is never half-read
     generated = 0
     if len(names) < want:
-        pipe = pipe_factory()
-        made_in = str(getattr(getattr(pipe, "unet", None), "dtype", "")).removeprefix("torch.")
-        if made_in and made_in != key["dtype"]:
-            warnings.warn(f"class images are keyed as {key['dtype']} but the pipeline runs in {made_in}: "
-                          "pass dtype=generation_dtype(cfg, device) and a pipeline in that dtype",
-                          RuntimeWarning, stacklevel=2)
-        try:
-            generated = _generate_missing(cfg, pipe, folder, key, names, want, progress)
-        except OSError as exc:  # a full disk: the images made so far stay listed (the manifest lists whole files only)
-            if not files.is_disk_full(exc):
-                raise
-            kept = len(read_manifest(folder, key))
-            raise files.as_disk_full(exc, folder, hint=CACHE_HINT.format(done=kept, want=want)) from None
+        with generation_lock(folder, progress):  # several runs (processes, Ray workers) needing these images at once
+            names = read_manifest(folder, key)  # what another process made while we waited
+            if len(names) < want:
+                generated = _top_up(cfg, pipe_factory, folder, key, names, want, progress)
     return ClassImages(folder, [folder / n for n in names[:want]], generated)
+
+
+@contextmanager
+def generation_lock(folder: Path, progress: bool = True):
+    """A file lock beside the cache folder (.<folder name>.lock, the `filelock` package), held while
+    class images are generated into it: one process makes them, the others wait, then read them."""
+    from filelock import FileLock, Timeout
+
+    with files.disk_full_as(folder.parent, hint="free space there or point prior.cache_dir to another disk, then "
+                                                "run the same command"):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder.parent / f".{folder.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if progress:
+            print(f"waiting for another process that is generating the class images in {folder}")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _top_up(cfg: Config, pipe_factory, folder: Path, key: dict, names: list[str], want: int, progress: bool) -> int:
+    """Generate the missing images (the caller holds the generation lock); returns how many were made."""
+    pipe = pipe_factory()
+    made_in = str(getattr(getattr(pipe, "unet", None), "dtype", "")).removeprefix("torch.")
+    if made_in and made_in != key["dtype"]:
+        warnings.warn(f"class images are keyed as {key['dtype']} but the pipeline runs in {made_in}: "
+                      "pass dtype=generation_dtype(cfg, device) and a pipeline in that dtype",
+                      RuntimeWarning, stacklevel=4)
+    try:
+        return _generate_missing(cfg, pipe, folder, key, names, want, progress)
+    except OSError as exc:  # a full disk: the images made so far stay listed (the manifest lists whole files only)
+        if not files.is_disk_full(exc):
+            raise
+        kept = len(read_manifest(folder, key))
+        raise files.as_disk_full(exc, folder, hint=CACHE_HINT.format(done=kept, want=want)) from None
 
 
 CACHE_HINT = ("free space there or point prior.cache_dir to another disk, then run the same command "

@@ -398,9 +398,9 @@ class RunLock:
     """
 
     def __init__(self, run: Path, heartbeat: float = HEARTBEAT, stale_after: float | None = None,
-                 take_over: bool = False, clock=time.time):
+                 take_over: bool = False, clock=time.time, name: str = LOCK):
         self.run = Path(run)
-        self.path = self.run / LOCK
+        self.path = self.run / name  # a sweep's claim on a run is the same kind of lock under another name
         self.heartbeat = heartbeat
         self.stale_after = STALE_BEATS * heartbeat if stale_after is None else stale_after
         self.take_over, self.clock = take_over, clock
@@ -475,7 +475,7 @@ class RunLock:
 
     def _create(self) -> bool:
         """Create the lock whole and exclusively; False when a lock is there already."""
-        tmp = self.path.with_name(f".{LOCK}.{self.token}.tmp")
+        tmp = self.path.with_name(f".{self.path.name}.{self.token}.tmp")
         try:
             tmp.write_bytes(self._body())
             try:
@@ -504,7 +504,7 @@ class RunLock:
     def _move_aside(self, state: LockState) -> bool:
         """Remove the very lock `state` was read from, racing nobody; False when another process is
         taking it over or it is no longer there (the caller reads the lock again)."""
-        marker = self.path.with_name(f"{LOCK}.takeover-{state.key}")
+        marker = self.path.with_name(f"{self.path.name}.takeover-{state.key}")
         try:
             os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
@@ -514,7 +514,7 @@ class RunLock:
             except OSError:
                 pass
             return False
-        aside = self.path.with_name(f".{LOCK}.{self.token}.stale")
+        aside = self.path.with_name(f".{self.path.name}.{self.token}.stale")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
@@ -576,7 +576,7 @@ class RunLock:
             self._thread.join(timeout=5)
         if self._thread is not None and self._is_mine():
             self.path.unlink(missing_ok=True)
-            for marker in self.path.parent.glob(f"{LOCK}.takeover-*"):  # of locks taken over before
+            for marker in self.path.parent.glob(f"{self.path.name}.takeover-*"):  # of locks taken over before
                 marker.unlink(missing_ok=True)
         self._thread = None
 
@@ -612,6 +612,49 @@ def take_over_lock(run_dir: str | Path, holder: dict | None = None) -> dict | No
         time.sleep(0.005)
     raise RunLocked(f"{lock.path} kept changing while other processes took it: wait for them to finish "
                     "and run again", lock.run, lock.path)
+
+
+# ---- claims: which process trains a configuration -----------------------------------------------
+
+CLAIMS = ".claims"  # under train.output_dir (a sweep's folder)
+
+
+def claim_path(cfg: Config) -> Path:
+    """<train.output_dir>/.claims/<run name>-<config hash>.claim: the lock a sweep takes on a run before
+    it looks for the run's folder, so that two sweeps (or two Ray tasks) never make two folders for one
+    configuration (train.lock cannot: it is taken once the folder exists)."""
+    return Path(cfg.train.output_dir).expanduser() / CLAIMS / f"{cfg.run_name}-{cfg.hash()}.claim"
+
+
+def claim_run(cfg: Config, heartbeat: float = HEARTBEAT) -> RunLock:
+    """Claim cfg's run for this process and return the held lock (call .release()). RunLocked, with
+    its `holder`, when a live process holds it; a claim left by a dead process, or by a machine whose
+    heartbeat stopped, is taken over with a RunWarning, as train.lock is."""
+    path = claim_path(cfg)
+    with files.disk_full_as(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return RunLock(path.parent, heartbeat=heartbeat, name=path.name).acquire()
+
+
+def claim_holder(cfg: Config) -> dict | None:
+    """Who holds cfg's claim now, as its lock says (pid, host, started; {} while it is being written);
+    None when nobody does: no claim, or one that claim_run would take over (side-effect free)."""
+    path = claim_path(cfg)
+    lock = RunLock(path.parent, name=path.name)
+    try:
+        state = lock._read()
+    except RunLocked:
+        return {}
+    if state is None:
+        return None
+    return None if lock._stale_reason(state) is not None else (state.holder or {})
+
+
+def describe_holder(holder: dict | None) -> str:
+    """'process 123 on gpu-2 (since 20261204-221500)' (pure)."""
+    if not holder:
+        return "another process"
+    return f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('started', '?')})"
 
 
 # ---- reading a run back ------------------------------------------------------------------------
