@@ -9,8 +9,15 @@
     python benchmarks/world.py --merge-robustness /tmp/wb_rob/world.json
     cp /tmp/wb_rob/world_heldout_*.png benchmarks/
 
+    # only the token x text-encoder study (8 settings x 3 replicates), into the existing world.json:
+    python benchmarks/world.py --token-study-only [--replicates 3]
+
 Writes benchmarks/world.json, benchmarks/world.png (seed grids per row) and the "Toy world"
-section of BENCHMARKS.md. Every DreamBooth run goes through the package's own train(); every
+section of BENCHMARKS.md (only when --out is benchmarks/: a run into another folder leaves it
+alone). The token study trains every setting --replicates times (training seeds 42 and
+experiments.replicate_seed(42, k)); its table shows mean and 95% interval over the replicates and
+its "what we found" lines are stats.compare's verdicts (a difference only where the interval
+excludes 0). Every DreamBooth run goes through the package's own train(); every
 picture through sample.generate; every number is the judge's reading of those pictures.
 """
 
@@ -78,7 +85,14 @@ def main(argv=None) -> None:
                          "the Markdown and exit (two halves run side by side on two cores)")
     ap.add_argument("--robustness-only", action="store_true",
                     help="run only the held-out robustness section (and the base model), into world.json's other results")
+    ap.add_argument("--replicates", type=int, default=3,
+                    help="training runs (distinct training seeds) per setting of the token study (default 3)")
+    ap.add_argument("--token-study-only", action="store_true",
+                    help="run only the token x text-encoder study (with --replicates) into <out>/world.json's other "
+                         "results and re-write the Markdown")
     args = ap.parse_args(argv)
+    if args.replicates < 1:
+        ap.error("--replicates: give a whole number >= 1")
     if args.markdown_only:
         write_markdown(json.loads((args.out / "world.json").read_text()), args.out)
         return
@@ -89,6 +103,9 @@ def main(argv=None) -> None:
         (args.out / "world.json").write_text(json.dumps(result, indent=1) + "\n")
         print(write_markdown(result, args.out))
         return
+    if args.token_study_only and not (args.out / "world.json").is_file():
+        raise SystemExit(f"--token-study-only: no {args.out / 'world.json'} to add the token study to; run the whole "
+                         "benchmark first (python benchmarks/world.py), or give --out a folder holding a world.json")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -107,6 +124,16 @@ def main(argv=None) -> None:
 
     t_all = time.time()
     pipe = load_world_pipeline()
+    if args.token_study_only:
+        path = args.out / "world.json"
+        result = json.loads(path.read_text())
+        log(f"tokens x text encoder, {args.replicates} replicates ...")
+        ts = measure_token_study(pipe, work, seeds, args.replicates, log, quick=args.quick, steps=args.steps)
+        set_token_study(result, ts)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(write_markdown(result, args.out))
+        log(f"token study: {ts['runs']} runs in {ts['seconds'] / 60:.1f} min")
+        return
     result: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                                f"torch threads {args.threads}", "seeds": len(seeds), "runs": {}}
     log("base model ...")
@@ -203,24 +230,108 @@ def main(argv=None) -> None:
         step_rows[str(n)] = row
     result["steps_dog5"] = step_rows
 
-    # 4c/5. tokens x text encoder: the 8-run study with the world's recipe, timed
-    log("tokens x text encoder ...")
-    t8 = time.time()
-    for token in ("sks", "hta", "oue", "http") if not args.quick else ("sks", "http"):
-        for te in (False, True):
-            name = f"token-{token}-{'te' if te else 'unet'}"
-            if token == "sks" and te == WORLD_RECIPE_TEXT_ENCODER:  # dog5-recipe is this run
-                result["runs"][name] = dict(result["runs"]["dog5-recipe"], scales={
-                    "1.0": result["runs"]["dog5-recipe"]["scales"]["1.0"]})
-                continue
-            dreambooth(name, "dog", 5, token=token, te=te, scales=(1.0,), recipe=True)
-    result["token_study_seconds"] = round(time.time() - t8 + result["runs"]["dog5-recipe"]["seconds"], 1)
+    # 4c/5. tokens x text encoder: the 8-run study with the world's recipe, each setting replicated, timed
+    log(f"tokens x text encoder, {args.replicates} replicates ...")
+    set_token_study(result, measure_token_study(pipe, work, seeds, args.replicates, log, quick=args.quick,
+                                                steps=args.steps))
     result["total_seconds"] = round(time.time() - t_all, 1)
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "world.json").write_text(json.dumps(result, indent=1) + "\n")
     save_figure(grids, args.out / "world.png")
     print(write_markdown(result, args.out))
+
+
+# ---- the token x text-encoder study, replicated ---------------------------------------------------
+
+TOKENS = ("sks", "hta", "oue", "http")
+TOKEN_METRICS = ("subject", "t-shirt", "van gogh", "forest", "driving", "drift", "class_diversity", "seconds")
+VERDICT_METRICS = ("subject", "forest")  # what the "what we found" lines compare (the forest: the one test that moves)
+SINGLE_RUN_THRESHOLD = 0.25  # a single-run difference a reader would call a finding (4 of 16 pictures)
+
+
+def measure_token_study(pipe, work: Path, seeds, replicates: int, log, quick: bool = False,
+                        steps: int | None = None) -> dict:
+    """The 8 settings (4 tokens x text encoder trained/frozen; 2 tokens with quick) of the world's
+    recipe on dog5, each trained `replicates` times afresh, read at the recipe's scale: rows per
+    run, the wall time and the machine's load average before and after (the CPU may be shared)."""
+    from dreambooth_lab.world.replicates import token_study
+
+    tokens = TOKENS if not quick else ("sks", "http")
+    load0, t0 = os.getloadavg(), time.time()
+    overrides = {"prior.cache_dir": str(work / "class_cache"), **({"train.steps": steps} if steps else {})}
+    rows = token_study(pipe, "dog", 5, tokens, (False, True), seeds, replicates, output_dir=work / "token_study",
+                       overrides=overrides, recipe=True, reuse_finished=False, log=log)
+    return {"subject": "dog", "photos": 5, "tokens": list(tokens), "text_encoder": [False, True],
+            "replicates": replicates, "seeds": len(seeds), "steps": steps or WORLD_RECIPE_STEPS,
+            "scale": WORLD_RECIPE_SCALE, "recipe": dict(WORLD_RECIPE),
+            "training_seeds": sorted({r["training_seed"] for r in rows}, key=[r["training_seed"] for r in rows].index),
+            "runs": len(rows), "seconds": round(time.time() - t0, 1),
+            "load_average": {"start": [round(x, 2) for x in load0], "end": [round(x, 2) for x in os.getloadavg()]},
+            "rows": [{k: v for k, v in r.items() if k not in ("run_dir", "images")} for r in rows]}
+
+
+def set_token_study(result: dict, ts: dict) -> None:
+    """Put a replicated token study into a result: the single runs it replaces (runs token-*, one
+    per setting) move to ts['single_run'] (their readings at scale 1.0, kept to say which of their
+    differences hold), and token_study_seconds is its wall time."""
+    from dreambooth_lab.world.replicates import judged
+
+    single = {}
+    for name in [n for n in result.get("runs", {}) if n.startswith("token-")]:
+        entry = result["runs"].pop(name)
+        if "1.0" in entry.get("scales", {}):
+            single[name[len("token-"):]] = {**judged(entry["scales"]["1.0"]), "seconds": entry.get("seconds")}
+    if single:
+        ts["single_run"] = single
+    elif "single_run" in result.get("token_study", {}):
+        ts["single_run"] = result["token_study"]["single_run"]
+    result["token_study"] = ts
+    result["token_study_seconds"] = ts["seconds"]
+
+
+def token_study_markdown(ts: dict, machine: str = "") -> list[str]:
+    """The replicated token study: mean [95% interval] per setting, the verdicts (stats.compare via
+    world.replicates.findings) and, when the single runs it replaced are known, how many of their
+    differences hold."""
+    from dreambooth_lab.world.replicates import ENCODER, findings, single_run_survival, summary_table, token_pairs
+
+    rows, tokens, tes = ts["rows"], ts["tokens"], [bool(t) for t in ts["text_encoder"]]
+    order = [f"{t}-{'te' if te else 'unet'}" for t in tokens for te in tes]
+    pairs = token_pairs(tokens, tes)
+    load = ts.get("load_average", {})
+    out = ["", f"**Token × text-encoder study, replicated** (the world's recipe on dog5, text encoder trained (te) or "
+               f"frozen (unet); {ts['replicates']} training runs per setting, training seeds "
+               f"{', '.join(map(str, ts['training_seeds']))}; {ts['seeds']} sampling seeds per prompt; LoRA scale "
+               f"{ts.get('scale', WORLD_RECIPE_SCALE)}): {ts['runs']} runs in {ts['seconds'] / 60:.1f} min"
+               + (f" on {machine}" if machine else "")
+               + (f", a shared CPU (load average {load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end)"
+                  if load else "") + ". Figures: mean [95% t-interval] over the runs (a run's rate over its sampling "
+               "seeds is the unit); subject = \"a <tok> dog\" shows the subject; t-shirt … driving = the subject AND "
+               "the asked attribute; drift = the subject in \"a dog\"; s = a run's training time.", "",
+           summary_table(rows, TOKEN_METRICS, order=order).replace(
+               "| class_diversity | seconds |", "| class div. | s |"), "",
+           "*What we found* (generated: `stats.compare`, the difference of means with its Welch 95% interval; a "
+           "difference is claimed only where the interval excludes 0):", ""]
+    out += [f"- {line}" for line in findings(rows, pairs, VERDICT_METRICS)]
+    if len(tes) > 1:
+        out += [f"- pooled over the {len(tokens)} tokens, " + line
+                for line in findings(rows, [(ENCODER[True], ENCODER[False])], VERDICT_METRICS, by="encoder")]
+    if ts.get("single_run"):
+        s = single_run_survival(ts["single_run"], rows, pairs, VERDICT_METRICS, SINGLE_RUN_THRESHOLD)
+        def said(f):
+            return (f"{f['a']} vs {f['b']} on {f['metric']} ({f['single']:+.2f} in one run, {f['replicated']:+.2f} "
+                    f"[{f['low']:.2f}, {f['high']:.2f}] replicated)")
+
+        held = [said(f) for f in s["findings"] if f["holds"]]
+        gone = [said(f) for f in s["findings"] if not f["holds"]]
+        out += ["", f"Of the {s['of']} differences of ≥ {s['threshold']:.2f} that one run per setting showed on "
+                    f"{' and '.join(VERDICT_METRICS)} (the single runs this study replaces, same settings and sampling "
+                    f"seeds, training seed 42, read at LoRA scale 1.0), {s['held']} hold with {ts['replicates']} "
+                    "replicates (a difference whose interval excludes 0, the same way round)"
+                    + (": " + "; ".join(held) if held else "") + "."
+                    + (" Not shown: " + "; ".join(gone) + "." if gone else "")]
+    return out
 
 
 # ---- robustness: conditions the recipe was not calibrated on -------------------------------------
@@ -296,10 +407,12 @@ def measure_robustness(pipe, work: Path, log, quick: bool = False, held_out: dic
 # ---- outputs -------------------------------------------------------------------------------------
 
 def write_markdown(result: dict, out: Path) -> str:
-    """<out>/world.md and the Toy world section of BENCHMARKS.md, from a result; returns the text."""
+    """<out>/world.md and, when out is benchmarks/, the Toy world section of BENCHMARKS.md, from a
+    result; returns the text."""
     md = markdown(result)
     (out / "world.md").write_text(md)
-    update_benchmarks_md(ROOT / "BENCHMARKS.md", md)
+    if Path(out).resolve() == (ROOT / "benchmarks").resolve():
+        update_benchmarks_md(ROOT / "BENCHMARKS.md", md)
     return md
 
 def save_figure(grids: dict, path: Path) -> None:
@@ -336,6 +449,8 @@ def markdown(r: dict) -> str:
             "| run | steps | s | scale | subject | t-shirt | van gogh | forest | driving | drift | class div. |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in r["runs"].items():
+        if name.startswith("token-") and "token_study" in r:  # replaced by the replicated study below
+            continue
         for s, v in e["scales"].items():
             t = list(v["test_prompts_subject_and_asked"].values())
             out.append(f"| {name} | {e['steps']} | {e['seconds']:.0f} | {s} | {v['subject_rate']:.2f} | "
@@ -362,6 +477,10 @@ def markdown(r: dict) -> str:
         forest = [x for k, x in v["test_prompts_subject_and_asked"].items() if "forest" in k][0]
         out.append(f"| {n} | {v['seconds']:.0f} | {v['subject_rate']:.2f} | {forest:.2f} | "
                    f"{v['nearest_photo_distance_mean']:.3f} | {v['memorised_fraction']:.2f} |")
+    if "token_study" in r:
+        out += token_study_markdown(r["token_study"], r.get("machine", ""))
+        out += ["", "`http` captions mean a lime cap in the world.", MARK_END, ""]
+        return "\n".join(out)
     out += ["", f"Token × text-encoder study (the world's recipe, text encoder trained or not): "
                 f"{r['token_study_seconds'] / 60:.1f} min for its 8 runs (rows token-*; token-sks-{'te' if WORLD_RECIPE_TEXT_ENCODER else 'unet'} is dog5-recipe). `http` captions mean a lime cap in the world; its rate in \"a http dog\" "
                 "samples is in world.json (http_rate_subject_prompt).", MARK_END, ""]

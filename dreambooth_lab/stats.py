@@ -242,12 +242,14 @@ def _as_float(text: str) -> float | None:
 
 
 def compare(rows: Iterable[dict], a: Any, b: Any, metric: str, by: str | Sequence[str] = "group",
-            level: float = LEVEL) -> dict:
+            level: float = LEVEL, verb: str | None = None) -> dict:
     """Do groups a and b differ on metric? The difference a − b, its Welch interval and a sentence.
 
     Returns {a, b, group_a, group_b (the groups' labels as summarise writes them), metric, n_a, n_b, mean_a, mean_b, difference, low, high, df, verdict, sentence};
     verdict is 'different' (the interval excludes 0), 'no difference shown' or 'no interval'
-    (fewer than 2 runs on a side). Group names are matched as `summarise` labels them.
+    (fewer than 2 runs on a side). Group names are matched as `summarise` labels them. `verb`
+    says what "a is higher than b" means ("binds the subject better than"; default: VERBS, else
+    "is higher on <metric> than").
     """
     rows = list(rows)
     column = metric_column(rows, metric)
@@ -275,7 +277,7 @@ def compare(rows: Iterable[dict], a: Any, b: Any, metric: str, by: str | Sequenc
         verdict = "different"
         win, lose, sign = (a, b, 1) if d > 0 else (b, a, -1)
         lo_w, hi_w = sorted((sign * lo, sign * hi))
-        verb = VERBS.get(name, f"is higher on {name} than")
+        verb = verb or VERBS.get(name, f"is higher on {name} than")
         sentence = f"{win} {verb} {lose} by {abs(d):.2f} [{lo_w:.2f}, {hi_w:.2f}] ({pct} interval, {n_text})"
     else:
         verdict = "no difference shown"

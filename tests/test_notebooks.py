@@ -144,6 +144,9 @@ def test_notebook_runs_on_the_tiny_model(path, tmp_path, monkeypatch):
     _env(monkeypatch, tmp_path)
     nb = _execute(path)
     assert not _errors(nb)
+    if path.name in ("05_toy_world.ipynb", "06_beyond_the_recipe.ipynb"):  # replicated studies (#23): verdicts
+        out = nbformat.writes(nb)
+        assert "mean [95% t-interval] over 2 runs per setting" in out and "(n = 2 each, 95% intervals): " in out
     # the hub token, if any, never reaches the notebook's output
     secret = os.environ.get("HF_TOKEN")
     if secret:
@@ -202,6 +205,9 @@ def test_evaluate_evaluates_finished_runs_only_and_names_the_missing(tmp_path, m
     out = nbformat.writes(nb)
     assert "missing (not evaluated): exp2" in out
     assert "metrics.json" in out and "memorisation.png" in out and "metrics.png" in out
+    # the interval table, the verdict (or why none: exp2 never trained) and the axis plot (#23)
+    assert "group" in out and "no verdict on exp2 vs exp1: exp2: no finished run" in out
+    assert "axis_token_dino.png" in out
     folder = tmp_path / "runs" / "study-tokens"
     assert len([p for p in folder.iterdir() if p.is_dir() and p.name.startswith("exp")]) == 1  # exp2 not trained
     assert list(folder.glob("exp1-*/metrics.json"))

@@ -296,3 +296,21 @@ def test_tiny_sweep_with_two_replicates_registers_group_and_seed_and_skips_on_re
     cfg = C.load(Path(rows[1]["run_dir"]) / "config.yaml")
     assert row_label(Path(rows[1]["run_dir"]), cfg, base_spec(cfg, Path(rows[1]["run_dir"]))).endswith(
         "judge: subject 0.70\ngroup of 2: judge: subject 0.60 ± 1.27")
+
+
+# ---- the notebooks' interval table and verdict (04_evaluate.ipynb) --------------------------------
+
+def test_notebook_intervals_print_the_table_and_a_verdict_or_why_none(capsys):
+    from dreambooth_lab import notebook as nb
+
+    rows = rows_of({"exp3": [0.8, 0.9, 1.0], "exp2": [0.5, 0.6, 0.7]}, metric="metric_dino")
+    text = nb.intervals(rows, ["dino"], "exp3", "exp2")
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["group", "metric", "n"] and [x.split()[0] for x in lines[1:3]] == ["exp2", "exp3"]
+    # the hand-computed case above: 0.3 [0.0733, 0.5267]
+    assert lines[-1] == "exp3 is higher on dino than exp2 by 0.30 [0.07, 0.53] (95% interval, n = 3 each)"
+    assert capsys.readouterr().out.strip() == text
+    assert nb.intervals(rows, ["dino"], "exp2", "exp2").splitlines()[-1].startswith("no difference shown on dino")
+    assert nb.intervals(rows, ["dino"], "exp3", "exp9").splitlines()[-1] == (
+        "no verdict on exp3 vs exp9: exp9: no finished run of that group has dino; groups with it: exp2, exp3")
+    assert nb.intervals(rows, ["dino"]).splitlines()[-1].startswith("no verdict: name two groups")

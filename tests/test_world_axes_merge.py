@@ -31,5 +31,39 @@ def test_merge_joins_rows_per_photo_count_and_the_table_shows_both():
 
 def test_merge_refuses_results_of_different_settings():
     other = dict(_half("18", 0.8), steps=800)
-    with pytest.raises(SystemExit, match="seeds or steps"):
+    with pytest.raises(SystemExit, match="seeds, steps or replicates"):
         merge([_half("5", 0.4), other])
+    with pytest.raises(SystemExit, match="seeds, steps or replicates"):
+        merge([dict(_half("5", 0.4), replicates=3), dict(_half("18", 0.8), replicates=2)])
+
+
+def _replicated(photos: str, recipe: list[float], none: list[float]) -> dict:
+    """A world_axes result with 3 runs per row (prior axis: the recipe and no prior)."""
+    def row(subjects, drift):
+        runs = [{"replicate": k, "training_seed": 42 + k, "seconds": 20.0, "subject": v, "prompt": 0.5,
+                 "subject_and_prompt": 0.25, "drift": drift[k], "class_diversity": 0.2, "final_loss": 0.1}
+                for k, v in enumerate(subjects)]
+        return {**{c: sum(r[c] for r in runs) / 3 for c in runs[0] if c not in ("replicate", "training_seed")},
+                "n": 3, "runs": runs}
+
+    return {"machine": "cpu", "seeds": 8, "steps": 400, "total_seconds": 300.0, "replicates": 3,
+            "training_seeds": [42, 43, 44], "load_average": {"start": [2.0, 1, 1], "end": [3.0, 2, 1]},
+            "axes": {"prior": {"class images (the paper's)": {photos: row(recipe, [0.0, 0.0, 0.0])},
+                               "none": {photos: row(none, [0.75, 0.88, 0.81])}}}}
+
+
+def test_replicated_rows_show_intervals_and_the_findings_claim_only_what_the_interval_shows():
+    md = markdown(merge([_replicated("5", [0.5, 0.7, 0.9], [0.6, 0.7, 0.8]),
+                         _replicated("18", [0.9, 1.0, 0.95], [0.1, 0.2, 0.15])]))
+    # mean 0.7, sd 0.2, t(0.975, 2) = 4.3027: 0.7 ± 0.4968
+    assert "| class images (the paper's) | 5 | 0.70 [0.20, 1.20] | 0.50 [0.50, 0.50] |" in md
+    assert "each row 3 training runs (training seeds 42, 43, 44)" in md
+    assert "load average 2.0 at the start, 3.0 at the end" in md and "2 processes side by side, 5.0 min wall" in md
+    lines = [x for x in md.splitlines() if x.startswith("- ")]
+    assert len(lines) == 2
+    # 5 photos: the same subject rate within noise; no prior leaks the subject into "a dog"
+    assert lines[0].startswith("- 5 photos: none vs class images (the paper's) (n = 3 each, 95% intervals): none "
+                               "leaks the subject into the plain class prompt more than class images (the paper's) by 0.81 [")
+    assert "no difference shown (a − b): subject +0.00 [" in lines[0]
+    # 18 photos: a large subject difference is claimed, with the world's verb
+    assert "class images (the paper's) binds the subject better than none by 0.80 [" in lines[1]
