@@ -409,7 +409,7 @@ class SweepBook:
             return
         if out.status == "failed":
             entry = {"error": out.error, "seconds": out.seconds, "config_hash": out.config_hash}
-            self.say(f"    failed: {out.error}")
+            self.say(self.failure_line(run, out))
         else:
             entry = None
         if out.disk_full is not None:  # every later run would fail the same way: stop here, in one line
@@ -422,6 +422,10 @@ class SweepBook:
             raise out.disk_full
         self._set_failure(run.id, entry)
         self.finish(run.id, out.status)
+
+    def failure_line(self, run: SweepRun, out: Outcome) -> str:
+        """The line printed for a failed run (the sequential sweep's follows its "[i/n] <id>" line)."""
+        return f"    failed: {out.error}"
 
     def finish(self, rid: str, status: str) -> None:
         self.statuses[rid] = status

@@ -210,6 +210,8 @@ def _drive(ray, sweep: Sweep, book: SweepBook, probes: dict[str, str], gpus: flo
     bar = tqdm(total=len(sweep.runs), desc="runs", unit="run", disable=not book.progress)
     say = (lambda text: bar.write(text)) if book.progress else (lambda text: None)
     book.say = say  # the book's lines (failed, waiting) above the bar too
+    book.failure_line = lambda run, out: (f"failed {run.id}" + (f" after {out.seconds:.1f} s" if out.seconds else "")
+                                          + (f" on {out.host}" if out.host else "") + f": {out.error}")
 
     def submit(run: SweepRun) -> None:
         pending[task.remote(run, probes, threads, wait)] = run

@@ -30,6 +30,7 @@ def write_spec(tmp_path: Path, steps: int = 3, name: str = "two-by-two") -> Path
                  "sample": {"steps": 2, "seeds": [5, 6], "test_prompts": ["A {token} {class} in the forest"]}},
         "grid": {"data.token": ["sks", "oue"], "train.train_text_encoder": [False, True]},
     }
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -185,3 +186,22 @@ def test_ray_options_without_the_ray_launcher_are_one_line(tmp_path, capsys):
     assert "--gpus-per-run: options of the Ray launcher; add --launcher ray" in capsys.readouterr().err
     with pytest.raises(E.ConfigError, match="launcher='slurm'"):
         E.run_sweep(E.load_sweep(write_spec(tmp_path)), launcher="slurm")
+
+
+def test_a_sequential_sweep_does_not_import_ray(tmp_path):
+    """Ray is an optional extra: importing the package and running a sweep without --launcher ray
+    never imports it (a Colab user without ray, or with a broken one, is not affected)."""
+    path = write_spec(tmp_path, steps=1)
+    spec = yaml.safe_load(path.read_text())
+    spec["grid"] = {"data.token": ["sks"]}
+    spec["base"]["prior"]["enabled"] = False
+    path.write_text(yaml.safe_dump(spec))
+    code = ("import sys\n"
+            "import dreambooth_lab, dreambooth_lab.experiments, dreambooth_lab.cli\n"
+            "assert 'ray' not in sys.modules, 'imported by the package'\n"
+            f"assert dreambooth_lab.cli.main(['sweep', {str(path)!r}]) == 0\n"
+            "print('ray imported:', sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, text=True, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ray imported: []" in proc.stdout, proc.stdout
