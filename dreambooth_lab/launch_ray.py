@@ -18,7 +18,8 @@ outcome (failures.json, the registry) as the sequential sweep does. What Ray add
   retry takes over the dead process's claim and train.lock and resumes from the newest checkpoint;
 - shared storage is checked, not assumed: the driver writes a probe file into the sweep folder and
   into every class-image cache folder; a probe task on every node, and every run task before it
-  trains, reads them, and a worker that cannot stops the sweep at once, saying so;
+  trains, reads them and looks for the runs' photo folders, and a worker that cannot stops the
+  sweep at once, saying so;
 - Ctrl-C cancels the tasks (their workers stop; checkpoints stay) and says how to resume.
 """
 
@@ -70,30 +71,48 @@ def storage_folders(sweep: Sweep) -> list[Path]:
     return list(dict.fromkeys(Path(p).expanduser().resolve() for p in out))
 
 
-def write_probes(sweep: Sweep) -> dict[str, str]:
-    """A probe file with a fresh token in each storage folder; returns path -> token."""
+def photo_folders(sweep: Sweep) -> list[Path]:
+    """The runs' photo folders (data.instance_dir) that the driver sees: every worker reads them."""
+    out = [Path(run.config.data.instance_dir).expanduser().resolve() for run in sweep.runs]
+    return [p for p in dict.fromkeys(out) if p.is_dir()]
+
+
+def write_probes(sweep: Sweep) -> dict[str, str | None]:
+    """A probe file with a fresh token in each storage folder; returns path -> token, and each photo
+    folder -> None (read only: a worker checks that it is there, nothing is written into it)."""
     token = uuid.uuid4().hex
-    probes = {}
+    probes: dict[str, str | None] = {}
     for folder in storage_folders(sweep):
         path = folder / f"{PROBE}{token}"
         files.write_text(path, f"{token}\n")
         probes[str(path)] = f"{token}\n"
+    for folder in photo_folders(sweep):
+        probes[str(folder)] = None
     return probes
 
 
-def check_storage(probes: dict[str, str], wait: float = STORAGE_WAIT) -> str:
-    """In a worker: every probe readable with its token (waiting up to `wait` seconds for a network
-    file system to show it), else StorageNotShared naming this host and the folder. Returns the host."""
+def _sees(path: str, token: str | None) -> bool:
+    try:
+        return Path(path).is_dir() if token is None else Path(path).read_text() == token
+    except OSError:
+        return False
+
+
+def check_storage(probes: dict[str, str | None], wait: float = STORAGE_WAIT) -> str:
+    """In a worker: every probe readable with its token and every photo folder there (waiting up to
+    `wait` seconds for a network file system to show them), else StorageNotShared naming this host
+    and the folder. Returns the host."""
     host = socket.gethostname()
     deadline = time.monotonic() + wait
     for path, token in probes.items():
-        while True:
-            try:
-                if Path(path).read_text() == token:
-                    break
-            except OSError:
-                pass
+        while not _sees(path, token):
             if time.monotonic() > deadline:
+                if token is None:
+                    raise StorageNotShared(
+                        f"the Ray worker on {host} cannot see the photos folder {path}: every Ray node reads the "
+                        "photos, so put them on storage that every node mounts at the same path (NFS, a cluster file "
+                        "system) and point data.instance_dir there (--set data.instance_dir=...), then run the same "
+                        "command")
                 raise StorageNotShared(
                     f"the Ray worker on {host} cannot see {Path(path).parent} (the driver wrote {Path(path).name} "
                     "there): the runs, the class-image cache and the registry must be on storage that every Ray node "
@@ -103,16 +122,17 @@ def check_storage(probes: dict[str, str], wait: float = STORAGE_WAIT) -> str:
     return host
 
 
-def remove_probes(probes: dict[str, str]) -> None:
-    for path in probes:
-        Path(path).unlink(missing_ok=True)
+def remove_probes(probes: dict[str, str | None]) -> None:
+    for path, token in probes.items():
+        if token is not None:
+            Path(path).unlink(missing_ok=True)
 
 
-def _probe_task(probes: dict[str, str], wait: float) -> str:
+def _probe_task(probes: dict[str, str | None], wait: float) -> str:
     return check_storage(probes, wait)
 
 
-def _train_task(run: SweepRun, probes: dict[str, str], threads: int | None, wait: float) -> Outcome:
+def _train_task(run: SweepRun, probes: dict[str, str | None], threads: int | None, wait: float) -> Outcome:
     """One run, in a Ray worker: storage checked first, then experiments.attempt_run."""
     check_storage(probes, wait)
     if threads:
@@ -123,7 +143,7 @@ def _train_task(run: SweepRun, probes: dict[str, str], threads: int | None, wait
     return attempt_run(run, progress=False)
 
 
-def check_nodes(ray, probes: dict[str, str], wait: float = STORAGE_WAIT) -> list[str]:
+def check_nodes(ray, probes: dict[str, str | None], wait: float = STORAGE_WAIT) -> list[str]:
     """Run the storage check once on every live node of the cluster, before any run starts."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -182,7 +202,7 @@ def run_sweep_ray(sweep: Sweep, *, address: str | None = None, gpus_per_run: flo
         t0 = time.time()
         ray.init(address=address, log_to_driver=False, **(ray_init or {}))
         book.say(f"Ray: {'started a local Ray' if not address else 'joined ' + address} in {time.time() - t0:.1f} s")
-    probes: dict[str, str] = {}
+    probes: dict[str, str | None] = {}
     try:
         gpus, cpus = resources(ray, gpus_per_run, cpus_per_run)
         probes = write_probes(sweep)
@@ -196,7 +216,7 @@ def run_sweep_ray(sweep: Sweep, *, address: str | None = None, gpus_per_run: flo
             ray.shutdown()
 
 
-def _drive(ray, sweep: Sweep, book: SweepBook, probes: dict[str, str], gpus: float, cpus: float,
+def _drive(ray, sweep: Sweep, book: SweepBook, probes: dict[str, str | None], gpus: float, cpus: float,
            max_retries: int, poll: float, wait: float) -> list[dict]:
     from tqdm.auto import tqdm
 

@@ -163,3 +163,19 @@ def test_the_driver_prints_a_bar_over_runs_and_a_line_per_run_started_finished_o
     assert "runs: 100%" in err and "2/2" in err  # the bar over runs (tqdm, on stderr)
     assert {r["id"]: r["status"] for r in rows} == {good.id: "finished", bad.id: "failed"}
     assert bad.id in json.loads((sweep.folder / E.FAILURES).read_text())  # recorded, as the sequential sweep does
+
+
+def test_a_worker_that_cannot_see_the_photos_stops_the_sweep_at_once(tmp_path):
+    """The photo folders are checked too (read only: nothing is written into them); the check itself,
+    as a worker on a node without the shared folder runs it."""
+    sweep = E.load_sweep(write_spec(tmp_path))
+    probes = launch_ray.write_probes(sweep)
+    photos = [p for p, token in probes.items() if token is None]
+    assert photos == [str(Path(sweep.runs[0].config.data.instance_dir).resolve())]
+    assert launch_ray.check_storage(probes, wait=0)  # this machine sees them all
+    moved = {**probes, str(tmp_path / "not-mounted-here"): None}
+    with pytest.raises(launch_ray.StorageNotShared, match=r"cannot see the photos folder .+not-mounted-here: every "
+                       r"Ray node reads the photos"):
+        launch_ray.check_storage(moved, wait=0.2)
+    launch_ray.remove_probes(probes)
+    assert not list(sweep.folder.glob(".storage-probe-*")) and Path(photos[0]).is_dir()  # the photos untouched
