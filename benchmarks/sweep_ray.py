@@ -19,8 +19,10 @@ each into its own folder:
 
 Untimed before both: a 1-step run of the same recipe makes the class images (one cache, read by
 both arms) and does the imports, so neither arm pays for them. The arms must train the same
-LoRAs (checked, byte for byte). The machine's load average before and after is recorded: these
-machines are shared, and a busy neighbour slows the two-worker arm more than the one-thread arm.
+LoRAs (checked, byte for byte). These machines are shared, and a busy neighbour slows the
+two-worker arm more than the one-thread arm: the load average before and after is recorded, and
+how many cores other people's processes kept busy during each arm (/proc/stat's busy time minus
+this benchmark's process tree, Ray's processes and workers included).
 
 Writes <out>/sweep_ray.json; with --out benchmarks/ (the default) also the "Sweeps on Ray"
 section of BENCHMARKS.md.
@@ -57,6 +59,43 @@ def _warm_worker(cfg, folder: str) -> int:
     return os.getpid()
 
 
+def cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds the whole machine has been busy, CPU seconds of this process and all its
+    descendants: the Ray processes, the workers, and what they reaped), from /proc; None elsewhere.
+    Their deltas over an arm give how much CPU other people's processes took meanwhile."""
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / tick  # all but idle and iowait (guest is in user)
+        stats = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    text = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                rest = text.rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid ... utime stime cutime cstime
+                stats[int(entry.name)] = (int(rest[1]), sum(int(x) for x in rest[11:15]) / tick)
+    except (OSError, ValueError, IndexError):
+        return None
+    ours, todo = 0.0, [os.getpid()]
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    while todo:
+        pid = todo.pop()
+        ours += stats.get(pid, (0, 0.0))[1]
+        todo += children.get(pid, [])
+    return busy, ours
+
+
+def others_cores(before, after, seconds: float) -> float | None:
+    """Cores that processes outside this benchmark kept busy on average between two cpu_seconds()."""
+    if before is None or after is None or seconds <= 0:
+        return None
+    return round(max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / seconds, 2)
+
+
 def write_spec(folder: Path, name: str, base: dict, seeds: list[int], out: Path) -> Path:
     import yaml
 
@@ -89,10 +128,12 @@ def measure(steps: int, runs: int, work: Path) -> dict:
     sequential = E.load_sweep(write_spec(work, "sequential", base, seeds, work / "runs"))
     on_ray = E.load_sweep(write_spec(work, "on-ray", base, seeds, work / "runs"))
 
+    c_seq = cpu_seconds()
     t = time.perf_counter()
     seq_rows = E.run_sweep(sequential, progress=False)
     seq_s = time.perf_counter() - t
 
+    c0 = cpu_seconds()
     t0 = time.perf_counter()
     import ray
 
@@ -101,8 +142,10 @@ def measure(steps: int, runs: int, work: Path) -> dict:
     warm = ray.remote(_warm_worker).options(num_cpus=1)
     pids = ray.get([warm.remote(cfg, str(work / "warm-up-ray")) for _ in range(2)])
     t2 = time.perf_counter()
+    c2 = cpu_seconds()
     ray_rows = E.run_sweep(on_ray, launcher="ray", cpus_per_run=1, progress=False, poll=0.5)
     t3 = time.perf_counter()
+    c3 = cpu_seconds()
     ray.shutdown()
     t4 = time.perf_counter()
     load_after = os.getloadavg()
@@ -129,6 +172,8 @@ def measure(steps: int, runs: int, work: Path) -> dict:
         "run_seconds_ray": [{r["id"]: r["seconds"] for r in ray_rows}[i] for i in sorted(by_id)],
         "ray_workers": len(set(pids)),
         "same_lora_bytes": same,
+        "other_processes_cores_sequential": others_cores(c_seq, c0, seq_s),
+        "other_processes_cores_ray_sweep": others_cores(c2, c3, t3 - t2),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
     }
@@ -181,9 +226,14 @@ def markdown(result: dict) -> str:
         "under 2.",
         "",
         f"The CPU is shared with other work: load average (1, 5, 15 min) {', '.join(f'{x:.2f}' for x in r['load_average_before'])} "
-        f"before and {', '.join(f'{x:.2f}' for x in r['load_average_after'])} after. A load above ~1 before the "
-        "run means a neighbour took CPU time from one of the two Ray workers, and the ratio is lower than on an "
-        "idle machine. Rerun: `flock /tmp/dbl-bench.lock .venv/bin/python benchmarks/sweep_ray.py`.",
+        f"before and {', '.join(f'{x:.2f}' for x in r['load_average_after'])} after"
+        + (f"; other people's processes kept {r['other_processes_cores_sequential']:.2f} of the 2 cores busy on "
+           f"average during the sequential arm and {r['other_processes_cores_ray_sweep']:.2f} during the Ray sweep "
+           "(/proc/stat minus this benchmark's process tree)" if r.get("other_processes_cores_ray_sweep") is not None
+           else "") +
+        ". The sequential arm needs one core and the Ray arm two, so a neighbour's load slows the Ray arm and "
+        "lowers the ratio below what an idle machine gives. Rerun: `flock /tmp/dbl-bench.lock env "
+        "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sweep_ray.py`.",
         MARK_END,
         "",
     ])
