@@ -361,7 +361,9 @@ def _run(args) -> int:
                 f"seed grid:    {r.seed_grid}",
                 f"test prompts: {r.prompt_suite}",
                 f"comparison:   {r.compare}",
-                f"instance loss on fixed noise: {r.run.eval_loss_before:.4f} -> {r.run.eval_loss_after:.4f}",
+                f"instance loss on fixed noise: {r.run.eval_loss_before:.4f} -> {r.run.eval_loss_after:.4f}"
+                if r.run.eval_loss_before is not None else
+                "instance loss on fixed noise: not measured (a short run: train.eval_loss=auto skips it)",
             ]))
     except (config_mod.ConfigError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -58,6 +58,7 @@ TEXT_ENCODER_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", 
 CLIP_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 PRIOR_TARGETS = ("class_images", "base_model")
 CAPTION_MODES = ("none", "sidecar")
+EVAL_LOSS_MODES = ("auto", "on", "off")  # train.eval_loss
 
 # Config.hash() identifies what a run trained: two configs with equal hashes train the same LoRA.
 # Each field says itself whether it belongs there. A field marked NO_HASH changes no weight: where
@@ -220,6 +221,11 @@ class TrainConfig:
     allow_tf32: bool = _out(True)  # TF32 matmuls on Ampere+ (A100); no effect on a T4 or CPU
     channels_last: bool = _out(False)  # UNet memory format; sometimes faster with fp16 on GPU
     compile: bool = _out(False)  # torch.compile the UNet (minutes of warm-up; pays off on long runs)
+    # The instance loss on fixed noise before the first step and after the last (summary.json's
+    # eval_instance_loss_before/after): one UNet pass per photo at 5 timesteps, each time. on | off |
+    # auto = on when the two cost at most 5% of the training's UNet work (a 1300-step run: yes; a
+    # 2-step run, where they would be most of the wall time: no, and the fields are null). No weight changes.
+    eval_loss: str = _out("auto")
     # Logging: TensorBoard scalars and validation images (needs `pip install tensorboard`).
     log_with: str = _out("none")  # none | tensorboard
     validation_every: int = _out(0)  # steps between validation images (0 = none)
@@ -531,6 +537,7 @@ def validation_errors(cfg: Config) -> list[str]:
     need(cfg.train.checkpoints_to_keep > 0, f"train.checkpoints_to_keep={cfg.train.checkpoints_to_keep}: keep at least 1")
     need(cfg.train.save_lora_every >= 0, f"train.save_lora_every={cfg.train.save_lora_every}: use 0 (off) or a step "
          "count, e.g. 200 (a LoRA file and pictures every 200 steps)")
+    need(cfg.train.eval_loss in EVAL_LOSS_MODES, f"train.eval_loss={cfg.train.eval_loss!r}: use auto, on or off")
     need(cfg.train.log_with in ("none", "tensorboard"), f"train.log_with={cfg.train.log_with!r}: use none or tensorboard")
     need(cfg.train.validation_every >= 0, f"train.validation_every={cfg.train.validation_every}: use 0 (off) or a step count")
     need(cfg.sample.steps > 0, f"sample.steps={cfg.sample.steps}: use a positive number of steps")

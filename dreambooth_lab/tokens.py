@@ -155,8 +155,7 @@ def analyze(tokens: list[str] | str, tokenizer, class_name: str = "dog",
         zipf = word_frequency(token)
         r = TokenReport(token, pieces, ids, in_prompt, rank, rarity, zipf)
         if len(pieces) != 1:
-            r.warnings.append(f"splits into {len(pieces)} tokens {_plain(pieces)}: a multi-token identifier binds "
-                              "badly; pick one token (see `tokens suggest`)")
+            r.warnings.append(split_warning(pieces))
         if not in_prompt:
             r.warnings.append("is split differently inside the instance prompt (punctuation or case around it?)")
         if zipf >= COMMON_ZIPF:
@@ -180,6 +179,12 @@ def analyze(tokens: list[str] | str, tokenizer, class_name: str = "dog",
                            "associates with it")
         reports.append(r)
     return reports
+
+
+def split_warning(pieces: list[str]) -> str:
+    """What `analyze` says first of a token that the tokenizer splits into `pieces` (pure)."""
+    return (f"splits into {len(pieces)} tokens {_plain(pieces)}: a multi-token identifier binds badly; pick one "
+            "token (see `tokens suggest`)")
 
 
 def is_learned(token: str, tokenizer) -> bool:

@@ -37,7 +37,7 @@ from .lora import add_adapters, enable_checkpointing, save_lora
 from .models import load_pipeline
 from .prior import ensure_class_images
 from .runs import METRICS, SUMMARY, find_finished, find_resumable, read_metrics, runs_of  # noqa: F401 (re-exported)
-from .trainer import DreamBoothObjective, step_seed
+from .trainer import DreamBoothObjective, evaluates, step_seed
 
 __all__ = ["train", "RunResult", "load_result", "read_metrics", "METRICS", "SUMMARY", "find_finished", "find_resumable", "runs_of",
            "TrainingStopped", "NonFiniteLoss", "TrainingInterrupted"]
@@ -68,12 +68,13 @@ class RunResult:
     lora_path: Path
     steps: int
     final_loss: float
-    eval_loss_before: float
-    eval_loss_after: float
+    eval_loss_before: float | None  # None: not measured (train.eval_loss)
+    eval_loss_after: float | None
     class_images_generated: int
     resumed_from: int | None = None
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)  # Timeline.report(): where start-up and finish went
 
 
 def load_result(run_dir: str | Path) -> RunResult:
@@ -85,7 +86,52 @@ def load_result(run_dir: str | Path) -> RunResult:
     return RunResult(run_dir=run_dir, lora_path=run_dir / runs.LORA_FILE, steps=s["steps"], final_loss=s["final_loss"],
                      eval_loss_before=s["eval_instance_loss_before"], eval_loss_after=s["eval_instance_loss_after"],
                      class_images_generated=s["class_images_generated"], resumed_from=s["resumed_from"],
-                     seconds=s["seconds"], history=read_metrics(run_dir))
+                     seconds=s["seconds"], history=read_metrics(run_dir), timings=s.get("timings", {}))
+
+
+class Timeline:
+    """Wall-clock seconds of what train() does around the steps, phase by phase (model load,
+    family detection, dataset checks, class-image cache, latent caching, the fixed-noise
+    evaluation before and after, saving...), with the time to the first step and after the last.
+    summary.json records `report()` as `timings` for every run; profile=True prints it."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.phases: dict[str, float] = {}
+        self.first_step: float | None = None  # perf_counter when the first step of this call began
+        self.last_step: float | None = None  # ... and when its last step ended
+
+    @contextmanager
+    def phase(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - t)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.phases[name] = self.phases.get(name, 0.0) + seconds
+
+    def report(self) -> dict:
+        now = time.perf_counter()
+        out = {"phases": {k: round(v, 3) for k, v in self.phases.items()}}
+        if self.first_step is not None:
+            out["to_first_step"] = round(self.first_step - self.start, 3)
+        if self.last_step is not None:
+            out["after_last_step"] = round(now - self.last_step, 3)
+            if self.first_step is not None:
+                out["steps"] = round(self.last_step - self.first_step, 3)
+        return out
+
+
+def format_timings(timings: dict) -> str:
+    """The timings of a run as lines: each phase in seconds, then the two totals (pure)."""
+    lines = ["start-up and finish (s):"]
+    lines += [f"  {name:<18} {sec:8.2f}" for name, sec in timings.get("phases", {}).items()]
+    for key in ("to_first_step", "steps", "after_last_step"):
+        if key in timings:
+            lines.append(f"  {key:<18} {timings[key]:8.2f}")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -105,9 +151,10 @@ class Session:
     resumed_from: int | None
     history: list[dict]
     generated: int
-    eval_before: float
+    eval_before: float | None  # None: the run does not evaluate (train.eval_loss)
     t0: float
     step: int = 0  # steps completed so far
+    clock: Timeline = field(default_factory=Timeline)
     override: dict | None = None
     dataset_digest: str = ""
 
@@ -125,27 +172,34 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
     it again (what a notebook's re-run wants). profile=True writes profile.json: seconds per
     phase (data, VAE, text encoder, UNet forward, backward, optimizer).
     """
+    clock = Timeline()
     cfg = cfg.resolved().validate()
     if cfg.identifier.learned:  # refused before a run folder exists (not yet for SDXL's two encoders)
         from .config import ConfigError
         from .models import detect_family
 
-        if detect_family(cfg.model.name, cfg.model.revision) == "sdxl":
+        with clock.phase("family_detection"):
+            family = detect_family(cfg.model.name, cfg.model.revision)
+        if family == "sdxl":
             raise ConfigError("identifier.learned is not supported for SDXL models yet (its tokens would need both "
                               "text encoders): use a rare token (identifier.learned: false)")
         check_identifier_tokens(cfg)  # a clash with the tokenizer's own entries: before any folder or model
-    ident = runs.Identity.of(cfg)  # reads the photos' bytes: a missing folder fails here, in a second
+    with clock.phase("dataset_hash"):
+        ident = runs.Identity.of(cfg)  # reads the photos' bytes: a missing folder fails here, in a second
     if reuse_finished and (done := runs.check_reusable(cfg, ident)) is not None:
         if progress:
             print(f"already trained: {done} (pass reuse_finished=False to train again)")
         return load_result(done)
-    instance = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution, captions=cfg.data.captions,
-                                    token=cfg.data.token)  # bad photos (and captions) fail before the model loads
+    with clock.phase("dataset_checks"):
+        instance = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution, captions=cfg.data.captions,
+                                        token=cfg.data.token)  # bad photos (and captions) fail before the model loads
     with preserved_global_state():
-        acc = make_accelerator(cfg)
+        with clock.phase("accelerator"):
+            acc = make_accelerator(cfg)
         # The run folder is made (or picked and checked) before anything heavy: an unwritable
         # output folder or a mismatched resume is reported before minutes of model loading.
-        opened = runs.open_run(cfg, ident, resume, allow_change) if acc.is_main_process else None
+        with clock.phase("run_folder"):
+            opened = runs.open_run(cfg, ident, resume, allow_change) if acc.is_main_process else None
         if acc.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -155,13 +209,9 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
             with runs.RunLock(opened.path) if acc.is_main_process else nullcontext():
                 try:
                     if acc.is_main_process and not (opened.path / "dataset.png").exists():  # each run: its photos
-                        from .viz import dataset_sheet
-
-                        dataset_sheet(instance, opened.path / "dataset.png", title=f"{len(instance)} photos in "
-                                      f"{cfg.data.instance_dir}", params={"resolution": cfg.resolution,
-                                                                         "token": cfg.data.token,
-                                                                         "class": cfg.data.class_name})
-                    s = set_up(cfg, acc, opened, instance, ident, progress=progress, profile=profile)
+                        with clock.phase("dataset_sheet"):
+                            write_dataset_sheet(cfg, instance, ident, opened.path / "dataset.png")
+                    s = set_up(cfg, acc, opened, instance, ident, progress=progress, profile=profile, clock=clock)
                     callbacks = make_callbacks(s, on_step, progress)
                     try:
                         run_loop(s, callbacks)
@@ -181,6 +231,54 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
             if not files.is_disk_full(exc) or trained_anything(opened, s):
                 raise
             raise discard_untrained(cfg, opened, exc, main=acc.is_main_process) from None
+
+
+DATASET_SHEET_VERSION = 1  # part of the sheet cache's key: bump when viz.dataset_sheet draws differently
+
+
+def sheet_cache_dir() -> Path:
+    from .models import cache_root
+
+    return cache_root() / "dataset_sheets"
+
+
+def write_dataset_sheet(cfg: Config, instance: ImageSet, ident: runs.Identity, path: Path) -> Path:
+    """dataset.png: the photos as training sees them (viz.dataset_sheet). Runs on the same photos with
+    the same labels, title and parameters (a sweep, a world study, a notebook run again) get a copy of
+    the first one's sheet from `<cache>/dataset_sheets/` (keyed by all of these and matplotlib's
+    version) instead of importing matplotlib and drawing it again: half a second of every start-up.
+    Filling that cache is best effort; the run folder's copy is written like any other file."""
+    import hashlib
+    import importlib.metadata
+    import json
+
+    title = f"{len(instance)} photos in {cfg.data.instance_dir}"
+    params = {"resolution": cfg.resolution, "token": cfg.data.token, "class": cfg.data.class_name}
+    try:
+        mpl = importlib.metadata.version("matplotlib")
+    except importlib.metadata.PackageNotFoundError:
+        mpl = None
+    key = hashlib.sha256(json.dumps({
+        "version": DATASET_SHEET_VERSION, "matplotlib": mpl, "dataset": ident.dataset_digest, "title": title,
+        "params": params, "resolution": instance.resolution,
+        "labels": [instance.label(i) for i in range(len(instance))],
+    }, sort_keys=True).encode()).hexdigest()[:24]
+    cached = sheet_cache_dir() / f"{key}.png"
+    try:
+        data = cached.read_bytes()
+    except OSError:
+        data = None
+    if data:
+        return files.atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    from .viz import dataset_sheet
+
+    dataset_sheet(instance, path, title=title, params=params)
+    try:
+        drawn = path.read_bytes()
+        files.atomic_write(cached, lambda tmp: tmp.write_bytes(drawn))
+    except OSError:  # a full or read-only cache: the next run draws its own
+        pass
+    return path
 
 
 def make_accelerator(cfg: Config):
@@ -229,25 +327,35 @@ def preserved_global_state():
 
 
 def set_up(cfg: Config, acc, opened: runs.Opened, instance: ImageSet, ident: runs.Identity, *,
-           progress: bool, profile: bool) -> Session:
+           progress: bool, profile: bool, clock: Timeline | None = None) -> Session:
     """Model, class images, adapters, optimizer and scheduler; restored from the newest intact
     checkpoint when the run has one."""
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
+    clock = clock or Timeline()
+    with clock.phase("imports_in_train"):  # diffusers' top level (its model classes load in model_load)
+        from accelerate.utils import set_seed
+        from diffusers.optimization import get_scheduler
 
+        from .models import detect_family
     t0 = time.time()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision, torch.float32)
     set_seed(cfg.train.seed)
     with acc.main_process_first():  # the tiny model is built once, by the main process
-        pipe = load_pipeline(cfg.model, device=acc.device, dtype=weight_dtype)
+        with clock.phase("family_detection"):  # remembered: load_pipeline's own look is free
+            detect_family(cfg.model.name, cfg.model.revision)
+        with clock.phase("model_load"):
+            pipe = load_pipeline(cfg.model, device=acc.device, dtype=weight_dtype)
     pipe.vae.requires_grad_(False)  # never trained: no gradients kept for it
-    warn_about_token(cfg, pipe.tokenizer)
-    classes, generated = class_images(cfg, acc, pipe, weight_dtype, progress)
+    with clock.phase("token_check"):
+        warn_about_token(cfg, pipe.tokenizer)
+    with clock.phase("class_images"):
+        classes, generated = class_images(cfg, acc, pipe, weight_dtype, progress)
 
-    objective = DreamBoothObjective(cfg, pipe, instance, classes, acc, profile=profile)
+    with clock.phase("latent_cache"):  # and the text states of the frozen encoder
+        objective = DreamBoothObjective(cfg, pipe, instance, classes, acc, profile=profile)
     torch.manual_seed(cfg.train.seed)  # LoRA init draws from the global generator
     second = {"text_encoder_2": objective.text_encoders[1]} if len(objective.text_encoders) > 1 else {}
-    params = add_adapters(cfg, objective.unet, objective.text_encoder, **second)
+    with clock.phase("adapters"):
+        params = add_adapters(cfg, objective.unet, objective.text_encoder, **second)
     if objective.identifier is not None:  # add_adapters froze the text encoder: the identifier learns
         objective.identifier.requires_grad_(True)
         params.append(objective.identifier)
@@ -256,8 +364,12 @@ def set_up(cfg: Config, acc, opened: runs.Opened, instance: ImageSet, ident: run
         if cfg.train.train_text_encoder:
             for te in objective.text_encoders:
                 enable_checkpointing(te)
-    eval_before = objective.eval_instance_loss()
+    eval_before = None
+    if evaluates(cfg, len(instance)):  # train.eval_loss (auto: not on a short run, where it is most of the time)
+        with clock.phase("eval_before"):
+            eval_before = objective.eval_instance_loss()
 
+    t_optimizer = time.perf_counter()  # optimizer, schedule, accelerate's prepare, checkpoint lookup
     configure_speed(cfg, objective.unet)
     encoders = objective.text_encoders if len(objective.text_encoders) > 1 else objective.text_encoder
     optimizer = make_optimizer(cfg, objective.unet, encoders, objective.identifier)
@@ -286,10 +398,11 @@ def set_up(cfg: Config, acc, opened: runs.Opened, instance: ImageSet, ident: run
         if opened.override:  # --allow-change: the config's learning rates and optimizer settings from here on
             use_config_hyperparameters(optimizer.optimizer, lr_scheduler, fresh)
     history = read_metrics(run_dir, up_to_step=start) if acc.is_main_process else []
+    clock.add("optimizer", time.perf_counter() - t_optimizer)
     return Session(cfg=cfg, acc=acc, run_dir=run_dir, objective=objective, optimizer=optimizer,
                    lr_scheduler=lr_scheduler, params=params, named=named, models=models, start=start,
                    resumed_from=resumed_from, history=history, generated=generated, eval_before=eval_before,
-                   t0=t0, step=start, override=opened.override, dataset_digest=ident.dataset_digest)
+                   t0=t0, step=start, override=opened.override, dataset_digest=ident.dataset_digest, clock=clock)
 
 
 def use_config_hyperparameters(optimizer, lr_scheduler, fresh: list[dict]) -> None:
@@ -365,6 +478,8 @@ def run_loop(s: Session, callbacks: list) -> None:
         te.train(objective.text_trained)
     for step in range(s.start, cfg.train.steps):
         t_step = time.time()
+        if s.clock.first_step is None:
+            s.clock.first_step = time.perf_counter()
         sums = torch.zeros(3)
         for micro in range(k):
             torch.manual_seed(step_seed(cfg.train.seed, step, micro))  # LoRA dropout, if any
@@ -397,6 +512,7 @@ def run_loop(s: Session, callbacks: list) -> None:
         if acc.is_main_process and s.step % cfg.train.checkpoint_every == 0 and s.step < cfg.train.steps:
             checkpoint.save(s.run_dir, s.step, s.named, s.optimizer.optimizer, s.lr_scheduler,
                             cfg.train.checkpoints_to_keep, scaler=acc.scaler)
+        s.clock.last_step = time.perf_counter()
 
 
 def hold_lora(params: list, identifier) -> None:
@@ -566,29 +682,39 @@ def finish(s: Session, ident: runs.Identity, callbacks: list, *, progress: bool,
     objective.unet.eval()
     for te in objective.text_encoders:
         te.eval()
-    eval_after = objective.eval_instance_loss()
+    clock = s.clock
+    eval_after = None
+    if s.eval_before is not None:  # measured before the first step: measured after the last
+        with clock.phase("eval_after"):
+            eval_after = objective.eval_instance_loss()
     for cb in callbacks:
         if isinstance(cb, RankReport):
             cb.write()
     acc.wait_for_everyone()
+    timings: dict = {}
     if acc.is_main_process:
         from .viz import plot_loss_curve
 
         # The last step is checkpointed before anything else is written: a full disk from here on
         # loses no step (the same command resumes at the last step); it goes once summary.json is.
-        last = keep_last_step(s)
-        write_lora(s, s.run_dir)
+        with clock.phase("last_checkpoint"):
+            last = keep_last_step(s)
+        with clock.phase("lora_file"):
+            write_lora(s, s.run_dir)
         if cfg.train.save_lora_every and cfg.train.step_images:
             from .compare import steps_sheet
 
-            steps_sheet(s.run_dir)
-        plot_loss_curve(s.history, s.run_dir / "loss.png", title=f"{s.run_dir.name}", params=run_params(cfg))
+            with clock.phase("steps_sheet"):
+                steps_sheet(s.run_dir)
+        with clock.phase("loss_plot"):
+            plot_loss_curve(s.history, s.run_dir / "loss.png", title=f"{s.run_dir.name}", params=run_params(cfg))
         summary = {"status": "finished", "steps": cfg.train.steps,
                    "final_loss": s.history[-1]["loss"] if s.history else None,
                    "eval_instance_loss_before": s.eval_before, "eval_instance_loss_after": eval_after,
                    "class_images_generated": s.generated, "resumed_from": s.resumed_from,
                    "seconds": round(time.time() - s.t0, 2), "config_hash": cfg.hash(), "family": objective.family,
-                   "dataset_digest": ident.dataset_digest, "photos": len(ident.dataset)}
+                   "dataset_digest": ident.dataset_digest, "photos": len(ident.dataset),
+                   "timings": (timings := clock.report())}  # the same dict as the result's
         if s.override:  # the changed config trained from the resumed step on (steps before it: the run's own)
             summary["resume_override"] = {**s.override, "applied_from_step": s.resumed_from or 0}
         files.write_json(s.run_dir / SUMMARY, summary)
@@ -598,11 +724,12 @@ def finish(s: Session, ident: runs.Identity, callbacks: list, *, progress: bool,
             files.write_json(s.run_dir / "profile.json", report)
             if progress:
                 print(format_profile(report))
+                print(format_timings(summary["timings"]))
     acc.end_training()
     return RunResult(run_dir=s.run_dir, lora_path=s.run_dir / runs.LORA_FILE, steps=cfg.train.steps,
                      final_loss=s.history[-1]["loss"] if s.history else float("nan"), eval_loss_before=s.eval_before,
                      eval_loss_after=eval_after, class_images_generated=s.generated, resumed_from=s.resumed_from,
-                     seconds=time.time() - s.t0, history=s.history)
+                     seconds=time.time() - s.t0, history=s.history, timings=timings or clock.report())
 
 
 def keep_last_step(s: Session) -> Path:
@@ -656,16 +783,18 @@ def check_identifier_tokens(cfg: Config, tokenizer=None) -> None:
 
 
 def warn_about_token(cfg: Config, tokenizer) -> None:
-    """A rare token that the tokenizer splits binds badly: say so before the hour of training."""
+    """A rare token that the tokenizer splits binds badly: say so before the hour of training
+    (`tokens.analyze`'s first warning; only the split is needed here, not its word-frequency
+    look-up, which costs a second of start-up)."""
     import warnings
 
-    from .tokens import TokenWarning, analyze
+    from .tokens import TokenWarning, is_learned, split_warning
 
-    if cfg.identifier.learned:  # the prompt carries the new <token>: nothing to split
+    if cfg.identifier.learned or is_learned(cfg.data.token, tokenizer):  # a new <token>: nothing to split
         return
-    report = analyze([cfg.data.token], tokenizer, cfg.data.class_name, cfg.data.instance_prompt)[0]
-    if not report.single:
-        warnings.warn(f"data.token '{cfg.data.token}' {report.warnings[0]}", TokenWarning, stacklevel=3)
+    pieces = tokenizer.tokenize(cfg.data.token)
+    if len(pieces) != 1:
+        warnings.warn(f"data.token '{cfg.data.token}' {split_warning(pieces)}", TokenWarning, stacklevel=3)
 
 
 def make_optimizer(cfg: Config, unet, text_encoder, identifier=None):

@@ -11,6 +11,13 @@ Two caches change nothing but time (both on by default, `train.cache_latents` an
 - with the text encoder frozen, the two prompts' hidden states are computed once (for SDXL:
   both encoders' states and the pooled embedding, conditioning.py).
 
+Where the VAE and text encoder stay where they are anyway (a CPU, or ``train.offload_frozen:
+false``; `encode_lazily`) both caches fill as the steps need them: a photo is encoded the first
+time a step draws it (`LatentCache`), the prompts at the first step. The first step does not wait
+for every photo, a short run never encodes the photos it does not draw, and the entries are the
+same tensors either way. On a GPU with offloading they are all computed before the first step, so
+that the VAE and text encoder can leave the GPU (what the memory model counts on).
+
 Afterwards the VAE and the frozen text encoder leave the accelerator (`train.offload_frozen`).
 Every random draw of a step comes from one generator seeded by (seed, step, micro-step), in the
 same order on both paths, which is what makes cached and uncached losses agree.
@@ -73,6 +80,33 @@ def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int, p
     return inst + prior_weight * prior, inst, prior
 
 
+# The fixed-noise evaluation (DreamBoothObjective.eval_instance_loss): these timesteps, each photo once.
+EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
+EVAL_SHARE = 0.05  # train.eval_loss=auto: on when before + after cost at most this share of the training
+
+
+def evaluates(cfg: Config, photos: int) -> bool:
+    """Does the run compute the fixed-noise instance loss before the first step and after the last
+    (train.eval_loss)? auto: when the two evaluations' UNet rows (forward only: photos x timesteps,
+    twice) are at most EVAL_SHARE of the training's (steps x rows per step, forward and backward
+    counted as three forwards). The study's 1300 steps on 18 photos: yes (2%); a 2-step run: no (pure)."""
+    mode = cfg.train.eval_loss
+    if mode != "auto":
+        return mode == "on"
+    t = cfg.train
+    prior = cfg.prior.enabled and cfg.prior.loss_weight > 0
+    train_rows = 3 * t.steps * t.batch_size * t.gradient_accumulation_steps * (2 if prior else 1)
+    return 2 * photos * len(EVAL_TIMESTEPS) <= EVAL_SHARE * train_rows
+
+
+def encode_lazily(cfg: Config, device: torch.device) -> bool:
+    """Are the caches (latents, the frozen text encoder's states) filled as the steps need them,
+    rather than all before the first step? Where nothing leaves the accelerator afterwards (a CPU,
+    or train.offload_frozen: false): yes. On a GPU with offloading: no, the VAE and text encoder
+    leave it before the first step, as the memory model counts."""
+    return device.type == "cpu" or not cfg.train.offload_frozen
+
+
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                      truncation=True, return_tensors="pt").input_ids
@@ -108,6 +142,38 @@ class Row:
     box: tuple[int, int, int, int]
     bucket: tuple[int, int] | None = None  # (width, height) with data.buckets
     resized: tuple[int, int] | None = None  # the image is resized to this before the crop box
+
+
+class LatentCache:
+    """The VAE's latent distribution (mean, std) of each centre-cropped photo, keyed (kind, flip,
+    index, bucket), computed by `encode(key)` the first time it is asked for (or all at once,
+    `fill()`). The same tensors whenever they are encoded: one photo per VAE pass, without autocast
+    or gradients. `cache[kind, flip]` gives one kind's (means, stds) stacked, as the eager cache did."""
+
+    def __init__(self, keys: list[tuple], encode):
+        self.keys, self._encode, self.entries = keys, encode, {}
+
+    def get(self, kind: str, flip: bool, index: int, bucket=None) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (kind, flip, index, bucket)
+        if key not in self.entries:
+            self.entries[key] = self._encode(key)
+        return self.entries[key]
+
+    def fill(self) -> "LatentCache":
+        for key in self.keys:
+            self.get(*key)
+        return self
+
+    @property
+    def complete(self) -> bool:
+        return len(self.entries) == len(self.keys)
+
+    def __getitem__(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(key) == 4:
+            return self.get(*key)
+        kind, flip = key
+        pairs = [self.get(*k) for k in self.keys if k[0] == kind and k[1] == flip]
+        return torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs])
 
 
 class DreamBoothObjective:
@@ -166,26 +232,45 @@ class DreamBoothObjective:
                 warnings.warn(msg, UserWarning, stacklevel=3)
         self.prompt_ids = [tokenize(tok, prompts) for tok in self.tokenizers]  # one per text encoder
         self.timer = PhaseTimer(profile, accelerator.device)
-        self.latent_cache: dict | None = None
-        self.text_cache: Cond | None = None
+        self.latent_cache: LatentCache | None = None
+        self._text_cache: Cond | None = None
+        self._text_pending = False  # the frozen encoder's states are due, computed on first use
         # Aspect-ratio bucketing (buckets.py): each photo's bucket, decided once.
         self.bucket_of: list | None = None
         if cfg.data.buckets:
             sizes = buckets.bucket_sizes(cfg.resolution, buckets.bucket_step(cfg.resolution))
             self.bucket_of = [buckets.nearest_bucket(im.size, sizes) for im in instance.images]
+        # Lazily (a photo the first time a step draws it, the prompts' states at the first step)
+        # where the VAE and text encoder stay put anyway; else all now, so that they can leave the
+        # GPU before the first step.
+        self.lazy = encode_lazily(cfg, accelerator.device)
         if cfg.train.cache_latents and cfg.data.center_crop:
-            self.latent_cache = self._encode_all() if self.bucket_of is None else self._encode_buckets()
+            self.latent_cache = LatentCache(self._latent_keys(), self._encode_one)
+            if not self.lazy:
+                self.latent_cache.fill()
         if cfg.train.cache_text_embeddings and not self.text_trained:
-            with torch.no_grad():
-                self.text_cache = self.encode(torch.arange(len(self.prompt_ids[0])))
+            self._text_pending = True
+            if not self.lazy:
+                _ = self.text_cache
         if cfg.train.offload_frozen:
-            if self.latent_cache is not None:
+            if self.latent_cache is not None and self.latent_cache.complete:
                 self.vae.to("cpu")
-            if self.text_cache is not None:
+            if self._text_cache is not None:
                 for te in self.text_encoders:
                     te.to("cpu")
             if self.acc.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    @property
+    def text_cache(self) -> Cond | None:
+        """The frozen text encoder's conditioning of every prompt (None when it is not cached),
+        computed in one batch the first time it is used: the same tensors whenever that is (no
+        gradients, no autocast)."""
+        if self._text_pending:
+            with torch.no_grad(), torch.autocast(self.acc.device.type, enabled=False):
+                self._text_cache = self.encode(torch.arange(len(self.prompt_ids[0])))
+            self._text_pending = False
+        return self._text_cache
 
     @property
     def text_encoder(self):
@@ -220,40 +305,32 @@ class DreamBoothObjective:
         return pipeline_class(self.family)(**parts)
 
     # ---- caches ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _encode_all(self) -> dict:
-        """(kind, flip) -> (mean, std) tensors of every photo, centre-cropped (one VAE pass each)."""
-        cache = {}
+    def _latent_keys(self) -> list[tuple]:
+        """(kind, flip, index, bucket) of every centre crop a step can draw: each photo (in its own
+        bucket with data.buckets; each class image in every bucket a photo uses), both flips when
+        flipping is on."""
         flips = (False, True) if self.cfg.data.random_flip else (False,)
-        for kind, images in self.sets.items():
-            if images is None:
-                continue
-            for flip in flips:
-                means, stds = [], []
-                for i in range(len(images)):
-                    px = images.example(i, center_crop=True, flip=flip)[None]
-                    dist = self.vae.encode(px.to(self.acc.device, self.vae.dtype)).latent_dist
-                    means.append(dist.mean)
-                    stds.append(dist.std)
-                cache[kind, flip] = (torch.cat(means), torch.cat(stds))
-        return cache
-
-    @torch.no_grad()
-    def _encode_buckets(self) -> dict:
-        """(kind, flip, index, bucket) -> (mean, std) of centre crops: each photo in its own bucket,
-        each class image in every bucket a photo uses (class rows follow the step's bucket)."""
-        cache = {}
-        flips = (False, True) if self.cfg.data.random_flip else (False,)
+        if self.bucket_of is None:
+            return [(kind, flip, i, None) for kind, images in self.sets.items() if images is not None
+                    for flip in flips for i in range(len(images))]
         wanted = [("instance", i, b) for i, b in enumerate(self.bucket_of)]
         if self.sets["class"] is not None:
             wanted += [("class", i, b) for b in sorted(set(self.bucket_of)) for i in range(len(self.sets["class"]))]
-        for kind, i, bucket in wanted:
-            for flip in flips:
-                resized, box = buckets.cover_and_crop_box(self.sets[kind].images[i].size, bucket, True, None)
-                px = self.pixels(Row(kind, i, flip, box, bucket, resized))[None]
-                dist = self.vae.encode(px.to(self.acc.device, self.vae.dtype)).latent_dist
-                cache[kind, flip, i, bucket] = (dist.mean[0], dist.std[0])
-        return cache
+        return [(kind, flip, i, bucket) for kind, i, bucket in wanted for flip in flips]
+
+    def _encode_one(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of one centre crop: one VAE pass, no gradients, no autocast (a lazy entry is
+        encoded inside a step's autocast; it must equal the one encoded before the first step)."""
+        kind, flip, i, bucket = key
+        if bucket is None:
+            px = self.sets[kind].example(i, center_crop=True, flip=flip)[None]
+        else:
+            resized, box = buckets.cover_and_crop_box(self.sets[kind].images[i].size, bucket, True, None)
+            px = self.pixels(Row(kind, i, flip, box, bucket, resized))[None]
+        dev = self.acc.device
+        with torch.no_grad(), torch.autocast(dev.type, enabled=False):
+            dist = self.vae.encode(px.to(dev, self.vae.dtype)).latent_dist
+        return dist.mean[0], dist.std[0]
 
     def pixels(self, row: Row) -> torch.Tensor:
         """The row's crop as a [-1, 1] tensor (resized to cover its bucket first, with buckets)."""
@@ -309,12 +386,9 @@ class DreamBoothObjective:
     def latents(self, rows: list[Row], positions: list[int], n: int, gen: torch.Generator) -> torch.Tensor:
         """Scaled latents of the rows: mean + std * eps, as DiagonalGaussianDistribution.sample."""
         dev = self.acc.device
-        if self.latent_cache is not None and self.bucket_of is not None:
-            mean = torch.stack([self.latent_cache[r.kind, r.flip, r.index, r.bucket][0] for r in rows])
-            std = torch.stack([self.latent_cache[r.kind, r.flip, r.index, r.bucket][1] for r in rows])
-        elif self.latent_cache is not None:
-            mean = torch.stack([self.latent_cache[r.kind, r.flip][0][r.index] for r in rows])
-            std = torch.stack([self.latent_cache[r.kind, r.flip][1][r.index] for r in rows])
+        if self.latent_cache is not None:
+            pairs = [self.latent_cache.get(r.kind, r.flip, r.index, r.bucket) for r in rows]
+            mean, std = torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs])
         else:
             pixels = torch.stack([self.pixels(r) for r in rows])
             with torch.no_grad():
@@ -441,21 +515,22 @@ class DreamBoothObjective:
                 te.enable_adapters()
 
     @torch.no_grad()
-    def eval_instance_loss(self, seed: int = 1234, timesteps=(100, 300, 500, 700, 900)) -> float:
-        """Instance loss on centre crops with fixed noise and timesteps: comparable across steps and runs."""
+    def eval_instance_loss(self, seed: int = 1234, timesteps=EVAL_TIMESTEPS) -> float:
+        """Instance loss on centre crops with fixed noise and timesteps: comparable across steps and runs.
+        One UNet pass per photo (its timesteps as one batch); `evaluates` says whether a run computes it."""
         losses = []
         n = len(timesteps)
         for i in range(len(self.sets["instance"])):
             if self.bucket_of is not None:  # the photo's own bucket, centre crop
                 b = self.bucket_of[i]
                 if self.latent_cache is not None:
-                    mean = self.latent_cache["instance", False, i, b][0][None]
+                    mean = self.latent_cache.get("instance", False, i, b)[0][None]
                 else:
                     resized, box = buckets.cover_and_crop_box(self.sets["instance"].images[i].size, b, True, None)
                     px = self.pixels(Row("instance", i, False, box, b, resized))[None]
                     mean = self.vae.encode(px.to(self.acc.device, self.vae.dtype)).latent_dist.mean
             elif self.latent_cache is not None:
-                mean = self.latent_cache["instance", False][0][i:i + 1]
+                mean = self.latent_cache.get("instance", False, i)[0][None]
             else:
                 px = self.sets["instance"].example(i, center_crop=True, flip=False)[None]
                 mean = self.vae.encode(px.to(self.acc.device, self.vae.dtype)).latent_dist.mean

@@ -14,6 +14,7 @@ SPEED_SWITCHES = [
     ("train.allow_tf32", False),
     ("train.channels_last", True),
     ("train.compile", True),
+    ("train.eval_loss", "on"),  # a measurement before and after; the steps are the same
     ("prior.batch_size", 1),
 ]
 # Where things go, what they are called, how often they are written or logged.

@@ -101,7 +101,7 @@ def test_v_prediction_sd2_model_trains_and_samples(tmp_path):
     from dreambooth_lab.train import train
 
     cfg = tiny_config(tmp_path, **{"model.name": "tiny-sd2v", "train.steps": 15, "optim.lr_unet": 3e-3,
-                                   "prior.enabled": False, "train.train_text_encoder": True})
+                                   "prior.enabled": False, "train.train_text_encoder": True, "train.eval_loss": "on"})
     run = train(cfg, resume=None, progress=False)
     assert run.eval_loss_after < run.eval_loss_before  # it learns the velocity target
     assert json.loads((run.run_dir / "summary.json").read_text())["family"] == "sd2"

@@ -42,7 +42,7 @@ def test_step_seeds_differ_per_step_and_micro_step():
 # ---- training on the tiny model --------------------------------------------------------------
 
 def test_training_with_prior_lowers_the_instance_loss(tmp_path):
-    cfg = tiny_config(tmp_path, **{"train.steps": 30, "optim.lr_unet": 3e-3})
+    cfg = tiny_config(tmp_path, **{"train.steps": 30, "optim.lr_unet": 3e-3, "train.eval_loss": "on"})
     result = train(cfg, resume=None, progress=False)
     assert result.eval_loss_after < result.eval_loss_before
     rows = read_metrics(result.run_dir)
@@ -180,7 +180,7 @@ def test_class_image_cache_is_reused_and_topped_up(tmp_path, tiny_pipe):
 
 @pytest.mark.parametrize("flip,train_te", [(False, False), (True, False), (True, True)])
 def test_cached_and_uncached_paths_give_the_same_losses(tmp_path, flip, train_te):
-    over = {"train.steps": 5, "data.random_flip": flip, "train.train_text_encoder": train_te}
+    over = {"train.steps": 5, "data.random_flip": flip, "train.train_text_encoder": train_te, "train.eval_loss": "on"}
     cached = train(tiny_config(tmp_path / "a", **over), resume=None, progress=False)
     plain = train(tiny_config(tmp_path / "b", **over, **{"train.cache_latents": False,
                                                          "train.cache_text_embeddings": False}),

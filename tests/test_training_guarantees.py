@@ -61,7 +61,7 @@ def test_base_weights_stay_frozen(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "load_pipeline", spy)
     cfg = tiny_config(tmp_path, **{"train.steps": 3, "train.train_text_encoder": True, "optim.lr_unet": 1e-2,
-                                   "optim.lr_text_encoder": 1e-2})
+                                   "optim.lr_text_encoder": 1e-2, "train.eval_loss": "on"})
     result = train(cfg, resume=None, progress=False)
     assert result.eval_loss_after != result.eval_loss_before  # the LoRA did train
     for name, before in seen["before"].items():
