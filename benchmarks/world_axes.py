@@ -95,7 +95,7 @@ def mean(xs) -> float:
 
 
 COLUMNS = ("subject", "prompt", "subject_and_prompt", "drift", "class_diversity", "seconds")
-VERDICT_METRICS = ("subject", "prompt", "subject_and_prompt", "drift")
+VERDICT_METRICS = ("subject", "prompt", "subject_and_prompt", "drift", "class_diversity")  # the paper's PRES and DIV too
 
 
 def run_row(pipe, subject: str, photos: int, overrides: dict, seeds, work: Path, log, replicates: int = 1,
@@ -140,7 +140,7 @@ def _cell(row: dict, column: str, digits: int) -> str:
 
 def axis_findings(axis: str, rows: dict, default: str) -> list[str]:
     """Per setting and photo count, the setting against the default (the recipe) on subject, prompt,
-    both and drift: world.replicates.findings (stats.compare; a difference only where its 95%
+    both, drift and class diversity: world.replicates.findings (stats.compare; a difference only where its 95%
     interval excludes 0), settings in the table's order (pure)."""
     from dreambooth_lab.world.replicates import findings
 

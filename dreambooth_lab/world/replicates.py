@@ -164,6 +164,10 @@ def verdicts(rows: Sequence[dict], pairs: Sequence[tuple[str, str]], metrics: Se
     return [stats.compare(rows, a, b, m, by=by, verb=VERBS.get(m)) for a, b in pairs for m in metrics]
 
 
+def _d(v: dict) -> int:
+    return DIGITS.get(v["metric"], 2)
+
+
 def findings(rows: Sequence[dict], pairs: Sequence[tuple[str, str]], metrics: Sequence[str],
              by: str = "group") -> list[str]:
     """One line per pair: 'a vs b (n = 3 each, 95% intervals):', then every difference whose 95%
@@ -174,7 +178,7 @@ def findings(rows: Sequence[dict], pairs: Sequence[tuple[str, str]], metrics: Se
     for a, b in pairs:
         vs = verdicts(rows, [(a, b)], metrics, by)
         said = [v["sentence"].rsplit(" (", 1)[0] for v in vs if v["verdict"] == "different"]
-        none = [f"{v['metric']} {v['difference']:+.2f} [{v['low']:.2f}, {v['high']:.2f}]" for v in vs
+        none = [f"{v['metric']} {v['difference']:+.{_d(v)}f} [{v['low']:.{_d(v)}f}, {v['high']:.{_d(v)}f}]" for v in vs
                 if v["verdict"] == "no difference shown"]
         if none:
             said.append("no difference shown (a − b): " + ", ".join(none))
