@@ -52,6 +52,17 @@ def tiny_pipe():
     return load_pipeline(ModelConfig(name="tiny"), device="cpu")
 
 
+@pytest.fixture(autouse=True)
+def _tiny_pipe_left_without_a_lora(request):
+    """The session's tiny pipeline is shared: a LoRA a test loads into it is dropped after that
+    test, so the next test in the same worker starts from the base model whatever order runs."""
+    yield
+    if "tiny_pipe" in request.fixturenames:
+        from dreambooth_lab.sample import _drop_adapter
+
+        _drop_adapter(request.getfixturevalue("tiny_pipe"))
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A short run with UNet and text-encoder LoRA, shared by the sampling tests."""
