@@ -504,6 +504,24 @@ def _sp(v: dict) -> str:
     return f"{v['mean']:.2f} ± {v['sd']:.2f} [{v['min']:.2f}–{v['max']:.2f}]"
 
 
+def target_cell(key: str, subject: str, sm: dict, target: float) -> str:
+    """One subject's cell of a target row (pure): mean ± sd [min–max] and ✓/✗; for a test prompt also
+    its two halves (the subject alone, the asked attribute alone: which one a composition loses);
+    "n/a" where the world cannot draw the class that way (a backpack wears no t-shirt, drives no car)."""
+    from dreambooth_lab.world.scene import ANIMATE
+
+    if key not in sm:
+        return "–"
+    prompt = key.split(":", 1)[1]
+    if key.startswith("test:") and subject not in ANIMATE and ("t-shirt" in prompt or "driving" in prompt):
+        return f"n/a (the world draws no {subject} {'in a t-shirt' if 't-shirt' in prompt else 'driving'})"
+    cell = _sp(sm[key]) + (" ✓" if sm[key]["mean"] >= target else " ✗")
+    halves = [f"{name} {sm[f'{part}:{prompt}']['mean']:.2f}" for part, name in (("test_subject", "subject"),
+                                                                               ("test_asked", "asked"))
+              if f"{part}:{prompt}" in sm]
+    return cell + (f" ({', '.join(halves)})" if halves else "")
+
+
 def robustness_markdown(rob: dict) -> list[str]:
     """The held-out section: every figure as mean ± sd [min–max] over the runs, with its target."""
     h = rob["held_out"]
@@ -525,7 +543,7 @@ def robustness_markdown(rob: dict) -> list[str]:
         vals = []
         for s in subs:
             sm = rob["subjects"][s]["summary"]
-            vals.append(_sp(sm[key]) + (" ✓" if sm[key]["mean"] >= target else " ✗") if key in sm else "–")
+            vals.append(target_cell(key, s, sm, target))
         row(label, f"≥ {target}", vals)
     vals = []
     for s in subs:

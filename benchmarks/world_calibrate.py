@@ -32,7 +32,8 @@ def main(argv=None) -> None:
     ap.add_argument("--train-seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--sample-seeds", type=int, nargs=2, default=[100, 112], metavar=("FIRST", "STOP"))
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--scale", type=float, default=None)
+    ap.add_argument("--scale", type=float, nargs="+", default=None,
+                    help="LoRA scales to read each trained run at (one line per run and scale; default: the recipe's)")
     ap.add_argument("--captions", action=argparse.BooleanOptionalAction, default=None,
                     help="per-photo captions naming the context (default: the recipe's)")
     ap.add_argument("--no-prior", action="store_true")
@@ -74,28 +75,31 @@ def main(argv=None) -> None:
                 t0 = time.time()
                 res = train(cfg, resume=None, progress=False)
                 secs = time.time() - t0
-                scale = args.scale if args.scale is not None else WORLD_RECIPE_SCALE
-                reading = robustness(pipe, res.run_dir, cfg, seeds, scale=scale)
-                read = reading["readings"]
-                if args.sheet and not rows:
-                    from dreambooth_lab.world.sheets import seed_grid
-                    from dreambooth_lab.world.subjects import subject_photos
+                for scale in args.scale if args.scale is not None else [WORLD_RECIPE_SCALE]:
+                    reading = robustness(pipe, res.run_dir, cfg, seeds, scale=scale)
+                    read = reading["readings"]
+                    if args.sheet and not rows:
+                        from dreambooth_lab.world.sheets import seed_grid
+                        from dreambooth_lab.world.subjects import subject_photos
 
-                    seed_grid({"training photos": subject_photos(args.subject, args.photos, draw),
-                               **reading["images"]}, args.sheet)
-                row = {"label": args.label, "subject": args.subject, "token": token, "draw": draw, "train_seed": tseed,
-                       "captions": cfg.data.captions, "te": cfg.train.train_text_encoder, "overrides": overrides, "steps": cfg.train.steps, "scale": scale,
-                       "seconds": round(secs, 1), **{k: round(v, 3) for k, v in read.items()}}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                if args.out:
-                    with open(args.out, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                        seed_grid({"training photos": subject_photos(args.subject, args.photos, draw),
+                                   **reading["images"]}, args.sheet)
+                    row = {"label": args.label, "subject": args.subject, "token": token, "draw": draw,
+                           "train_seed": tseed, "captions": cfg.data.captions, "te": cfg.train.train_text_encoder,
+                           "overrides": overrides, "steps": cfg.train.steps, "scale": scale,
+                           "seconds": round(secs, 1), **{k: round(v, 3) for k, v in read.items()}}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    if args.out:
+                        with open(args.out, "a") as f:
+                            f.write(json.dumps(row) + "\n")
     keys = [k for k in rows[0] if isinstance(rows[0][k], float) and k not in ("scale",)]
-    print("mean over", len(rows), "runs:")
-    for k in keys:
-        vals = [r[k] for r in rows]
-        print(f"  {k:48s} {np.mean(vals):.2f}  (min {min(vals):.2f}, max {max(vals):.2f})")
+    for scale in sorted({r["scale"] for r in rows}):
+        at = [r for r in rows if r["scale"] == scale]
+        print(f"scale {scale}: mean over {len(at)} runs:")
+        for k in keys:
+            vals = [r[k] for r in at]
+            print(f"  {k:48s} {np.mean(vals):.2f}  (min {min(vals):.2f}, max {max(vals):.2f})")
 
 
 if __name__ == "__main__":
