@@ -247,9 +247,9 @@ def token_study(pipe, subject: str = "dog", photos: int = 5, tokens=("sks", "hta
                 progress: bool = False, keep_images: bool = False, reuse_finished: bool = True,
                 log: Callable[[str], None] | None = print) -> list[dict]:
     """The study's token x text-encoder runs in the world, each setting trained `replicates` times
-    (study.token_study's settings: recipe=True the world's recipe read at its scale 1.0, False the
-    study's settings read at 0.6): one row per run with group '<token>-te'/'<token>-unet', token,
-    text_encoder and encoder ('text encoder trained'/'frozen') columns and the judge's readings."""
+    (recipe=True the world's recipe, False the study's settings; read at study.read_scale): one row
+    per run with group '<token>-te'/'<token>-unet', token, text_encoder and encoder ('text encoder
+    trained'/'frozen') columns and the judge's readings."""
     from . import study
 
     settings, columns = {}, {}
@@ -259,8 +259,7 @@ def token_study(pipe, subject: str = "dog", photos: int = 5, tokens=("sks", "hta
             settings[group] = study.run_config(recipe, subject, photos, token, output_dir=output_dir,
                                                train_text_encoder=te, overrides=overrides)
             columns[group] = {"token": token, "text_encoder": te, "encoder": ENCODER[te]}
-    read_scale = scale if scale is not None else (study.WORLD_RECIPE_SCALE if recipe else 0.6)
     warm_class_images(pipe, next(iter(settings.values())))  # one class-image set for every setting, made untimed
-    measure = world_measure(pipe, list(seeds), read_scale, progress=progress, keep_images=keep_images,
+    measure = world_measure(pipe, list(seeds), study.read_scale(recipe, scale), progress=progress, keep_images=keep_images,
                             reuse_finished=reuse_finished)
     return run_replicates(settings, replicates, measure, columns=columns, log=log)

@@ -322,32 +322,10 @@ def robustness(pipe, lora: str | Path | None, cfg: Config, seeds: Sequence[int],
     return {"readings": out, "images": images, "prompts": roles}
 
 
-def token_study(pipe, subject: str = "dog", photos: int = 5, tokens=("sks", "hta", "oue", "http"),
-                text_encoder=(False, True), seeds=range(8), scale: float | None = None, output_dir: str | Path = "runs",
-                overrides: dict | None = None, progress: bool = False, recipe: bool = False) -> list[dict]:
-    """The study's token x text-encoder runs in the world: one row of numbers (and pictures) per run.
-
-    recipe=False: the study's settings (world_config; read at scale 0.6); recipe=True: the world's
-    recipe (world_recipe_config, where the subject binds; read at WORLD_RECIPE_SCALE), the text encoder
-    still on or off per run. Finished runs of the same config are reused, so re-running a notebook
-    costs only sampling.
-    """
-    import time
-
-    from ..train import train
-
-    rows = []
-    for token in tokens:
-        for te in text_encoder:
-            cfg = run_config(recipe, subject, photos, token, output_dir=output_dir, train_text_encoder=te,
-                             overrides=overrides)
-            read_scale = scale if scale is not None else (WORLD_RECIPE_SCALE if recipe else 0.6)
-            t0 = time.time()
-            res = train(cfg, reuse_finished=True, progress=progress)
-            reading = read_run(pipe, res.run_dir, cfg, list(seeds), scale=read_scale)
-            rows.append({"token": token, "text_encoder": te, "seconds": round(time.time() - t0, 1),
-                         "run_dir": str(res.run_dir), **summarise(reading, cfg), "images": reading["images"]})
-    return rows
+def read_scale(recipe: bool, scale: float | None = None) -> float:
+    """The LoRA scale a world run is read at: `scale` if given, else the recipe's (WORLD_RECIPE_SCALE)
+    or, for the study's settings (world_config), 0.6."""
+    return scale if scale is not None else (WORLD_RECIPE_SCALE if recipe else 0.6)
 
 
 def table(rows: list[dict], columns=("token", "text_encoder", "subject_rate", "drift_subject_rate_in_class_prompt",
