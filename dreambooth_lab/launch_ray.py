@@ -71,6 +71,15 @@ def storage_folders(sweep: Sweep) -> list[Path]:
     return list(dict.fromkeys(Path(p).expanduser().resolve() for p in out))
 
 
+class RaySweepBook(SweepBook):
+    """The sweep's records as the Ray driver keeps them: runs end out of order, so a failed run's
+    line names the run, its time and its host."""
+
+    def failure_line(self, run: SweepRun, out: Outcome) -> str:
+        return (f"failed {run.id}" + (f" after {out.seconds:.1f} s" if out.seconds else "")
+                + (f" on {out.host}" if out.host else "") + f": {out.error}")
+
+
 def photo_folders(sweep: Sweep) -> list[Path]:
     """The runs' photo folders (data.instance_dir) that the driver sees: every worker reads them."""
     out = [Path(run.config.data.instance_dir).expanduser().resolve() for run in sweep.runs]
@@ -196,7 +205,7 @@ def run_sweep_ray(sweep: Sweep, *, address: str | None = None, gpus_per_run: flo
     if max_retries < 0:
         raise LauncherError(f"--max-retries {max_retries}: give 0 or more (how often a run whose worker died is "
                             "started again)")
-    book = SweepBook(sweep, progress, on_run)
+    book = RaySweepBook(sweep, progress, on_run)
     started_here = not ray.is_initialized()
     if started_here:
         t0 = time.time()
@@ -230,8 +239,6 @@ def _drive(ray, sweep: Sweep, book: SweepBook, probes: dict[str, str | None], gp
     bar = tqdm(total=len(sweep.runs), desc="runs", unit="run", disable=not book.progress)
     say = (lambda text: bar.write(text)) if book.progress else (lambda text: None)
     book.say = say  # the book's lines (failed, waiting) above the bar too
-    book.failure_line = lambda run, out: (f"failed {run.id}" + (f" after {out.seconds:.1f} s" if out.seconds else "")
-                                          + (f" on {out.host}" if out.host else "") + f": {out.error}")
 
     def submit(run: SweepRun) -> None:
         pending[task.remote(run, probes, threads, wait)] = run
