@@ -36,9 +36,14 @@ from .config import Config, ConfigError, load, to_yaml
 CONFIG = "config.yaml"
 IDENTITY = "identity.json"
 LOCK = "train.lock"
-METRICS = "metrics.jsonl"
+METRICS = "metrics.jsonl"  # the training loss, a line per step (not the evaluation's EVAL_METRICS)
 SUMMARY = "summary.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
+DATASET_SHEET = "dataset.png"  # the photos as training sees them
+LOSS_PLOT = "loss.png"
+PROFILE = "profile.json"  # train(profile=True): seconds per phase
+SAMPLES = "samples"  # report.py's folder of pictures
+EVAL_METRICS = "metrics.json"  # written by `evaluate`: the judged numbers of the finished run
 
 
 class RunMismatch(ValueError):
