@@ -21,12 +21,14 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from .config import SDXL_SHAPED, TINY_MODEL, TINY_SD2V, TINY_SDXL, TOYWORLD, ModelConfig
+from .config import (SDXL_SHAPED, TINY_MODEL, TINY_SD2V, TINY_SDXL, TOYWORLD, Config, ConfigError, ModelConfig,
+                     default_resolution)
 
 # Bump when the tiny architecture or its weights change: the cache folder and class-image cache
 # keys include it, so stale copies are never reused.
@@ -521,6 +523,30 @@ def detect_family(source, revision: str | None = None) -> str:
     return _FAMILY_CACHE[key]
 
 
+@dataclass(frozen=True)
+class BaseModel:
+    """The base model, resolved once: what every later step asks instead of looking again."""
+
+    name: str  # as configured: hub id, local folder or built-in name
+    revision: str | None
+    family: str  # "sd1" | "sd2" | "sdxl"
+    resolution: int  # native resolution: what data.resolution defaults to
+
+
+def resolve(model: ModelConfig) -> BaseModel:
+    """The model's family and native resolution, read once from its configs (remembered per name
+    and revision: a second call is free)."""
+    return BaseModel(model.name, model.revision, detect_family(model.name, model.revision),
+                     default_resolution(model.name))
+
+
+def check_supported(base: BaseModel, cfg: Config) -> None:
+    """Refuse what the base model's family cannot do (ConfigError), before any run folder exists."""
+    if base.family == "sdxl" and cfg.identifier.learned:
+        raise ConfigError("identifier.learned is not supported for SDXL models yet (its tokens would need both "
+                          "text encoders): use a rare token (identifier.learned: false)")
+
+
 def pipeline_class(family: str):
     """The diffusers pipeline class of a family."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -530,9 +556,11 @@ def pipeline_class(family: str):
     return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
 
 
-def load_pipeline(cfg: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+def load_pipeline(cfg: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                  base: BaseModel | None = None):
     """Load the family's pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline) with
-    from_pretrained: hub id, local folder or a tiny model's name."""
+    from_pretrained: hub id, local folder or a built-in model's name. `base`: the model already
+    resolved (else it is resolved here)."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or resolve_dtype(cfg.dtype, device)
     kwargs = dict(dtype=dtype, use_safetensors=True)  # never unpickle downloaded weights
@@ -541,7 +569,7 @@ def load_pipeline(cfg: ModelConfig, device: torch.device | str | None = None, dt
     if cfg.variant:
         kwargs["variant"] = cfg.variant
     path = pretrained_path(cfg.name)
-    family = detect_family(cfg.name, cfg.revision)
+    family = (base or resolve(cfg)).family
     if family == "sdxl":
         kwargs["add_watermarker"] = False  # an invisible watermark changes pixels: a seed means one image
     elif not cfg.safety_checker:

@@ -1,0 +1,40 @@
+"""The base model resolved once (models.resolve) and the one refusal of what a family cannot do."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dreambooth_lab import config as C
+from dreambooth_lab import models
+
+
+@pytest.mark.parametrize("name,family,resolution", [("tiny", "sd1", 64), ("tiny-sdxl", "sdxl", 64),
+                                                    ("tiny-sd2v", "sd2", 64), ("sdxl-random", "sdxl", 1024)])
+def test_builtin_models_resolve_to_their_family(name, family, resolution):
+    base = models.resolve(C.ModelConfig(name=name))
+    assert (base.name, base.revision, base.family, base.resolution) == (name, None, family, resolution)
+
+
+def test_a_local_folder_is_resolved_from_its_configs(tmp_path):
+    folder = Path(shutil.copytree(models.pretrained_path("tiny"), tmp_path / "copy"))
+    assert models.resolve(C.ModelConfig(name=str(folder))).family == "sd1"
+    index = json.loads((folder / "model_index.json").read_text())
+    xl = Path(shutil.copytree(folder, tmp_path / "renamed"))  # an XL pipeline class makes it SDXL
+    (xl / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    v = Path(shutil.copytree(folder, tmp_path / "v"))  # v-prediction makes it SD2
+    (v / "scheduler" / "scheduler_config.json").write_text(json.dumps({**sched, "prediction_type": "v_prediction"}))
+    assert [models.resolve(C.ModelConfig(name=str(f))).family for f in (xl, v)] == ["sdxl", "sd2"]
+    assert models.resolve(C.ModelConfig(name=str(folder))).resolution == 64  # its native size
+
+
+def test_sdxl_with_a_learned_identifier_is_refused_once():
+    cfg = C.with_overrides(C.Config(), {"model.name": "tiny-sdxl", "identifier.learned": True})
+    with pytest.raises(C.ConfigError, match=r"identifier.learned is not supported for SDXL models yet \(its tokens "
+                                            r"would need both text encoders\): use a rare token"):
+        models.check_supported(models.resolve(cfg.model), cfg)
+    models.check_supported(models.resolve(C.ModelConfig(name="tiny")), cfg)  # SD1 can learn one
+    ok = C.with_overrides(cfg, {"identifier.learned": False})
+    models.check_supported(models.resolve(ok.model), ok)
