@@ -1,5 +1,7 @@
-"""Loss and noise options of the objective, as small pure functions (issue: beyond the recipe).
+"""The DreamBooth loss and its options, as small pure functions.
 
+- the loss: the UNet's target (the noise, or the velocity for v-prediction) and a batch of
+  [instance rows; prior rows] split into instance loss + prior.loss_weight * prior loss;
 - min-SNR-γ weighting (Hang et al., 2023): each row's loss is weighted by min(SNR(t), γ) / SNR(t)
   for ε-prediction and min(SNR(t), γ) / (SNR(t) + 1) for v-prediction, where
   SNR(t) = ᾱ_t / (1 − ᾱ_t). Low-noise timesteps, which dominate the plain MSE, count less.
@@ -52,3 +54,37 @@ def offset_noise(noise: torch.Tensor, offset: float, gen: torch.Generator, posit
     process's rows taken by position (so several processes see what one would)."""
     shift = torch.randn((n, noise.shape[1], 1, 1), generator=gen)[positions]
     return noise + offset * shift.to(noise.device, noise.dtype)
+
+
+def training_target(scheduler_config, latents, noise, timesteps, scheduler) -> torch.Tensor:
+    """What the UNet must predict: the noise (epsilon) or the velocity (v-prediction)."""
+    kind = scheduler_config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"prediction_type {kind!r} is not supported (epsilon or v_prediction)")
+
+
+def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int, prior_weight: float,
+                    weights: torch.Tensor | None = None, kind: str = "mse", huber_c: float = 0.1):
+    """Split a batch of [instance rows; prior rows] and return (loss, instance loss, prior loss).
+
+    With the defaults this is the paper's: MSE(instance) + prior_weight * MSE(prior). `weights`
+    (one per row, e.g. min-SNR-γ) and `kind` (mse | l1 | huber) are the loss axes above.
+    """
+    if weights is None and kind == "mse":
+        pred, target = pred.float(), target.float()
+        inst = F.mse_loss(pred[:n_instance], target[:n_instance])
+        if pred.shape[0] == n_instance:
+            return inst, inst, None
+        prior = F.mse_loss(pred[n_instance:], target[n_instance:])
+        return inst + prior_weight * prior, inst, prior
+    rows = per_row_loss(pred, target, kind, huber_c)
+    if weights is not None:
+        rows = rows * weights.to(rows.device, rows.dtype)
+    inst = rows[:n_instance].mean()
+    if rows.shape[0] == n_instance:
+        return inst, inst, None
+    prior = rows[n_instance:].mean()
+    return inst + prior_weight * prior, inst, prior

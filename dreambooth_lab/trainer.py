@@ -1,83 +1,34 @@
 """What one training step computes: the batch plan, latents, prompt states and the loss.
 
-Two caches change nothing but time (both on by default, `train.cache_latents` and
-`train.cache_text_embeddings`):
-
-- the VAE encodes every photo once (both orientations when flipping is on) and keeps the
-  latent distribution's mean and std; each step then samples ``mean + std * noise`` exactly as
-  ``DiagonalGaussianDistribution.sample`` would, from the same generator. Random crops cannot
-  be cached (every step crops somewhere else), so with ``data.center_crop: false`` the VAE runs
-  every step;
-- with the text encoder frozen, the two prompts' hidden states are computed once (for SDXL:
-  both encoders' states and the pooled embedding, conditioning.py).
-
-Where the VAE and text encoder stay where they are anyway (a CPU, or ``train.offload_frozen:
-false``; `encode_lazily`) both caches fill as the steps need them: a photo is encoded the first
-time a step draws it (`LatentCache`), the prompts at the first step. The first step does not wait
-for every photo, a short run never encodes the photos it does not draw, and the entries are the
-same tensors either way. On a GPU with offloading they are all computed before the first step, so
-that the VAE and text encoder can leave the GPU (what the memory model counts on).
-
-Afterwards the VAE and the frozen text encoder leave the accelerator (`train.offload_frozen`).
-Every random draw of a step comes from one generator seeded by (seed, step, micro-step), in the
-same order on both paths, which is what makes cached and uncached losses agree.
+Two caches change nothing but time (latent_cache.py says how they fill): the VAE's latent
+distribution of every centre crop, and with the text encoder frozen its prompts' states. Every
+random draw of a step comes from one generator seeded by (seed, step, micro-step), in the same
+order with and without them, which is what makes cached and uncached losses agree. Afterwards
+the VAE and the frozen text encoder leave the accelerator (`train.offload_frozen`).
 """
 
 from __future__ import annotations
 
-import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .config import Config
 from . import buckets
 from .conditioning import Cond, added_cond_kwargs, encode, time_ids
+from .config import Config
 from .data import ImageSet, crop_box, indices_for_step
-from .losses import min_snr_weights, offset_noise, per_row_loss, snr
+from .latent_cache import LatentCache, encode_lazily, latent_keys
+from .losses import dreambooth_loss, min_snr_weights, offset_noise, snr, training_target
+from .models import BaseModel, pipeline_class, resolve
 from .prompts import truncation_warning
+from .timing import PhaseTimer
 
 
 def step_seed(seed: int, step: int, micro: int = 0) -> int:
     """A seed for the randomness of one micro-step, derived from the run seed (pure)."""
     return (seed * 1_000_003 + step * 97 + micro) % (2**63)
-
-
-def training_target(scheduler_config, latents, noise, timesteps, scheduler) -> torch.Tensor:
-    """What the UNet must predict: the noise (epsilon) or the velocity (v-prediction)."""
-    kind = scheduler_config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"prediction_type {kind!r} is not supported (epsilon or v_prediction)")
-
-
-def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int, prior_weight: float,
-                    weights: torch.Tensor | None = None, kind: str = "mse", huber_c: float = 0.1):
-    """Split a batch of [instance rows; prior rows] and return (loss, instance loss, prior loss).
-
-    With the defaults this is the paper's: MSE(instance) + prior_weight * MSE(prior). `weights`
-    (one per row, e.g. min-SNR-γ) and `kind` (mse | l1 | huber) are the loss axes of losses.py.
-    """
-    if weights is None and kind == "mse":
-        pred, target = pred.float(), target.float()
-        inst = F.mse_loss(pred[:n_instance], target[:n_instance])
-        if pred.shape[0] == n_instance:
-            return inst, inst, None
-        prior = F.mse_loss(pred[n_instance:], target[n_instance:])
-        return inst + prior_weight * prior, inst, prior
-    rows = per_row_loss(pred, target, kind, huber_c)
-    if weights is not None:
-        rows = rows * weights.to(rows.device, rows.dtype)
-    inst = rows[:n_instance].mean()
-    if rows.shape[0] == n_instance:
-        return inst, inst, None
-    prior = rows[n_instance:].mean()
-    return inst + prior_weight * prior, inst, prior
 
 
 # The fixed-noise evaluation (DreamBoothObjective.eval_instance_loss): these timesteps, each photo once.
@@ -99,37 +50,9 @@ def evaluates(cfg: Config, photos: int) -> bool:
     return 2 * photos * len(EVAL_TIMESTEPS) <= EVAL_SHARE * train_rows
 
 
-def encode_lazily(cfg: Config, device: torch.device) -> bool:
-    """Are the caches (latents, the frozen text encoder's states) filled as the steps need them,
-    rather than all before the first step? Where nothing leaves the accelerator afterwards (a CPU,
-    or train.offload_frozen: false): yes. On a GPU with offloading: no, the VAE and text encoder
-    leave it before the first step, as the memory model counts."""
-    return device.type == "cpu" or not cfg.train.offload_frozen
-
-
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                      truncation=True, return_tensors="pt").input_ids
-
-
-class PhaseTimer:
-    """Wall time per phase of a step (with CUDA synchronised at the edges when enabled)."""
-
-    def __init__(self, enabled: bool, device: torch.device):
-        self.enabled, self.device, self.seconds = enabled, device, {}
-
-    @contextmanager
-    def phase(self, name: str):
-        if not self.enabled:
-            yield
-            return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 @dataclass
@@ -144,50 +67,30 @@ class Row:
     resized: tuple[int, int] | None = None  # the image is resized to this before the crop box
 
 
-class LatentCache:
-    """The VAE's latent distribution (mean, std) of each centre-cropped photo, keyed (kind, flip,
-    index, bucket), computed by `encode(key)` the first time it is asked for (or all at once,
-    `fill()`). The same tensors whenever they are encoded: one photo per VAE pass, without autocast
-    or gradients. `cache[kind, flip]` gives one kind's (means, stds) stacked, as the eager cache did."""
+@dataclass
+class MicroLoss:
+    """What one micro-batch gives the loop: the loss to back-propagate, its instance and prior parts
+    (prior None without prior rows), and the rows it trained on (for the callbacks' on_micro)."""
 
-    def __init__(self, keys: list[tuple], encode):
-        self.keys, self._encode, self.entries = keys, encode, {}
-
-    def get(self, kind: str, flip: bool, index: int, bucket=None) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (kind, flip, index, bucket)
-        if key not in self.entries:
-            self.entries[key] = self._encode(key)
-        return self.entries[key]
-
-    def fill(self) -> "LatentCache":
-        for key in self.keys:
-            self.get(*key)
-        return self
-
-    @property
-    def complete(self) -> bool:
-        return len(self.entries) == len(self.keys)
-
-    def __getitem__(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(key) == 4:
-            return self.get(*key)
-        kind, flip = key
-        pairs = [self.get(*k) for k in self.keys if k[0] == kind and k[1] == flip]
-        return torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs])
+    loss: torch.Tensor
+    instance: torch.Tensor
+    prior: torch.Tensor | None
+    rows: list[Row]
 
 
 class DreamBoothObjective:
     """The DreamBooth objective of one step: which rows a micro-batch holds, their latents and
-    prompt states, and the loss (instance MSE + weighted prior MSE)."""
+    prompt states, and the loss (instance MSE + weighted prior MSE).
+
+    base: the base model as train() resolved it (models.resolve; resolved from cfg.model when not
+    given). `prepare` hands the trained modules to the accelerator; the objective keeps them."""
 
     def __init__(self, cfg: Config, pipe, instance: ImageSet, classes: ImageSet | None, accelerator,
-                 profile: bool = False):
+                 profile: bool = False, *, base: BaseModel | None = None):
         from diffusers import DDPMScheduler
 
-        from .models import detect_family
-
         self.cfg, self.acc = cfg, accelerator
-        self.family = detect_family(pipe)
+        self.family = (base or resolve(cfg.model)).family
         self.unet, self.vae = pipe.unet, pipe.vae
         # SDXL: [CLIP ViT-L, OpenCLIP bigG]; SD1/SD2: the one text encoder. Each gets LoRA when trained.
         xl = self.family == "sdxl"
@@ -204,10 +107,7 @@ class DreamBoothObjective:
         # the text encoder before the prompts are tokenized; their states can then not be cached.
         self.identifier: torch.nn.Parameter | None = None
         ic = cfg.identifier
-        if ic.learned and xl:
-            raise ValueError("identifier.learned is not supported for SDXL models yet (its tokens would need "
-                             "both text encoders): use a rare token (identifier.learned: false)")
-        if ic.learned:
+        if ic.learned:  # (not for SDXL: models.check_supported refused it before train() got here)
             from . import identifier
 
             table = self.text_encoder.get_input_embeddings().weight.detach()
@@ -243,9 +143,10 @@ class DreamBoothObjective:
         # Lazily (a photo the first time a step draws it, the prompts' states at the first step)
         # where the VAE and text encoder stay put anyway; else all now, so that they can leave the
         # GPU before the first step.
-        self.lazy = encode_lazily(cfg, accelerator.device)
+        self.lazy = encode_lazily(cfg.train, accelerator.device)
         if cfg.train.cache_latents and cfg.data.center_crop:
-            self.latent_cache = LatentCache(self._latent_keys(), self._encode_one)
+            flips = (False, True) if cfg.data.random_flip else (False,)
+            self.latent_cache = LatentCache(latent_keys(self.sets, self.bucket_of, flips), self._encode_one)
             if not self.lazy:
                 self.latent_cache.fill()
         if cfg.train.cache_text_embeddings and not self.text_trained:
@@ -277,10 +178,6 @@ class DreamBoothObjective:
         """The (first) text encoder; SDXL's second is text_encoders[1]."""
         return self.text_encoders[0]
 
-    @text_encoder.setter
-    def text_encoder(self, module) -> None:
-        self.text_encoders[0] = module
-
     @property
     def tokenizer(self):
         return self.tokenizers[0]
@@ -290,10 +187,32 @@ class DreamBoothObjective:
         """Does anything in the text encoder learn (its LoRA, or a learned identifier)?"""
         return self.cfg.train.train_text_encoder or self.identifier is not None
 
+    @property
+    def trained_modules(self) -> list:
+        """The modules whose adapters learn: the UNet, and the text encoder(s) when anything in them does."""
+        return [self.unet] + (list(self.text_encoders) if self.text_trained else [])
+
+    def prepare(self, optimizer):
+        """Hand the trained modules and the optimizer to the accelerator (accelerate's prepare); the
+        objective holds the prepared modules from then on. Returns the prepared optimizer."""
+        *modules, optimizer = self.acc.prepare(*self.trained_modules, optimizer)
+        self.unet = modules[0]
+        if self.text_trained:
+            self.text_encoders[:] = modules[1:]
+        return optimizer
+
+    def trainable_by_name(self) -> dict[str, torch.nn.Parameter]:
+        """The parameters that learn, by name (unet.*, text_encoder.*, text_encoder_2.*): what a
+        checkpoint holds."""
+        unwrap = self.acc.unwrap_model
+        named = {f"unet.{n}": p for n, p in unwrap(self.unet).named_parameters() if p.requires_grad}
+        if self.text_trained:
+            for prefix, te in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
+                named.update({f"{prefix}.{n}": p for n, p in unwrap(te).named_parameters() if p.requires_grad})
+        return named
+
     def pipeline(self, scheduler):
         """A pipeline of the family around the models as they are now (for validation images)."""
-        from .models import pipeline_class
-
         unwrap = self.acc.unwrap_model
         parts = dict(vae=self.vae, text_encoder=unwrap(self.text_encoders[0]), tokenizer=self.tokenizers[0],
                      unet=unwrap(self.unet), scheduler=scheduler)
@@ -305,19 +224,6 @@ class DreamBoothObjective:
         return pipeline_class(self.family)(**parts)
 
     # ---- caches ------------------------------------------------------------------------------
-    def _latent_keys(self) -> list[tuple]:
-        """(kind, flip, index, bucket) of every centre crop a step can draw: each photo (in its own
-        bucket with data.buckets; each class image in every bucket a photo uses), both flips when
-        flipping is on."""
-        flips = (False, True) if self.cfg.data.random_flip else (False,)
-        if self.bucket_of is None:
-            return [(kind, flip, i, None) for kind, images in self.sets.items() if images is not None
-                    for flip in flips for i in range(len(images))]
-        wanted = [("instance", i, b) for i, b in enumerate(self.bucket_of)]
-        if self.sets["class"] is not None:
-            wanted += [("class", i, b) for b in sorted(set(self.bucket_of)) for i in range(len(self.sets["class"]))]
-        return [(kind, flip, i, bucket) for kind, i, bucket in wanted for flip in flips]
-
     def _encode_one(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of one centre crop: one VAE pass, no gradients, no autocast (a lazy entry is
         encoded inside a step's autocast; it must equal the one encoded before the first step)."""
@@ -383,17 +289,20 @@ class DreamBoothObjective:
             n += per_step
         return rows, positions, n, gen
 
+    def distribution(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's latent distribution (mean, std) of the rows' crops: from the cache, else encoded now."""
+        if self.latent_cache is not None:
+            pairs = [self.latent_cache.get(r.kind, r.flip, r.index, r.bucket) for r in rows]
+            return torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs])
+        pixels = torch.stack([self.pixels(r) for r in rows])
+        with torch.no_grad():
+            dist = self.vae.encode(pixels.to(self.acc.device, self.vae.dtype)).latent_dist
+        return dist.mean, dist.std
+
     def latents(self, rows: list[Row], positions: list[int], n: int, gen: torch.Generator) -> torch.Tensor:
         """Scaled latents of the rows: mean + std * eps, as DiagonalGaussianDistribution.sample."""
         dev = self.acc.device
-        if self.latent_cache is not None:
-            pairs = [self.latent_cache.get(r.kind, r.flip, r.index, r.bucket) for r in rows]
-            mean, std = torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs])
-        else:
-            pixels = torch.stack([self.pixels(r) for r in rows])
-            with torch.no_grad():
-                dist = self.vae.encode(pixels.to(dev, self.vae.dtype)).latent_dist
-            mean, std = dist.mean, dist.std
+        mean, std = self.distribution(rows)
         eps = torch.randn((n, *mean.shape[1:]), generator=gen, dtype=mean.dtype)[positions]
         latents = (mean.to(dev) + std.to(dev) * eps.to(dev)) * self.vae.config.scaling_factor
         return latents.to(self.latent_dtype)
@@ -443,12 +352,11 @@ class DreamBoothObjective:
             return Row(kind, i, False, box, b, resized)
         return Row(kind, i, False, crop_box(self.sets[kind].images[i].size, self.sets[kind].resolution, True, None))
 
-    def loss(self, step: int, micro: int):
-        """(loss, instance loss, prior loss) of one micro-batch."""
+    def loss(self, step: int, micro: int) -> MicroLoss:
+        """The loss of one micro-batch, its instance and prior parts, and the rows it drew."""
         cfg, lc = self.cfg, self.cfg.loss
         with self.timer.phase("data"):
             rows, positions, n, gen = self.plan(step, micro)
-            self.last_rows = rows
         with self.timer.phase("vae"):
             latents = self.latents(rows, positions, n, gen)
         dev = self.acc.device
@@ -487,8 +395,9 @@ class DreamBoothObjective:
                                       self.noise_scheduler.config.prediction_type)
         with self.timer.phase("unet_forward"):
             pred = self.predict(noisy, timesteps, states, ids)
-            return dreambooth_loss(pred, target, len(rows) if self.base_model_prior else cfg.train.batch_size,
-                                   cfg.prior.loss_weight, weights, lc.kind, lc.huber_c)
+            parts = dreambooth_loss(pred, target, len(rows) if self.base_model_prior else cfg.train.batch_size,
+                                    cfg.prior.loss_weight, weights, lc.kind, lc.huber_c)
+        return MicroLoss(*parts, rows)
 
     # ---- the prior from the frozen base model ------------------------------------------------------
     def class_states(self, n: int) -> Cond:
@@ -517,28 +426,17 @@ class DreamBoothObjective:
     @torch.no_grad()
     def eval_instance_loss(self, seed: int = 1234, timesteps=EVAL_TIMESTEPS) -> float:
         """Instance loss on centre crops with fixed noise and timesteps: comparable across steps and runs.
-        One UNet pass per photo (its timesteps as one batch); `evaluates` says whether a run computes it."""
+        One UNet pass per photo (its timesteps as one batch), on the mean of its latent distribution;
+        `evaluates` says whether a run computes it."""
         losses = []
         n = len(timesteps)
         for i in range(len(self.sets["instance"])):
-            if self.bucket_of is not None:  # the photo's own bucket, centre crop
-                b = self.bucket_of[i]
-                if self.latent_cache is not None:
-                    mean = self.latent_cache.get("instance", False, i, b)[0][None]
-                else:
-                    resized, box = buckets.cover_and_crop_box(self.sets["instance"].images[i].size, b, True, None)
-                    px = self.pixels(Row("instance", i, False, box, b, resized))[None]
-                    mean = self.vae.encode(px.to(self.acc.device, self.vae.dtype)).latent_dist.mean
-            elif self.latent_cache is not None:
-                mean = self.latent_cache.get("instance", False, i)[0][None]
-            else:
-                px = self.sets["instance"].example(i, center_crop=True, flip=False)[None]
-                mean = self.vae.encode(px.to(self.acc.device, self.vae.dtype)).latent_dist.mean
+            rows = [self.center_row("instance", i)] * n
+            mean, _ = self.distribution(rows[:1])
             latents = (mean * self.vae.config.scaling_factor).to(self.latent_dtype).repeat(n, 1, 1, 1)
             gen = torch.Generator().manual_seed(seed + i)
             noise = torch.randn(latents.shape, generator=gen).to(latents.device, latents.dtype)
             t = torch.tensor(timesteps, device=latents.device)
-            rows = [self.center_row("instance", i)] * n
             with self.acc.autocast():
                 noisy = self.noise_scheduler.add_noise(latents, noise, t)
                 pred = self.predict(noisy, t, self.states(rows), self.time_ids(rows))

@@ -176,14 +176,13 @@ def test_preserve_prompts_are_pulled_toward_the_base_model(tmp_path):
     decoded = [d.strip() for d in pipe.tokenizer.batch_decode(t.prompt_ids[0], skip_special_tokens=True)]
     assert decoded[-2:] == ["a photo of a cat", "a photo of a dog toy"]
     assert t.text_cache.shape[0] == 4  # instance, class, two kept prompts
-    loss, inst, keep = t.loss(0, 0)
-    assert keep.item() < 1e-10 and loss.item() == pytest.approx(inst.item())  # LoRA B = 0: the base itself
+    out = t.loss(0, 0)
+    assert out.prior.item() < 1e-10 and out.loss.item() == pytest.approx(out.instance.item())  # LoRA B = 0: the base itself
     with torch.no_grad():
         for name, p in pipe.unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    _, _, keep = t.loss(1, 0)
-    assert keep.item() > 1e-6
+    assert t.loss(1, 0).prior.item() > 1e-6
 
 
 def test_preserve_prompts_are_validated_and_recorded(tmp_path):

@@ -268,7 +268,7 @@ def test_the_nan_message_names_the_large_rate_and_keeps_no_steps_it_has_not(tmp_
 
 def test_large_learning_rate_prefers_the_group_that_blew_up():
     from dreambooth_lab.config import Config, with_overrides
-    from dreambooth_lab.train import large_learning_rate
+    from dreambooth_lab.faults import large_learning_rate
 
     cfg = with_overrides(Config(), {"train.train_text_encoder": True, "optim.lr_unet": 3e-3})
     assert large_learning_rate(cfg) == ("optim.lr_unet", 3e-3)

@@ -161,8 +161,8 @@ def _forced_overflow(monkeypatch):
     state = {"step": None}
     real_make, real_loss, real_add = train_mod.make_accelerator, trainer.DreamBoothObjective.loss, train_mod.add_adapters
 
-    def make(cfg):
-        acc = real_make(cfg)
+    def make(cfg, base):
+        acc = real_make(cfg, base)
         acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=3)
         acc.native_amp = True
         return acc

@@ -124,7 +124,7 @@ def lora(run) -> dict:
 # ---- where the time goes ------------------------------------------------------------------------
 
 def test_summary_records_the_phases_and_the_two_totals(tmp_path):
-    from dreambooth_lab.train import format_timings
+    from dreambooth_lab.timing import format_timings
 
     result = train(tiny_config(tmp_path, **SHORT), resume=None, progress=False)
     timings = json.loads((result.run_dir / "summary.json").read_text())["timings"]
@@ -289,9 +289,9 @@ def test_lazy_entries_equal_the_vae_of_the_photo(tmp_path, tiny_pipe):
 def test_a_run_on_the_same_photos_copies_the_dataset_sheet_instead_of_drawing_it(tmp_path, monkeypatch):
     import errno
 
-    from dreambooth_lab import files, viz
+    from dreambooth_lab import dataset_sheet, files, viz
 
-    monkeypatch.setattr(train_mod, "sheet_cache_dir", lambda: tmp_path / "sheets")
+    monkeypatch.setattr(dataset_sheet, "sheet_cache_dir", lambda: tmp_path / "sheets")
     drawn = []
     real = viz.dataset_sheet
     monkeypatch.setattr(viz, "dataset_sheet", lambda *a, **k: (drawn.append(1), real(*a, **k))[1])

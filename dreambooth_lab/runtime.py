@@ -1,0 +1,62 @@
+"""The process a run trains in: its Accelerator, the GPU speed options, and the caller's global
+state (RNGs, TF32 flags) put back when train() returns."""
+
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from . import tracking
+from .config import Config, TrainConfig
+from .models import BaseModel
+
+
+def make_accelerator(cfg: Config, base: BaseModel):
+    """One Accelerator per run. Accelerate keeps one process-wide state; a notebook that trains
+    twice with another precision would be refused, so the previous run's is dropped (the process
+    group stays)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    AcceleratorState._reset_state()
+    handlers = []
+    # SDXL conditions on the first text encoder's penultimate layer: its last layer's LoRA gets
+    # no gradient, which DistributedDataParallel must be told (no effect on one process).
+    if cfg.train.train_text_encoder and not cfg.identifier.learned and base.family == "sdxl":
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    return Accelerator(mixed_precision=cfg.train.mixed_precision,
+                       gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+                       log_with=tracking.tracker_backend(cfg), project_config=tracking.project_config(cfg),
+                       kwargs_handlers=handlers)
+
+
+def configure_speed(train: TrainConfig, unet) -> None:
+    """GPU options decided once: TF32 (process-wide flags; train() restores the caller's, and they
+    do nothing on a CPU or a T4), channels-last, torch.compile (SDPA attention is diffusers'
+    default on torch 2)."""
+    torch.backends.cuda.matmul.allow_tf32 = train.allow_tf32
+    torch.backends.cudnn.allow_tf32 = train.allow_tf32
+    if train.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if train.compile:
+        unet.forward = torch.compile(unet.forward)
+
+
+@contextmanager
+def preserved_global_state():
+    """Training seeds torch (every micro-step), numpy and random, and sets TF32: put them back."""
+    py, npy = random.getstate(), np.random.get_state()
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
