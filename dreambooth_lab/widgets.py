@@ -12,7 +12,8 @@ from pathlib import Path
 
 from . import files
 from .config import Config
-from .sample import LORA_FILE, ImageSpec, generate, save_with_sidecars
+from .runs import LORA_FILE, SAMPLES
+from .sample import ImageSpec, generate, save_with_sidecars
 
 
 class GenerationPanel:
@@ -82,7 +83,7 @@ class GenerationPanel:
         try:
             images = generate(self.pipe, specs, batch_size=self.cfg.sample.batch_size, progress=False)
             if self.folder is None:
-                base = (self.run_dir / "samples") if self.run_dir else Path(self.cfg.train.output_dir) / "panel"
+                base = (self.run_dir / SAMPLES) if self.run_dir else Path(self.cfg.train.output_dir) / "panel"
                 self.folder = files.new_dir(base, "panel")
             self.clicks += 1
             paths = save_with_sidecars(images, specs, self.folder, f"click{self.clicks:03d}")

@@ -283,8 +283,8 @@ def test_world_notebooks_write_to_drive_and_mount_it(name):
 
 def test_output_folder_is_drive_when_mounted(tmp_path, monkeypatch):
     monkeypatch.delenv(nb.SMOKE_ENV, raising=False)
-    monkeypatch.setattr(nb, "DRIVE", tmp_path)
-    monkeypatch.setattr(nb, "DRIVE_RUNS", tmp_path / "dreambooth_lab" / "runs")
+    monkeypatch.setattr(nb.runtime, "DRIVE", tmp_path)
+    monkeypatch.setattr(nb.runtime, "DRIVE_RUNS", tmp_path / "dreambooth_lab" / "runs")
     assert nb.output_folder("") == str(tmp_path / "dreambooth_lab" / "runs")
     assert nb.output_folder(str(tmp_path / "mine")) == str(tmp_path / "mine")
 

@@ -18,7 +18,7 @@ FORM = dict(nb.FORM_DEFAULTS, BASE_MODEL="stable-diffusion-v1-5/stable-diffusion
 
 def test_form_fills_the_config(monkeypatch):
     monkeypatch.delenv(nb.SMOKE_ENV, raising=False)
-    cfg = nb.build_config(dict(FORM))
+    cfg, _ = nb.configure(dict(FORM))
     assert (cfg.data.token, cfg.train.steps, cfg.lora.rank, cfg.lora.alpha) == ("oue", 450, 8, 8.0)
     assert cfg.optim.optimizer == "adamw8bit" and cfg.train.train_text_encoder
     assert cfg.sample.seeds == [8, 9, 10, 11] and cfg.sample.lora_scale_text_encoder == 0.64
@@ -59,6 +59,28 @@ def test_preset_from_extends_keeps_its_values(monkeypatch, tmp_path):
     assert cfg.train.steps == 100 and sources["train.steps"] == "form"
     assert cfg.sample.seeds == load(nb.find_repo_root() / "configs/study/exp3.yaml").sample.seeds
     assert sources["sample.seeds"] == "preset"  # GEN_SEED left at its default: the study's own seed
+
+
+def test_a_form_of_folders_only_takes_the_preset_as_it_is(monkeypatch, tmp_path):
+    """Notebook 03's form is PRESET, DATASET_DIR and OUTPUT_DIR: `configure(globals(), PRESET)` is the
+    preset with this machine's folders, its own precision and checkpointing included."""
+    monkeypatch.delenv(nb.SMOKE_ENV, raising=False)
+    preset = "configs/study/small_dog_scale060.yaml"
+    form = {"PRESET": preset, "DATASET_DIR": "datasets/sample_subject", "OUTPUT_DIR": str(tmp_path), "nb": nb}
+    cfg, sources = nb.configure(form, preset)
+    own = load(nb.find_repo_root() / preset)
+    assert (cfg.train.steps, cfg.data.token, cfg.optim.optimizer) == (own.train.steps, own.data.token,
+                                                                     own.optim.optimizer)
+    assert cfg.train.gradient_checkpointing == own.train.gradient_checkpointing
+    assert not any(src == "form" for k, src in sources.items() if k not in ("data.instance_dir", "train.output_dir"))
+    assert cfg.train.output_dir == str(tmp_path) and sources["train.output_dir"] == "form"
+    assert cfg.data.instance_dir.endswith("datasets/sample_subject") and sources["data.instance_dir"] == "form"
+    with pytest.raises(KeyError, match="does not define"):  # without a preset, the form is the whole config
+        nb.configure(form)
+
+
+def test_fits_is_the_one_memory_check():
+    assert nb.fits(10.0, 15.0) and not nb.fits(12.0, 15.0)  # 12 GiB x 1.3 margin is over a T4's 15
 
 
 def test_merge_form_without_a_preset_uses_every_field():
@@ -141,7 +163,7 @@ def test_bf16_on_a_gpu_without_it_becomes_fp16(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
     sources = {}
-    cfg = nb._machine_precision(with_overrides(Config(), {"train.mixed_precision": "bf16"}), sources)
+    cfg = nb.form._machine_precision(with_overrides(Config(), {"train.mixed_precision": "bf16"}), sources)
     assert cfg.train.mixed_precision == "fp16" and sources["train.mixed_precision"] == "this machine"
     assert "Tesla T4 has no bf16" in capsys.readouterr().out
 
@@ -149,7 +171,7 @@ def test_bf16_on_a_gpu_without_it_becomes_fp16(monkeypatch, capsys):
 def test_smoke_switch_selects_the_tiny_model(monkeypatch, tmp_path):
     monkeypatch.setenv(nb.SMOKE_ENV, "1")
     monkeypatch.setenv(nb.OUTPUT_ENV, str(tmp_path))
-    cfg = nb.build_config(dict(FORM, MIXED_PRECISION="fp16"))
+    cfg, _ = nb.configure(dict(FORM, MIXED_PRECISION="fp16"))
     assert cfg.is_tiny and cfg.train.steps < 50 and cfg.train.output_dir == str(tmp_path)
     assert cfg.train.mixed_precision == "no"
     assert cfg.data.token == "oue"  # what the study varies is kept
@@ -238,7 +260,7 @@ def test_drive_location():
 def test_smoke_mode_keeps_a_missing_photo_folder(monkeypatch, tmp_path):
     monkeypatch.setenv(nb.SMOKE_ENV, "1")
     missing = tmp_path / "nothing"
-    cfg = nb.build_config(dict(FORM, DATASET_DIR=str(missing)))
+    cfg, _ = nb.configure(dict(FORM, DATASET_DIR=str(missing)))
     assert cfg.data.instance_dir == str(missing)  # never swapped for the sample subject
     assert nb.machine_overrides(str(missing))["data.instance_dir"] == str(missing)
 
