@@ -38,6 +38,23 @@ def add_adapters(cfg: Config, unet, text_encoder, text_encoder_2=None) -> list[t
     return params
 
 
+def adapt(cfg: Config, unet, text_encoders: list, identifier: torch.nn.Parameter | None = None) -> list[torch.nn.Parameter]:
+    """Everything that makes the models trainable as the config says: LoRA on the UNet and, when
+    they train, the text encoder(s) (`add_adapters`), a learned identifier's embedding, and gradient
+    checkpointing. Returns the parameters that learn (the identifier last)."""
+    second = {"text_encoder_2": text_encoders[1]} if len(text_encoders) > 1 else {}
+    params = add_adapters(cfg, unet, text_encoders[0], **second)
+    if identifier is not None:  # add_adapters froze the text encoder: the identifier learns
+        identifier.requires_grad_(True)
+        params.append(identifier)
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if cfg.train.train_text_encoder:
+            for te in text_encoders:
+                enable_checkpointing(te)
+    return params
+
+
 CONV_TARGETS = ("conv1", "conv2", "conv_shortcut")  # the ResNet convolutions (LoCon)
 
 

@@ -22,22 +22,25 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from . import files
-from .config import Config
-from .models import cache_root, model_key
+from .config import Config, PriorConfig
+from .data import ImageSet
+from .models import BaseModel, cache_root, load_pipeline, model_key
 from .sample import ImageSpec, generate
 
 MANIFEST = "manifest.json"
 DRIVE = Path("/content/drive/MyDrive")  # where Colab mounts Google Drive
 
 
-def generation_dtype(cfg: Config, device) -> str:
+def generation_dtype(prior: PriorConfig, device) -> str:
     """prior.dtype with 'auto' made explicit: float16 on CUDA, float32 elsewhere (pure).
 
     device: a torch.device or a string such as "cuda:0" / "cpu".
     """
-    if cfg.prior.dtype != "auto":
-        return cfg.prior.dtype
+    if prior.dtype != "auto":
+        return prior.dtype
     kind = getattr(device, "type", None) or str(device).split(":")[0]
     return "float16" if kind == "cuda" else "float32"
 
@@ -63,7 +66,7 @@ def cache_key(model: str, prompt: str, resolution: int, sampler: str, steps: int
 def class_image_key(cfg: Config, dtype: str) -> dict:
     """The cache key of cfg's class images generated in `dtype` (an explicit name, not 'auto')."""
     if dtype not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"class images are keyed by an explicit dtype, got {dtype!r}: use generation_dtype(cfg, device)")
+        raise ValueError(f"class images are keyed by an explicit dtype, got {dtype!r}: use generation_dtype(cfg.prior, device)")
     return cache_key(cfg.model.name, cfg.fill(cfg.data.class_prompt), cfg.resolution, cfg.prior.sampler,
                      cfg.prior.steps, cfg.prior.guidance, cfg.prior.seed, revision=cfg.model.revision,
                      variant=cfg.model.variant, dtype=dtype, safety_checker=cfg.model.safety_checker)
@@ -86,7 +89,7 @@ def cache_root_for(cfg: Config, environ: Mapping[str, str] | None = None, drive:
 
 def cache_folder(cfg: Config, dtype: str | None = None) -> tuple[Path, dict]:
     """The cache folder and key of cfg's class images; dtype None = generation_dtype on this machine."""
-    key = class_image_key(cfg, dtype or generation_dtype(cfg, _default_device()))
+    key = class_image_key(cfg, dtype or generation_dtype(cfg.prior, _default_device()))
     slug = "".join(c if c.isalnum() else "_" for c in cfg.data.class_name)[:40]
     return cache_root_for(cfg) / f"{slug}-{key_digest(key)}", key
 
@@ -95,6 +98,32 @@ def _default_device():
     from .models import default_device
 
     return default_device()
+
+
+def class_image_set(cfg: Config, acc, base: BaseModel, pipe, weight_dtype: torch.dtype,
+                    progress: bool) -> tuple[ImageSet | None, int]:
+    """A run's prior-preservation images (generated once into the keyed cache) and how many this
+    call made, or (None, 0) when the run has no class-image prior.
+
+    They are made in prior.dtype (auto: fp16 on a GPU, about twice as fast; fp32 on a CPU), which
+    is part of their cache key; the training pipeline `pipe` is reused when it has that dtype.
+    """
+    if not (cfg.prior.enabled and cfg.prior.loss_weight > 0 and cfg.prior.target == "class_images"):
+        return None, 0  # no prior, or the base model's own prediction is the prior (trainer.base_prediction)
+    dtype = generation_dtype(cfg.prior, acc.device)
+
+    def generation_pipe():
+        if getattr(torch, dtype) == weight_dtype:
+            return pipe
+        other = load_pipeline(cfg.model, device=acc.device, dtype=getattr(torch, dtype), base=base)
+        other.vae.enable_slicing()
+        return other
+
+    with acc.main_process_first():  # one process generates; the others find the cache full
+        made = ensure_class_images(cfg, generation_pipe, progress=progress and acc.is_main_process, dtype=dtype)
+    if acc.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return ImageSet.from_paths(made.paths, cfg.resolution), made.generated
 
 
 class ClassCacheError(RuntimeError):
@@ -136,7 +165,7 @@ def read_manifest(folder: Path, key: dict) -> list[str]:
 def ensure_class_images(cfg: Config, pipe_factory, progress: bool = True, dtype: str | None = None) -> ClassImages:
     """Make sure cfg.prior.num_class_images class images exist; generate only the missing ones.
 
-    pipe_factory() returns the base pipeline in `dtype` (generation_dtype(cfg, device); None =
+    pipe_factory() returns the base pipeline in `dtype` (generation_dtype(cfg.prior, device); None =
     that on this machine); it is called only when something must be generated.
     """
     folder, key = cache_folder(cfg, dtype)
@@ -179,7 +208,7 @@ def _top_up(cfg: Config, pipe_factory, folder: Path, key: dict, names: list[str]
     made_in = str(getattr(getattr(pipe, "unet", None), "dtype", "")).removeprefix("torch.")
     if made_in and made_in != key["dtype"]:
         warnings.warn(f"class images are keyed as {key['dtype']} but the pipeline runs in {made_in}: "
-                      "pass dtype=generation_dtype(cfg, device) and a pipeline in that dtype",
+                      "pass dtype=generation_dtype(cfg.prior, device) and a pipeline in that dtype",
                       RuntimeWarning, stacklevel=4)
     try:
         return _generate_missing(cfg, pipe, folder, key, names, want, progress)

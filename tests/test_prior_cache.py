@@ -77,15 +77,15 @@ def test_generation_dtype_resolves_auto_by_device(tmp_path):
     import torch
 
     cfg = _cfg(tmp_path)
-    assert prior.generation_dtype(cfg, "cpu") == "float32"
-    assert prior.generation_dtype(cfg, "cuda") == "float16"
-    assert prior.generation_dtype(cfg, "cuda:1") == "float16"
-    assert prior.generation_dtype(cfg, torch.device("cuda", 0)) == "float16"
-    assert prior.generation_dtype(cfg, torch.device("cpu")) == "float32"
+    assert prior.generation_dtype(cfg.prior, "cpu") == "float32"
+    assert prior.generation_dtype(cfg.prior, "cuda") == "float16"
+    assert prior.generation_dtype(cfg.prior, "cuda:1") == "float16"
+    assert prior.generation_dtype(cfg.prior, torch.device("cuda", 0)) == "float16"
+    assert prior.generation_dtype(cfg.prior, torch.device("cpu")) == "float32"
     explicit = _cfg(tmp_path, **{"prior.dtype": "bfloat16"})
-    assert prior.generation_dtype(explicit, "cuda") == prior.generation_dtype(explicit, "cpu") == "bfloat16"
+    assert prior.generation_dtype(explicit.prior, "cuda") == prior.generation_dtype(explicit.prior, "cpu") == "bfloat16"
     # without a dtype, the key takes this machine's generation dtype (CPU here: float32)
-    assert prior.cache_folder(cfg)[1]["dtype"] == prior.generation_dtype(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+    assert prior.cache_folder(cfg)[1]["dtype"] == prior.generation_dtype(cfg.prior, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ---- where the cache lives ----------------------------------------------------------------------

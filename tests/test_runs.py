@@ -159,7 +159,9 @@ PLANTED = {2, 5}  # steps whose gradient is made inf: fp16 overflow, forced
 def _forced_overflow(monkeypatch):
     """A CPU GradScaler (accelerate makes one only on GPUs) and inf gradients on PLANTED steps."""
     state = {"step": None}
-    real_make, real_loss, real_add = train_mod.make_accelerator, trainer.DreamBoothObjective.loss, train_mod.add_adapters
+    from dreambooth_lab import lora
+
+    real_make, real_loss, real_add = train_mod.make_accelerator, trainer.DreamBoothObjective.loss, lora.add_adapters
 
     def make(cfg, base):
         acc = real_make(cfg, base)
@@ -178,7 +180,7 @@ def _forced_overflow(monkeypatch):
 
     monkeypatch.setattr(train_mod, "make_accelerator", make)
     monkeypatch.setattr(trainer.DreamBoothObjective, "loss", loss)
-    monkeypatch.setattr(train_mod, "add_adapters", add)
+    monkeypatch.setattr(lora, "add_adapters", add)
 
 
 def test_fp16_resume_restores_the_scaler_and_the_schedule_waits_on_skipped_steps(tmp_path, monkeypatch):
