@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import files
-from .config import Config
+from .config import Config, LoraConfig as LoraSection  # LoraSection: the config's lora section, not peft's LoraConfig
 from .sample import LORA_FILE
 
 
@@ -27,7 +27,7 @@ def add_adapters(cfg: Config, unet, text_encoder, text_encoder_2=None) -> list[t
         te.requires_grad_(False)
     common = dict(r=cfg.lora.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora.dropout,
                   init_lora_weights="gaussian", use_dora=cfg.lora.use_dora)
-    unet.add_adapter(LoraConfig(target_modules=unet_targets(cfg), **common))
+    unet.add_adapter(LoraConfig(target_modules=unet_targets(cfg.lora), **common))
     params = trainable(unet)
     if cfg.train.train_text_encoder:
         for te in encoders:
@@ -58,11 +58,11 @@ def adapt(cfg: Config, unet, text_encoders: list, identifier: torch.nn.Parameter
 CONV_TARGETS = ("conv1", "conv2", "conv_shortcut")  # the ResNet convolutions (LoCon)
 
 
-def unet_targets(cfg: Config) -> list[str]:
+def unet_targets(lora: LoraSection) -> list[str]:
     """The UNet modules that get adapters: the attention projections, and with lora.conv the
     ResNet convolutions (pure)."""
-    extra = [t for t in CONV_TARGETS if cfg.lora.conv and t not in cfg.lora.unet_targets]
-    return list(cfg.lora.unet_targets) + extra
+    extra = [t for t in CONV_TARGETS if lora.conv and t not in lora.unet_targets]
+    return list(lora.unet_targets) + extra
 
 
 def trainable(module) -> list[torch.nn.Parameter]:

@@ -44,8 +44,8 @@ def test_lora_dropout_acts_in_training_mode_only(tmp_path, tiny_pipe):
 
 
 def test_conv_targets_are_added_only_with_lora_conv(tmp_path):
-    assert unet_targets(tiny_config(tmp_path)) == ["to_q", "to_k", "to_v", "to_out.0"]
-    assert unet_targets(tiny_config(tmp_path, **{"lora.conv": True}))[-3:] == ["conv1", "conv2", "conv_shortcut"]
+    assert unet_targets(tiny_config(tmp_path).lora) == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert unet_targets(tiny_config(tmp_path, **{"lora.conv": True}).lora)[-3:] == ["conv1", "conv2", "conv_shortcut"]
 
 
 def test_locon_trains_conv_adapters_and_round_trips_through_the_kohya_loader(tmp_path):
