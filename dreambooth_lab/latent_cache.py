@@ -1,22 +1,10 @@
-"""The latent cache: the VAE's latent distribution of every centre crop a step can draw, encoded once.
-
-Two caches change nothing but time (both on by default, `train.cache_latents` and
-`train.cache_text_embeddings`):
-
-- the VAE encodes every photo once (both orientations when flipping is on) and keeps the
-  latent distribution's mean and std; each step then samples ``mean + std * noise`` exactly as
-  ``DiagonalGaussianDistribution.sample`` would, from the same generator. Random crops cannot
-  be cached (every step crops somewhere else), so with ``data.center_crop: false`` the VAE runs
-  every step;
-- with the text encoder frozen, the prompts' hidden states are computed once (for SDXL: both
-  encoders' states and the pooled embedding, conditioning.py; trainer.DreamBoothObjective.text_cache).
-
-Where the VAE and text encoder stay where they are anyway (a CPU, or ``train.offload_frozen:
-false``; `encode_lazily`) both caches fill as the steps need them: a photo is encoded the first
-time a step draws it (`LatentCache`), the prompts at the first step. The first step does not wait
-for every photo, a short run never encodes the photos it does not draw, and the entries are the
-same tensors either way. On a GPU with offloading they are all computed before the first step, so
-that the VAE and text encoder can leave the GPU (what the memory model counts on).
+"""The latent cache (train.cache_latents): the VAE's latent distribution (mean, std) of every centre
+crop a step can draw, encoded once; each step samples ``mean + std * noise`` as
+DiagonalGaussianDistribution.sample would (random crops cannot be cached: with data.center_crop
+false the VAE runs every step). Where the VAE and text encoder stay put anyway (a CPU, or
+train.offload_frozen: false; `encode_lazily`) it and the frozen text encoder's states fill as the
+steps need them, the same tensors either way; on a GPU with offloading all before the first step,
+so that both can leave the GPU (what the memory model counts on).
 """
 
 from __future__ import annotations
