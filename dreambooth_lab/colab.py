@@ -12,7 +12,7 @@ import re
 import zipfile
 from pathlib import Path
 
-from .config import TINY_MODELS, TOYWORLD
+from .builtin import CPU_MODELS
 
 # ---- pip ---------------------------------------------------------------------------------------------
 
@@ -112,9 +112,6 @@ def fp16_variant(name: str, variant: str | None, cuda: bool, mixed_precision: st
 
 
 # ---- a CPU runtime --------------------------------------------------------------------------------
-
-CPU_MODELS = (*TINY_MODELS, TOYWORLD)  # built-in offline models that train in seconds on a CPU
-
 
 def cpu_runtime_problem(model: str, cuda: bool, colab: bool) -> str | None:
     """Why this run should not start here, or None (pure): a real-size model with no GPU."""

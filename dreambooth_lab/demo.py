@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TINY_MODEL, TOYWORLD, Config, with_overrides
+from .builtin import TINY_MODEL, TOYWORLD, is_toy_world
+from .config import Config, with_overrides
 from .report import compare_run, sample_run
 from .train import RunResult, train
 
@@ -20,7 +21,7 @@ SAMPLE_SUBJECT = Path(__file__).resolve().parents[1] / "datasets" / "sample_subj
 
 def demo_config(model: str = TOYWORLD, output_dir: str = "runs", dataset: str | Path | None = None,
                 steps: int | None = None) -> Config:
-    if model == TOYWORLD:
+    if is_toy_world(model):
         return world_demo_config(output_dir, dataset, steps)
     cfg = Config()
     cfg.model.name = model

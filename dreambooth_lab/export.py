@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from . import files
 from .config import Config, experiment_axes, validate_sample
+from .models import resolve
 
 PREFIX = "dreambooth_lab."
 
@@ -195,9 +196,7 @@ def lora_family(lora: Path, cfg: Config) -> str:
             raise ValueError(f"{lora}: metadata {PREFIX}family={family!r} is not a known family "
                              f"({', '.join(BASE_MODEL_VERSION)})")
         return family
-    from .models import detect_family
-
-    return detect_family(cfg.model.name, cfg.model.revision)
+    return resolve(cfg.model).family
 
 
 def embedding_export_path(kohya_file: Path) -> Path:

@@ -32,13 +32,15 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import Config
+from . import builtin
+from .config import Config, ModelConfig
 from .lora import enable_checkpointing
+from .models import pretrained_path, resolve
 
 GiB = 2**30
 
 # Hub models with the architecture of an offline shape the package writes configs for: the memory
-# model reads the shape's configs (models.configs_dir), so no download is needed to estimate them.
+# model reads the shape's configs (the registry's Builtin.configs()), so no download is needed to estimate them.
 SAME_ARCHITECTURE = {
     "stabilityai/stable-diffusion-xl-base-1.0": "sdxl-random",
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15-random",
@@ -100,11 +102,9 @@ def count_params(module) -> int:
 def config_source(name: str) -> str:
     """The folder whose configs describe `name`'s architecture: the offline shape's configs for the
     published models it mirrors (SAME_ARCHITECTURE) and for the random shapes, else the model's own."""
-    from . import models
-
     name = SAME_ARCHITECTURE.get(name, name)
-    configs_dir = getattr(models, "configs_dir", None)
-    return str(configs_dir(name)) if configs_dir is not None else models.pretrained_path(name)
+    entry = builtin.get(name)
+    return str(entry.configs()) if entry is not None else pretrained_path(name)
 
 
 _META_CACHE: dict[tuple, MetaModels] = {}
@@ -127,9 +127,7 @@ def _build_meta_models(cfg: Config, path: str) -> MetaModels:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .models import detect_family
-
-    family = detect_family(path)
+    family = resolve(ModelConfig(name=path)).family
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(path, subfolder="unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path, subfolder="vae"))

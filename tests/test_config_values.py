@@ -247,11 +247,11 @@ def test_known_module_names_are_those_of_the_models():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from dreambooth_lab import models
+    from dreambooth_lab.builtin import shaped
 
     with init_empty_weights():
-        unets = [UNet2DConditionModel(**models._sd15_unet_kwargs()), UNet2DConditionModel(**models._sdxl_unet_kwargs())]
-        clip_l, clip_g = models._sdxl_text_configs()
+        unets = [UNet2DConditionModel(**shaped.sd15_unet_kwargs()), UNet2DConditionModel(**shaped.sdxl_unet_kwargs())]
+        clip_l, clip_g = shaped.sdxl_text_configs()
         encoders = [CLIPTextModel(clip_l), CLIPTextModelWithProjection(clip_g)]
     assert set().union(*map(_adaptable_tails, unets)) == set(C.UNET_MODULES)
     assert set().union(*map(_adaptable_tails, encoders)) == set(C.TEXT_ENCODER_MODULES)

@@ -34,7 +34,7 @@ def test_identical_images_score_one(embedder):
 def test_clip_t_equals_the_models_own_similarity_head(embedder):
     from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer
 
-    from dreambooth_lab.models import metric_model_path
+    from dreambooth_lab.builtin.metric_models import metric_model_path
 
     ims, texts = _images(3, seed=1), ["a dog in the jungle", "a red dog", "a dog wearing a santa hat"]
     ours = paired_cosine(embedder.clip_image(ims), embedder.clip_text(texts))

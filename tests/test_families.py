@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from dreambooth_lab import config as C
 from dreambooth_lab import export, models
+from dreambooth_lab.builtin import shaped, tiny
 
 
 @pytest.mark.parametrize("name,family", [("tiny", "sd1"), ("tiny-sd2v", "sd2"), ("tiny-sdxl", "sdxl")])
@@ -45,7 +46,7 @@ def test_sdxl_random_has_sdxls_architecture_without_building_weights():
     import torch
     from diffusers import UNet2DConditionModel
 
-    folder = models.configs_dir("sdxl-random")
+    folder = shaped.configs_dir("sdxl-random")
     assert models.detect_family(str(folder)) == "sdxl" and models.detect_family("sdxl-random") == "sdxl"
     assert not list(folder.rglob("*.safetensors"))
     with torch.device("meta"):
@@ -74,7 +75,7 @@ def test_a_local_folder_trains_at_its_native_size(tmp_path):
     import json
     import shutil
 
-    copy = Path(shutil.copytree(models.tiny_model_dir(), tmp_path / "my-tiny-copy"))
+    copy = Path(shutil.copytree(tiny.tiny_model_dir(), tmp_path / "my-tiny-copy"))
     assert C.default_resolution(str(copy)) == 64
     cfg = json.loads((copy / "unet" / "config.json").read_text())
     (copy / "unet" / "config.json").write_text(json.dumps({**cfg, "sample_size": 96}))

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from dreambooth_lab import models
+from dreambooth_lab.builtin import clip_vocab, tiny
 
 
 @pytest.fixture(scope="module")
@@ -11,7 +12,7 @@ def tokenizer():
 
 
 def test_vocabulary_is_clips_49408_tokens(tmp_path):
-    vocab, merges = models.clip_vocab_and_merges(models.find_clip_bpe_file())
+    vocab, merges = clip_vocab.clip_vocab_and_merges(clip_vocab.find_clip_bpe_file())
     assert len(vocab) == 49408
     assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
     assert sorted(vocab.values()) == list(range(49408))
@@ -47,8 +48,8 @@ def test_tiny_pipeline_is_sd_shaped(tiny_pipe):
 
 
 def test_tiny_build_is_deterministic_and_saved_as_safetensors(tmp_path):
-    a = models.build_tiny_pipeline(tmp_path / "a")
-    b = models.build_tiny_pipeline(tmp_path / "b")
+    a = tiny.build_tiny_pipeline(tmp_path / "a")
+    b = tiny.build_tiny_pipeline(tmp_path / "b")
     for sub in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
                 "text_encoder/model.safetensors"):
         assert (a / sub).read_bytes() == (b / sub).read_bytes()

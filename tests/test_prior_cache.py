@@ -4,7 +4,7 @@ import pytest
 
 from dreambooth_lab import config as C
 from dreambooth_lab import prior
-from dreambooth_lab.models import cache_root
+from dreambooth_lab.cache import cache_root
 
 # Each of these decides what the class images look like: changing it must give another folder.
 KEY_FIELDS = [

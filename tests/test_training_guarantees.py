@@ -143,7 +143,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
 
 def test_v_prediction_model_trains_and_samples(tmp_path, monkeypatch):
     from dreambooth_lab import sample, trainer
-    from dreambooth_lab.models import tiny_model_dir
+    from dreambooth_lab.builtin.tiny import tiny_model_dir
     from dreambooth_lab.report import open_run, sample_run
 
     model = Path(shutil.copytree(tiny_model_dir(), tmp_path / "tiny-v"))

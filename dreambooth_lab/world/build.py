@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..builtin.clip_vocab import write_clip_tokenizer
+from ..cache import cache_root
 from .architecture import RESOLUTION, VAE_FACTORS, make_scheduler, make_text_encoder, make_unet, make_vae, vae_shape
 from .captions import caption
 from .draw import render
@@ -41,8 +43,6 @@ EMPTY_CAPTION_P = 0.1
 
 
 def default_build_dir() -> Path:
-    from ..models import cache_root
-
     return cache_root() / "world-build"
 
 
@@ -222,8 +222,6 @@ def finetune_decoder(out: Path, minutes: float, seed: int, batch: int = 16, lr: 
 # ---- phase 2: latents -----------------------------------------------------------------------------
 
 def tokenizer_dir(out: Path) -> Path:
-    from ..models import write_clip_tokenizer
-
     folder = out / "tokenizer"
     if not (folder / "tokenizer_config.json").is_file():
         write_clip_tokenizer(folder)

@@ -12,7 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..config import TOYWORLD, Config, with_overrides
+from ..builtin import TOYWORLD, is_toy_world
+from ..config import Config, with_overrides
 from .captions import parse_prompt
 from .scene import SUBJECTS
 from .subjects import subject_dir
@@ -373,7 +374,7 @@ def subject_of(cfg: Config) -> str:
 def judge_absent_reason(cfg: Config) -> str | None:
     """Why `evaluate` reports no judge metrics for a run, in words; None when it judges them (pure
     but for reading the photo folder's SUBJECT.txt)."""
-    if cfg.model.name != TOYWORLD:
+    if not is_toy_world(cfg.model.name):
         return None
     if world_subject(cfg) is None:
         return (f"not judged: {cfg.data.instance_dir} is not a toy-world subject's photo folder (made by "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..cache import build_once, cache_root
 from .captions import CONTEXT_WORDS
 from .draw import render
 from .scene import SUBJECTS, subject_scene
@@ -33,8 +34,6 @@ def photo_caption(name: str, index: int, seed: int = 0) -> str:
 def subject_dir(name: str, n: int = 5, seed: int = 0, root: Path | None = None, captions: bool = False) -> Path:
     """A folder of n PNG photos of world subject `name` (built once, atomically); with captions,
     each photo has its sidecar caption naming its context (data.captions: sidecar)."""
-    from ..models import _build_once, cache_root
-
     root = Path(root) if root is not None else cache_root() / "world" / WORLD_VERSION / "subjects"
     folder = root / (f"{name}-{n}-seed{seed}" + ("-captioned" if captions else ""))
 
@@ -46,7 +45,7 @@ def subject_dir(name: str, n: int = 5, seed: int = 0, root: Path | None = None, 
                 (tmp / f"{name}_{i:02d}.txt").write_text(photo_caption(name, i, seed) + "\n")
         (tmp / "SUBJECT.txt").write_text(f"toy-world subject {name!r}: class {SUBJECTS[name].cls}, {n} photos\n")
 
-    return _build_once(folder, build, marker=f"{name}_{n - 1:02d}.png")
+    return build_once(folder, build, marker=f"{name}_{n - 1:02d}.png")
 
 
 def subject_class(name: str) -> str:
