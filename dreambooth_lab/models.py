@@ -10,7 +10,6 @@ registry's (builtin/): their folders are built or found there.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -117,19 +116,6 @@ def check_supported(base: BaseModel, cfg: Config) -> None:
     if base.family == "sdxl" and cfg.identifier.learned:
         raise ConfigError("identifier.learned is not supported for SDXL models yet (its tokens would need both "
                           "text encoders): use a rare token (identifier.learned: false)")
-
-
-def detect_family(source, revision: str | None = None) -> str:
-    """The model family of a loaded pipeline, or of a model name (as `resolve`): "sd1" | "sd2" | "sdxl".
-    Kept for callers that have not moved to `resolve`."""
-    if not isinstance(source, (str, os.PathLike)):  # a loaded pipeline
-        pipe = source
-        index = {"_class_name": type(pipe).__name__,
-                 "text_encoder_2": [None, None] if getattr(pipe, "text_encoder_2", None) is None else ["x", "x"]}
-        te = getattr(pipe, "text_encoder", None)
-        return family_from_configs(index, dict(pipe.scheduler.config),
-                                   te.config.to_dict() if te is not None else None)
-    return resolve(ModelConfig(name=str(source), revision=revision)).family
 
 
 def _family_of(name: str, revision: str | None) -> str:

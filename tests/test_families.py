@@ -13,19 +13,23 @@ from dreambooth_lab import export, models
 from dreambooth_lab.builtin import shaped, tiny
 
 
-@pytest.mark.parametrize("name,family", [("tiny", "sd1"), ("tiny-sd2v", "sd2"), ("tiny-sdxl", "sdxl")])
-def test_family_is_detected_from_the_model_folder(name, family):
+def family(name: str) -> str:
+    return models.resolve(C.ModelConfig(name=name)).family
+
+
+@pytest.mark.parametrize("name,want", [("tiny", "sd1"), ("tiny-sd2v", "sd2"), ("tiny-sdxl", "sdxl"), ("toyworld", "sd1")])
+def test_family_is_detected_from_the_model_folder(name, want):
     folder = models.pretrained_path(name)
-    assert models.detect_family(folder) == family  # from model_index.json and the configs alone
-    assert models.detect_family(name) == family
+    assert family(folder) == want  # from model_index.json and the configs alone
+    assert family(name) == want  # the built-in registry's word agrees
 
 
-def test_family_of_a_loaded_pipeline(tiny_pipe):
+def test_a_loaded_pipeline_is_its_familys(tiny_pipe):
     from dreambooth_lab.models import load_pipeline
 
-    assert models.detect_family(tiny_pipe) == "sd1"
+    assert type(tiny_pipe) is models.pipeline_class("sd1")
     xl = load_pipeline(C.ModelConfig(name="tiny-sdxl"), device="cpu")
-    assert type(xl).__name__ == "StableDiffusionXLPipeline" and models.detect_family(xl) == "sdxl"
+    assert type(xl).__name__ == "StableDiffusionXLPipeline" and type(xl) is models.pipeline_class("sdxl")
 
 
 def test_family_rules_on_published_configs():
@@ -47,7 +51,7 @@ def test_sdxl_random_has_sdxls_architecture_without_building_weights():
     from diffusers import UNet2DConditionModel
 
     folder = shaped.configs_dir("sdxl-random")
-    assert models.detect_family(str(folder)) == "sdxl" and models.detect_family("sdxl-random") == "sdxl"
+    assert family(str(folder)) == "sdxl" and family("sdxl-random") == "sdxl"
     assert not list(folder.rglob("*.safetensors"))
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
@@ -59,7 +63,7 @@ def test_sdxl_random_has_sdxls_architecture_without_building_weights():
 def test_missing_model_index_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="model_index.json"):
-        models.detect_family(str(tmp_path / "empty"))
+        family(str(tmp_path / "empty"))
 
 
 def test_default_resolution_follows_the_family_by_name():
