@@ -38,3 +38,27 @@ def test_sdxl_with_a_learned_identifier_is_refused_once():
     models.check_supported(models.resolve(C.ModelConfig(name="tiny")), cfg)  # SD1 can learn one
     ok = C.with_overrides(cfg, {"identifier.learned": False})
     models.check_supported(models.resolve(ok.model), ok)
+
+
+def test_the_registry_knows_each_builtin_model_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import dreambooth_lab.builtin as b; import dreambooth_lab.config; "
+            "print(list(b.MODELS)); print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["['tiny', 'tiny-sdxl', 'tiny-sd2v', 'sd15-random', 'sdxl-random', 'toyworld']", "[]"]
+
+
+def test_what_the_registry_says_of_each_model():
+    from dreambooth_lab import builtin, colab
+
+    assert colab.CPU_MODELS == builtin.CPU_MODELS == ("tiny", "tiny-sdxl", "tiny-sd2v", "toyworld")
+    assert [n for n in builtin.MODELS if builtin.is_toy_world(n)] == ["toyworld"]
+    toyworld = models.pretrained_path("toyworld")
+    assert not builtin.is_toy_world(toyworld) and not builtin.is_toy_world("stabilityai/sdxl")  # by name only
+    assert builtin.get("stable-diffusion-v1-5/stable-diffusion-v1-5") is None
+    assert [models.model_key(n) for n in builtin.TINY_MODELS] == ["tiny-sd1-v1", "tiny-sdxl-v1", "tiny-sd2v-v1"]
+    assert models.model_key("sd15-random") == "sd15-random" and models.model_key("toyworld").startswith("toyworld-")
+    assert [C.default_resolution(n) for n in builtin.MODELS] == [64, 64, 64, 512, 1024, 64]
+    assert models.resolve(C.ModelConfig(name="toyworld")) == models.BaseModel("toyworld", None, "sd1", 64)
