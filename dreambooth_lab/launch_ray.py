@@ -8,7 +8,7 @@ Ray is an optional extra (`pip install 'dreambooth_lab[cluster]'`), imported onl
 address a local Ray starts on this machine with all its CPUs and GPUs; `auto` joins the cluster
 that `ray start` made on this machine; `ray://host:port` a remote one.
 
-A task does what the sequential sweep does for a run (experiments.attempt_run: claim it, skip it if
+A task does what the sequential sweep does for a run (sweep_run.attempt_run: claim it, skip it if
 finished, else train with resume="auto"), so the semantics are the same; the driver records every
 outcome (failures.json, the registry) as the sequential sweep does. What Ray adds:
 
@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Callable
 
 from . import files
-from .experiments import Outcome, Sweep, SweepBook, SweepRun, attempt_run, write_registry
+from .registry import write_registry
+from .sweep_run import Outcome, SweepBook, attempt_run
+from .sweep_spec import Sweep, SweepRun
 
 PROBE = ".storage-probe-"  # + a token per sweep invocation: <sweep folder>/.storage-probe-<token>
 STORAGE_WAIT = 10.0  # seconds a worker waits for a probe to appear (a network file system's caches)
@@ -142,7 +144,7 @@ def _probe_task(probes: dict[str, str | None], wait: float) -> str:
 
 
 def _train_task(run: SweepRun, probes: dict[str, str | None], threads: int | None, wait: float) -> Outcome:
-    """One run, in a Ray worker: storage checked first, then experiments.attempt_run."""
+    """One run, in a Ray worker: storage checked first, then sweep_run.attempt_run."""
     check_storage(probes, wait)
     if threads:
         import torch

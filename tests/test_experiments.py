@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import REPO, SAMPLE_SUBJECT
 from dreambooth_lab import config as C
 from dreambooth_lab import experiments as E
+from dreambooth_lab.sweep_spec import expand_grid, run_id
 
 STUDY = REPO / "configs" / "study"
 SWEEP_SPECS = {"tokens.yaml"}
@@ -70,14 +71,14 @@ def test_extends_loop_is_an_error(tmp_path):
 
 
 def test_expand_grid_and_ids():
-    combos = E.expand_grid({"data.token": ["sks", "oue"], "train.train_text_encoder": [False, True]})
+    combos = expand_grid({"data.token": ["sks", "oue"], "train.train_text_encoder": [False, True]})
     assert combos == [{"data.token": "sks", "train.train_text_encoder": False},
                       {"data.token": "sks", "train.train_text_encoder": True},
                       {"data.token": "oue", "train.train_text_encoder": False},
                       {"data.token": "oue", "train.train_text_encoder": True}]
-    assert E.run_id(combos[1]) == "token=sks_train_text_encoder=true"
+    assert run_id(combos[1]) == "token=sks_train_text_encoder=true"
     with pytest.raises(C.ConfigError, match="grid.lr"):
-        E.expand_grid({"lr": []})
+        expand_grid({"lr": []})
 
 
 def write_spec(tmp_path: Path, steps: int = 3) -> Path:

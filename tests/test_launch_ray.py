@@ -18,6 +18,7 @@ import pytest
 from dreambooth_lab import experiments as E
 from dreambooth_lab import launch_ray
 from dreambooth_lab.config import with_overrides
+from dreambooth_lab.registry import FAILURES
 from test_sweep_concurrency import write_spec
 
 ray = pytest.importorskip("ray", reason="the Ray launcher's tests need ray (requirements-dev.txt installs it)")
@@ -162,7 +163,7 @@ def test_the_driver_prints_a_bar_over_runs_and_a_line_per_run_started_finished_o
                for line in lines), out
     assert "runs: 100%" in err and "2/2" in err  # the bar over runs (tqdm, on stderr)
     assert {r["id"]: r["status"] for r in rows} == {good.id: "finished", bad.id: "failed"}
-    assert bad.id in json.loads((sweep.folder / E.FAILURES).read_text())  # recorded, as the sequential sweep does
+    assert bad.id in json.loads((sweep.folder / FAILURES).read_text())  # recorded, as the sequential sweep does
 
 
 def test_a_worker_that_cannot_see_the_photos_stops_the_sweep_at_once(tmp_path):

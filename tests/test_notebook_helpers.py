@@ -124,7 +124,7 @@ def test_preset_keys_follow_extends():
 
 
 def test_flat_keys_is_the_dotted_leaves():
-    from dreambooth_lab.experiments import flat_keys
+    from dreambooth_lab.sweep_spec import flat_keys
 
     assert flat_keys({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b", "a.c.d", "e"}
 

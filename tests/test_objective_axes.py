@@ -122,7 +122,7 @@ def test_base_model_prior_trains_without_class_images(tmp_path):
 
 def test_axes_are_recorded_in_the_lora_metadata_and_the_registry(tmp_path):
     from dreambooth_lab.config import to_yaml
-    from dreambooth_lab.experiments import run_row
+    from dreambooth_lab.registry import run_row
     from dreambooth_lab.export import PREFIX, run_metadata
 
     cfg = tiny_config(tmp_path, **{"loss.min_snr_gamma": 5.0, "prior.target": "base_model", "lora.use_dora": True,

@@ -17,6 +17,7 @@ from conftest import SAMPLE_SUBJECT
 from dreambooth_lab import config as C
 from dreambooth_lab import experiments as E
 from dreambooth_lab import stats as S
+from dreambooth_lab.sweep_spec import replicate_seed
 
 
 # ---- t quantiles without SciPy -------------------------------------------------------------------
@@ -268,14 +269,14 @@ def test_tiny_sweep_with_two_replicates_registers_group_and_seed_and_skips_on_re
     assert main(["sweep", str(path), "--replicates", "2", "--dry-run"]) == 0
     plan = capsys.readouterr().out.splitlines()
     assert plan[0].split()[4:7] == ["steps", "training", "seed"] and plan[1].split()[:1] == ["a-r0"]
-    assert plan[1].split()[4] == "7" and plan[2].split()[4] == str(E.replicate_seed(7, 1))
+    assert plan[1].split()[4] == "7" and plan[2].split()[4] == str(replicate_seed(7, 1))
 
     seen = []
     sweep = E.load_sweep(path, replicates=2)
     rows = E.run_sweep(sweep, progress=False, on_run=lambda rid, status: seen.append((rid, status)))
     assert seen == [("a-r0", "finished"), ("a-r1", "finished")]
     assert [(r["id"], r["group"], r["replicate"], r["training_seed"], r["seed"], r["group_seed"]) for r in rows] == [
-        ("a-r0", "a", 0, 7, 7, 7), ("a-r1", "a", 1, E.replicate_seed(7, 1), E.replicate_seed(7, 1), 7)]
+        ("a-r0", "a", 0, 7, 7, 7), ("a-r1", "a", 1, replicate_seed(7, 1), replicate_seed(7, 1), 7)]
     assert rows[0]["generation_seeds"] == rows[1]["generation_seeds"] == "5 6"  # sampling seeds: their own column
     header = (sweep.folder / "registry.csv").read_text().splitlines()[0].split(",")
     assert header[:6] == ["id", "group", "replicate", "training_seed", "group_seed", "status"]

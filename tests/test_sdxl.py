@@ -130,7 +130,7 @@ def test_sdxl_run_records_its_family_and_trains_both_text_encoders(xl_run):
     rows = read_metrics(xl_run.run_dir)
     assert all(r["prior_loss"] is not None for r in rows)
     assert rows[0]["lr_text_encoder"] == 3e-3 and rows[0]["lr_text_encoder_2"] == 1e-3  # its own lr
-    from dreambooth_lab.experiments import run_row
+    from dreambooth_lab.registry import run_row
 
     assert run_row(xl_run.run_dir)["family"] == "sdxl"
 

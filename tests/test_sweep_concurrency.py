@@ -19,6 +19,8 @@ import yaml
 from conftest import REPO, SAMPLE_SUBJECT, tiny_config
 from dreambooth_lab import experiments as E
 from dreambooth_lab import runs
+from dreambooth_lab.registry import FAILURES
+from dreambooth_lab.sweep_run import SweepBook, attempt_run
 
 
 def write_spec(tmp_path: Path, steps: int = 3, name: str = "two-by-two") -> Path:
@@ -109,7 +111,7 @@ def test_a_claim_left_by_a_dead_process_is_taken_over(tmp_path):
     assert runs.claim_holder(run.config) is None  # nobody holds it: a new claim takes it over
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = E.attempt_run(run, progress=False)
+        out = attempt_run(run, progress=False)
     assert out.status == "finished" and any("no longer running" in str(w.message) for w in caught)
     assert not path.exists()
 
@@ -148,7 +150,7 @@ def test_registry_keeps_one_row_per_run_whoever_wrote_it(tmp_path):
     run = sweep.runs[0]
     first = train(run.config, resume=None, progress=False).run_dir
     twin = train(run.config, resume=None, progress=False).run_dir  # e.g. left by an older, unclaimed sweep
-    E.SweepBook(sweep, progress=False)._set_failure(run.id, {"error": "RuntimeError: x", "seconds": 1,
+    SweepBook(sweep, progress=False)._set_failure(run.id, {"error": "RuntimeError: x", "seconds": 1,
                                                              "config_hash": run.config.hash()})
     rows = E.write_registry(sweep.folder)
     assert [(r["id"], r["status"], r["run_dir"]) for r in rows] == [(run.id, "finished", str(twin))]
@@ -164,7 +166,7 @@ def test_registry_keeps_one_row_per_run_whoever_wrote_it(tmp_path):
 
 def test_failures_written_by_two_sweeps_at_once_are_all_kept(tmp_path):
     sweep = E.load_sweep(write_spec(tmp_path))
-    books = [E.SweepBook(sweep, progress=False) for _ in range(2)]
+    books = [SweepBook(sweep, progress=False) for _ in range(2)]
     go = threading.Barrier(8)
 
     def fail(i):
@@ -176,7 +178,7 @@ def test_failures_written_by_two_sweeps_at_once_are_all_kept(tmp_path):
         t.start()
     for t in threads:
         t.join()
-    assert sorted(json.loads((sweep.folder / E.FAILURES).read_text())) == sorted(f"run{i}" for i in range(8))
+    assert sorted(json.loads((sweep.folder / FAILURES).read_text())) == sorted(f"run{i}" for i in range(8))
 
 
 def test_ray_options_without_the_ray_launcher_are_one_line(tmp_path, capsys):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dreambooth_lab import config as C
-from dreambooth_lab import experiments as E
+from dreambooth_lab.sweep_spec import replicate_seed
 from dreambooth_lab.world import replicates as R
 from dreambooth_lab.world.study import world_recipe_config
 
@@ -33,7 +33,7 @@ def test_replicates_get_distinct_seeds_and_otherwise_identical_configs(tmp_path)
     seeds = [r.train.seed for r in reps]
     assert seeds[0] == cfg.train.seed == 42 and len(set(seeds)) == 3
     assert seeds[1] == int(hashlib.sha256(b"42/replicate/1").hexdigest()[:8], 16) % 2**31  # as a sweep's
-    assert seeds == [E.replicate_seed(42, k) for k in range(3)]
+    assert seeds == [replicate_seed(42, k) for k in range(3)]
     for r in reps:
         back = C.with_overrides(r, {"train.seed": cfg.train.seed, "train.name": cfg.train.name})
         assert back == cfg and back.hash() == cfg.hash()  # nothing else differs
@@ -53,12 +53,12 @@ def test_run_replicates_makes_one_row_per_run_with_group_and_seed(tmp_path):
 
     rows = R.run_replicates(settings, 2, measure, columns={"a": {"token": "sks"}}, log=lines.append)
     assert [(r["id"], r["group"], r["replicate"], r["training_seed"]) for r in rows] == [
-        ("a-r0", "a", 0, 42), ("a-r1", "a", 1, E.replicate_seed(42, 1)),
-        ("b-r0", "b", 0, 42), ("b-r1", "b", 1, E.replicate_seed(42, 1))]
-    assert [s[:2] for s in seen] == [("sks", 42), ("sks", E.replicate_seed(42, 1)),
-                                     ("http", 42), ("http", E.replicate_seed(42, 1))]
+        ("a-r0", "a", 0, 42), ("a-r1", "a", 1, replicate_seed(42, 1)),
+        ("b-r0", "b", 0, 42), ("b-r1", "b", 1, replicate_seed(42, 1))]
+    assert [s[:2] for s in seen] == [("sks", 42), ("sks", replicate_seed(42, 1)),
+                                     ("http", 42), ("http", replicate_seed(42, 1))]
     assert rows[0]["token"] == "sks" and "token" not in rows[2] and all(r["status"] == "finished" for r in rows)
-    assert lines[1] == f"  a-r1 (training seed {E.replicate_seed(42, 1)}): 1 s, subject 0.50"
+    assert lines[1] == f"  a-r1 (training seed {replicate_seed(42, 1)}): 1 s, subject 0.50"
     single = R.run_replicates({"a": settings["a"]}, 1, measure, log=None)
     assert single[0]["id"] == "a" and seen[-1][2] == settings["a"].train.name  # N = 1: the run as it is
 
@@ -153,13 +153,13 @@ def _token_study(n=3) -> dict:
     for group, vals in values.items():
         token, enc = group.split("-")
         for k, v in enumerate(vals[:n]):
-            rows.append({"id": f"{group}-r{k}", "group": group, "replicate": k, "training_seed": E.replicate_seed(42, k),
+            rows.append({"id": f"{group}-r{k}", "group": group, "replicate": k, "training_seed": replicate_seed(42, k),
                          "status": "finished", "token": token, "text_encoder": enc == "te",
                          "encoder": R.ENCODER[enc == "te"], "subject": v, "forest": 1.0 if token == "sks" else 0.0,
                          "t-shirt": 0.0, "van gogh": 0.0, "driving": 0.0, "drift": 0.0, "class_diversity": 0.17,
                          "seconds": 20.0 + k})
     return {"subject": "dog", "photos": 5, "tokens": ["sks", "http"], "text_encoder": [False, True],
-            "replicates": n, "seeds": 16, "steps": 400, "training_seeds": [E.replicate_seed(42, k) for k in range(n)],
+            "replicates": n, "seeds": 16, "steps": 400, "training_seeds": [replicate_seed(42, k) for k in range(n)],
             "runs": len(rows), "seconds": 600.0, "load_average": {"start": [3.0, 2, 1], "end": [4.5, 3, 2]},
             "rows": rows}
 

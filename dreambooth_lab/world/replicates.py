@@ -2,7 +2,7 @@
 95% intervals and compared with a verdict (#23).
 
 A setting is a Config; its replicates are the runs `<name>-r0 … -r{N-1}` that differ only in
-train.seed, derived as a sweep derives them (`experiments.replicate_seed`: replicate 0 keeps the
+train.seed, derived as a sweep derives them (`sweep_spec.replicate_seed`: replicate 0 keeps the
 setting's seed). Each run becomes one row — the unit of every interval — with the judge's
 readings at one LoRA scale (`judged`); `stats.summarise` / `stats.compare` do the arithmetic
 (the method is written down in stats.py). The notebooks (05, 06) and the world benchmarks
@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Sequence
 
 from .. import stats
 from ..config import Config, with_overrides
-from ..experiments import replicate_id, replicate_seed
+from ..sweep_spec import replicate_id, replicate_seed
 
 # what the judge reads from one run, per row (names are the rows' columns)
 METRICS = ("subject", "prompt", "subject_and_prompt", "drift", "class_diversity")
