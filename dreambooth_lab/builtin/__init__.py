@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .toyworld import toyworld_dir, toyworld_key
+
 TINY_MODEL = "tiny"
 # The other offline test models: SDXL-shaped (two text encoders, text_time embeddings) and SD2-style
 # v-prediction, built like "tiny" (builtin/tiny.py); "sdxl-random" is SDXL's real architecture with random
@@ -51,7 +53,8 @@ class Builtin:
         return self.make_configs() if self.make_configs else self.folder()
 
 
-# The builders import torch, diffusers and transformers: loaded when a folder is first asked for.
+# The builders import torch, diffusers and transformers: loaded when a folder is first asked for
+# (the toy world's folder is only found: toyworld.py is light).
 def _tiny(name: str) -> Callable[[], Path]:
     def make() -> Path:
         from .tiny import tiny_model_dir
@@ -70,18 +73,6 @@ def _shaped(name: str, configs_only: bool = False) -> Callable[[], Path]:
     return make
 
 
-def _toyworld_dir() -> Path:
-    from .toyworld import toyworld_dir
-
-    return toyworld_dir()
-
-
-def _toyworld_key() -> str:
-    from .toyworld import toyworld_key
-
-    return toyworld_key()
-
-
 # Bump a version when that model's architecture or weights change: its cache folder and the
 # class-image cache keys include it, so stale copies are never reused.
 TINY_VERSIONS = {TINY_MODEL: "tiny-sd1-v1", TINY_SDXL: "tiny-sdxl-v1", TINY_SD2V: "tiny-sd2v-v1"}
@@ -93,7 +84,7 @@ MODELS: dict[str, Builtin] = {m.name: m for m in (
             make_configs=_shaped(SD15_SHAPED, configs_only=True)),
     Builtin(SDXL_SHAPED, "sdxl", 1024, cpu_fast=False, toy_world=False, make=_shaped(SDXL_SHAPED),
             make_configs=_shaped(SDXL_SHAPED, configs_only=True)),
-    Builtin(TOYWORLD, "sd1", 64, cpu_fast=True, toy_world=True, make=_toyworld_dir, keyed=_toyworld_key),
+    Builtin(TOYWORLD, "sd1", 64, cpu_fast=True, toy_world=True, make=toyworld_dir, keyed=toyworld_key),
 )}
 
 CPU_MODELS = tuple(name for name, m in MODELS.items() if m.cpu_fast)  # train in seconds on a CPU
