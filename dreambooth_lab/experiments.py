@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import ConfigError
+from .launch_ray import run_sweep_ray
 from .registry import (REGISTRY, axis_sheet, compare, format_registry, load_registry,  # noqa: F401 (re-exported)
                        metrics_note, read_failures, scan_runs, summarise, write_registry)
 from .runs import find_finished, find_resumable
@@ -109,8 +110,6 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, on_run: Callable[[str, str
     if launcher not in LAUNCHERS:
         raise ConfigError(f"launcher={launcher!r}: use one of {', '.join(LAUNCHERS)}")
     if launcher == "ray":
-        from .launch_ray import run_sweep_ray
-
         return run_sweep_ray(sweep, progress=progress, on_run=on_run, poll=poll, **ray_options)
     if ray_options:
         raise ConfigError(f"{', '.join(sorted(ray_options))}: options of the Ray launcher; add launcher='ray' "

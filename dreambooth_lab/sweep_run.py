@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import files
-from .runs import RunLocked, claim_holder, claim_run, describe_holder, find_finished
 from .registry import FAILURES, REPLICATES, read_failures, read_replicates, registry_lock, write_registry
+from .runs import RunLocked, claim_holder, claim_run, describe_holder, find_finished
 from .sweep_spec import Sweep, SweepRun
 
 
