@@ -15,8 +15,8 @@ from typing import Sequence
 from . import config as config_mod
 from . import files
 from .config import Config, SampleConfig
-from .report import load_run_config
-from .sample import LORA_FILE, ImageSpec, apply_vae_options, generate, load_lora, save_with_sidecars
+from .runs import EVAL_METRICS, LORA_FILE, load_config
+from .sample import ImageSpec, apply_vae_options, generate, load_lora, save_with_sidecars
 from .viz import labeled_grid
 
 SPEC_FIELDS = ("lora_scale_unet", "lora_scale_text_encoder", "guidance", "steps", "seed", "negative_prompt")
@@ -63,7 +63,7 @@ JUDGE_NAMES = (("judge_subject_fidelity", "judge: subject"), ("judge_prompt_fide
 def metrics_label(run_dir: Path) -> str:
     """'DINO 0.67 CLIP-I 0.80 CLIP-T 0.30' when the run has been evaluated (marked when the metric
     models were the tiny random ones), else nothing."""
-    path = Path(run_dir) / "metrics.json"
+    path = Path(run_dir) / EVAL_METRICS
     if not path.is_file():
         return ""
     data = json.loads(path.read_text())
@@ -140,7 +140,7 @@ def runs_by_prompts(run_dirs: Sequence[str | Path], out: str | Path, *, seeds: S
     if not run_dirs:
         raise ValueError("runs_by_prompts needs at least one run folder (none were given: has any run finished?)")
     run_dirs = [Path(r) for r in run_dirs]
-    cfgs = [load_run_config(r) for r in run_dirs]
+    cfgs = [load_config(r) for r in run_dirs]
     own = isinstance(seeds, str)
     if own and seeds != "own":
         raise ValueError(f"seeds={seeds!r}: give a list of seeds, None (the first run's) or 'own' (each run's)")
@@ -213,7 +213,7 @@ def parameter_grid(run_dir: str | Path, out: str | Path | None = None, *,
     What is not on an axis comes from `settings` (default: the run's own sample config).
     """
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
+    cfg = load_config(run_dir)
     for name, _ in (rows, cols):
         if name not in SPEC_FIELDS:
             raise ValueError(f"cannot vary {name!r}: choose from {', '.join(SPEC_FIELDS)}")
@@ -267,7 +267,7 @@ def steps_sheet(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if first.negative_prompt:
         params["negative_prompt"] = first.negative_prompt
     params.update(run=run_dir.name, model=first.model, size=first.width)
-    last = load_run_config(run_dir).train.steps
+    last = load_config(run_dir).train.steps
     labels = [f"step {step}" + ("\n(final)" if step == last else "") for step in rows]
     return labeled_grid(grid, labels, [f"seed {s}" for s in seeds], target,
                         title=f'{run_dir.name}: "{first.prompt}" — steps × seeds', params=params, cell_files=names)

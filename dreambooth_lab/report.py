@@ -1,4 +1,5 @@
-"""Look at a finished run: seed grid, test-prompt suite, dataset-versus-generation sheet.
+"""Look at a finished run: its pipeline with the LoRA loaded, seed grid, test-prompt suite,
+dataset-versus-generation sheet.
 
 Each call writes into a new folder ``<run>/samples/samples-<timestamp>/``: every image with its
 JSON sidecar, and the sheets as PNGs with their parameters written under the pictures.
@@ -17,20 +18,12 @@ from . import files
 from .data import ImageSet
 from .metrics import nearest
 from .viz import dataset_vs_generation, image_grid, tensor_to_pil
-from .sample import (LORA_FILE, ImageSpec, apply_vae_options, generate, load_lora, read_sidecar,
-                     save_with_sidecars)
-
-SAMPLES = "samples"
-
-
-def load_run_config(run_dir: str | Path) -> config_mod.Config:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml): pass a folder under runs/")
-    return config_mod.load(path)
+from .runs import LORA_FILE, SAMPLES
+from .runs import load_config as load_run_config  # re-exported: cli, export, evaluate and notebooks use this name
+from .sample import ImageSpec, apply_vae_options, generate, load_lora, read_sidecar, save_with_sidecars
 
 
-def open_run(run_dir: str | Path, device=None, step: int | None = None):
+def load_run_pipeline(run_dir: str | Path, device=None, step: int | None = None):
     """Base pipeline of a run with its LoRA loaded (reuse it across calls: loading is the slow part);
     `step`: the LoRA the run saved at that step (train.save_lora_every) instead of the final one."""
     from .models import load_pipeline
@@ -46,6 +39,9 @@ def open_run(run_dir: str | Path, device=None, step: int | None = None):
     apply_vae_options(pipe, cfg.sample.vae_slicing, cfg.sample.vae_tiling)
     load_lora(pipe, lora)
     return pipe
+
+
+open_run = load_run_pipeline  # the old name (main.ipynb, export.py, README): not runs.open_run, which picks a folder
 
 
 @dataclass
@@ -81,7 +77,7 @@ def sample_run(run_dir: str | Path, *, pipe=None, seeds: list[int] | None = None
                   lora_scale_text_encoder_2=s.lora_scale_text_encoder_2, model=cfg.model.name,
                   lora=str((run_dir / LORA_FILE).resolve()), run=str(run_dir.resolve()))
     specs = [ImageSpec(prompt=cfg.fill(p), seed=seed, **common) for p in prompts for seed in seeds]
-    pipe = pipe or open_run(run_dir)
+    pipe = pipe or load_run_pipeline(run_dir)
     images = generate(pipe, specs, batch_size=s.batch_size, progress=progress)
     params = {k: v for k, v in common.items() if k not in ("model", "lora", "run", "width", "height")
               and not (k == "lora_scale_text_encoder_2" and v is None)}

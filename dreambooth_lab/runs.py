@@ -1,15 +1,12 @@
-"""A run folder: its layout, its identity, its lock, and which folder a train() call uses.
+"""A run folder: its layout, its identity, what it says about itself, and which folder a train() call uses.
 
 A run is what it says it is: its identity is the config hash (what decides the weights, see
 ``Config.hash``) *and* a digest of the photos (file names and bytes, in sorted order). Both are
 written into ``identity.json`` when the folder is made and into ``summary.json`` and the LoRA's
 metadata when it finishes. A finished run is reused, and an unfinished one resumed, only when both
-match; otherwise the caller hears what changed and how to start fresh.
-
-While a process trains a run it holds ``train.lock`` (pid, host, start time), created whole and
-exclusively and refreshed by a heartbeat; a second process is refused (``RunLocked``, which carries
-what a notebook needs to offer ``take_over_lock``), and a lock left by a dead process, by a machine
-whose heartbeat has stopped, or damaged and old, is taken over with a message.
+match; otherwise the caller hears what changed and how to start fresh (``decide``: one scan of the
+runs folder, one answer). The lock a process holds while it trains a run lives in run_lock.py
+(re-exported here).
 
 Layout of a run folder::
 
@@ -22,20 +19,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
-import threading
-import time
-import uuid
-import warnings
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import files
 from .config import Config, ConfigError, load, to_yaml
+from .run_lock import (CLAIMS, HEARTBEAT, LOCK, STALE_BEATS, LockState, RunLock, RunLocked,  # noqa: F401 (re-exported:
+                       RunWarning, claim_holder, claim_path, claim_run, describe_duration,  # callers use runs.<name>)
+                       describe_holder, parse_lock, take_over_lock)
 
 CONFIG = "config.yaml"
 IDENTITY = "identity.json"
-LOCK = "train.lock"
 METRICS = "metrics.jsonl"  # the training loss, a line per step (not the evaluation's EVAL_METRICS)
 SUMMARY = "summary.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -48,10 +43,6 @@ EVAL_METRICS = "metrics.json"  # written by `evaluate`: the judged numbers of th
 
 class RunMismatch(ValueError):
     """An existing run was made with another config or other photos than the one asked for."""
-
-
-class RunWarning(UserWarning):
-    """Worth knowing about a run folder: a stale lock taken over, damaged checkpoints skipped."""
 
 
 # ---- identity ---------------------------------------------------------------------------------
@@ -148,8 +139,8 @@ def is_open(run: Path) -> bool:
     return isinstance(s, dict) and s.get("status") == "failed" and s.get("resumable") is True
 
 
-def runs_of(cfg: Config) -> list[Path]:
-    """Run folders of this exact training config (same hash), newest first."""
+def _scan(cfg: Config) -> list[tuple[Path, Identity | None]]:
+    """Run folders of this exact training config (same hash), newest first, with their recorded identity."""
     out = Path(cfg.train.output_dir).expanduser()
     if not out.is_dir():
         return []
@@ -162,8 +153,27 @@ def runs_of(cfg: Config) -> list[Path]:
         except (ConfigError, OSError):  # a folder from another version or a hand-edited config
             continue
         if same:
-            found.append(run)
+            found.append((run, ident))
     return found
+
+
+def runs_of(cfg: Config) -> list[Path]:
+    """Run folders of this exact training config (same hash), newest first."""
+    return [run for run, _ in _scan(cfg)]
+
+
+def _finished(scanned: list[tuple[Path, Identity | None]], ident: Identity) -> tuple[Path | None, list]:
+    """(the newest finished run trained on these very photos, the finished runs with an identity)."""
+    done = [(run, rec) for run, rec in scanned if rec is not None and is_finished(run)]
+    return next((run for run, rec in done if not ident.differences(rec)), None), done
+
+
+def _resumable(scanned: list[tuple[Path, Identity | None]]) -> tuple[Path, Identity] | None:
+    """The newest unfinished run with an identity and a checkpoint, whatever its photos."""
+    from .checkpoint import list_checkpoints
+
+    return next(((run, rec) for run, rec in scanned if is_open(run) and rec is not None and list_checkpoints(run)),
+                None)
 
 
 def find_finished(cfg: Config, ident: Identity | None = None) -> Path | None:
@@ -176,39 +186,91 @@ def find_finished(cfg: Config, ident: Identity | None = None) -> Path | None:
             ident = Identity.of(cfg)
         except DatasetError:
             return None
-    for run in runs_of(cfg):
-        recorded = read_identity(run)
-        if is_finished(run) and recorded is not None and not ident.differences(recorded):
-            return run
-    return None
+    return _finished(_scan(cfg), ident)[0]
 
 
 def find_resumable(cfg: Config) -> Path | None:
     """The newest unfinished run of this config that has a checkpoint, whatever its photos."""
-    from .checkpoint import list_checkpoints
-
-    for run in runs_of(cfg):
-        if is_open(run) and read_identity(run) is not None and list_checkpoints(run):
-            return run
-    return None
-
-
-def check_reusable(cfg: Config, ident: Identity) -> Path | None:
-    """A finished run to reuse, None to train; RunMismatch when the only finished runs of this
-    config were trained on other photos (reusing one would hand back the wrong LoRA)."""
-    done = find_finished(cfg, ident)
-    if done is not None:
-        return done
-    for run in runs_of(cfg):
-        recorded = read_identity(run)
-        if is_finished(run) and recorded is not None:
-            raise RunMismatch(f"{run} has this config but {'; '.join(ident.differences(recorded))}. "
-                              f"To train on the current photos start a new run: train(cfg) without "
-                              f"reuse_finished, or `train --new-run` from the command line")
-    return None
+    found = _resumable(_scan(cfg))
+    return found[0] if found else None
 
 
 # ---- which folder a train() call uses ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Decision:
+    """Which folder a train() call trains in: `kind` "new" (a folder to make; `path` None), "resume"
+    (that unfinished run) or "reuse" (that finished run, returned as it is), and `reason`, in words.
+    A resume that allow_change let through carries what differed (`override`, recorded in
+    summary.json); `reopen_failed`: the run had failed, its summary.json is set aside when it opens."""
+    kind: str
+    path: Path | None
+    reason: str
+    override: dict | None = None
+    reopen_failed: bool = False
+
+
+def decide(cfg: Config, ident: Identity, resume="auto", allow_change: bool = False,
+           reuse_finished: bool = False) -> Decision:
+    """Which folder this config trains in, from one scan of the runs folder; nothing is written.
+
+    reuse_finished: a finished run of this config and these photos is reused (RunMismatch when the
+    only finished runs of this config were trained on other photos: reusing one would hand back the
+    wrong LoRA). resume="auto": the newest unfinished run of this config, if its photos are the same
+    (else RunMismatch). resume=<path>: that run; a different config or different photos are refused
+    unless allow_change=True, which is recorded. resume=None: always a new folder.
+    """
+    scanned = _scan(cfg) if reuse_finished or resume == "auto" else []
+    if reuse_finished:
+        done, finished = _finished(scanned, ident)
+        if done is not None:
+            return Decision("reuse", done, "a finished run of this config and these photos")
+        if finished:
+            run, recorded = finished[0]
+            raise RunMismatch(f"{run} has this config but {'; '.join(ident.differences(recorded))}. "
+                              f"To train on the current photos start a new run: train(cfg) without "
+                              f"reuse_finished, or `train --new-run` from the command line")
+    if resume not in (None, "auto"):
+        return _decide_path(cfg, ident, Path(resume).expanduser(), allow_change)
+    if resume == "auto" and (found := _resumable(scanned)) is not None:
+        run, recorded = found
+        diffs = ident.differences(recorded)
+        if diffs:
+            raise RunMismatch(f"the unfinished run {run} has this config but {'; '.join(diffs)}. To train on the "
+                              "current photos start a new run: train(cfg, resume=None), or `train --new-run`")
+        return Decision("resume", run, "the newest unfinished run of this config and these photos")
+    return Decision("new", None, "no unfinished run of this config" if resume == "auto" else "resume=None")
+
+
+def _decide_path(cfg: Config, ident: Identity, run: Path, allow_change: bool) -> Decision:
+    """resume=<path>: that run, if it can go on with this config and these photos."""
+    from .checkpoint import list_checkpoints
+
+    if not (run / CONFIG).is_file():
+        raise FileNotFoundError(f"{run} is not a run folder (it has no {CONFIG}): pass the folder that "
+                                f"train() printed, or resume='auto'")
+    ckpts = list_checkpoints(run)
+    failed = (read_summary(run) or {}).get("status") == "failed" and bool(ckpts)  # e.g. a NaN: go on from
+    if not is_open(run) and not failed:                                            # its last good checkpoint
+        status = (read_summary(run) or {}).get("status", "finished")
+        raise RunMismatch(f"{run} has already ended ({status}"
+                          f"{' with no checkpoint to go on from' if status == 'failed' else ''}); it cannot be "
+                          "resumed: start a new run")
+    recorded = read_identity(run)
+    diffs = ident.differences(recorded) if recorded else ["the run has no identity.json (an older version)"]
+    if diffs and not allow_change:
+        raise RunMismatch(f"cannot resume {run}: {'; '.join(diffs)}. Resume it with the config and photos it "
+                          "was started with, start a new run (resume=None / --new-run), or pass "
+                          "allow_change=True (--allow-change) to continue it anyway (recorded in summary.json)")
+    if diffs and ckpts:  # what a checkpoint cannot take: refused before anything loads
+        problem = resume_change_problem(load(run / CONFIG), cfg, checkpoint_step(ckpts[-1]))
+        if problem:
+            raise RunMismatch(f"cannot resume {run} with this change: {problem}")
+    override = {"differences": diffs, "config_hash": ident.config_hash,
+                "dataset_digest": ident.dataset_digest} if diffs else None
+    return Decision("resume", run, "the run asked for" + (" (with a change: allow_change)" if diffs else ""),
+                    override, failed)
+
 
 @dataclass
 class Opened:
@@ -217,58 +279,22 @@ class Opened:
     override: dict | None = None  # what differed when an explicit resume was forced
 
 
-def open_run(cfg: Config, ident: Identity, resume, allow_change: bool = False) -> Opened:
-    """Create a new run folder or pick the one to resume, refusing a mismatched one.
-
-    resume="auto": the newest unfinished run of this config, if its photos are the same (else
-    RunMismatch). resume=<path>: that run; a different config or different photos are refused
-    unless allow_change=True, which is recorded. resume=None: always a new folder.
-    """
-    if resume not in (None, "auto"):
-        run = Path(resume).expanduser()
-        if not (run / CONFIG).is_file():
-            raise FileNotFoundError(f"{run} is not a run folder (it has no {CONFIG}): pass the folder that "
-                                    f"train() printed, or resume='auto'")
-        from .checkpoint import list_checkpoints
-
-        ckpts = list_checkpoints(run)
-        failed = (read_summary(run) or {}).get("status") == "failed" and bool(ckpts)  # e.g. a NaN: go on from
-        if not is_open(run) and not failed:                                            # its last good checkpoint
-            status = (read_summary(run) or {}).get("status", "finished")
-            raise RunMismatch(f"{run} has already ended ({status}"
-                              f"{' with no checkpoint to go on from' if status == 'failed' else ''}); it cannot be "
-                              "resumed: start a new run")
-        recorded = read_identity(run)
-        diffs = ident.differences(recorded) if recorded else ["the run has no identity.json (an older version)"]
-        if diffs and not allow_change:
-            raise RunMismatch(f"cannot resume {run}: {'; '.join(diffs)}. Resume it with the config and photos it "
-                              "was started with, start a new run (resume=None / --new-run), or pass "
-                              "allow_change=True (--allow-change) to continue it anyway (recorded in summary.json)")
-        if diffs and ckpts:  # what a checkpoint cannot take: refused before anything loads
-            problem = resume_change_problem(load(run / CONFIG), cfg, checkpoint_step(ckpts[-1]))
-            if problem:
-                raise RunMismatch(f"cannot resume {run} with this change: {problem}")
-        override = {"differences": diffs, "config_hash": ident.config_hash,
-                    "dataset_digest": ident.dataset_digest} if diffs else None
-        if diffs:
+def open_run(cfg: Config, ident: Identity, decision: Decision) -> Opened:
+    """Make the new run folder, or open the one to resume, that `decide` chose (not for "reuse")."""
+    if decision.kind == "resume":
+        run = decision.path
+        if decision.override:
             files.write_text(run / f"config-resumed-{files.timestamp()}.yaml", to_yaml(cfg))
-        if failed and (run / SUMMARY).exists():  # the failure stays on record beside the run, which is open again
-            os.replace(run / SUMMARY, run / f"summary-failed-{files.timestamp()}.json")
-        return Opened(run, False, override)
-    if resume == "auto" and (run := find_resumable(cfg)) is not None:
-        diffs = ident.differences(read_identity(run))
-        if diffs:
-            raise RunMismatch(f"the unfinished run {run} has this config but {'; '.join(diffs)}. To train on the "
-                              "current photos start a new run: train(cfg, resume=None), or `train --new-run`")
-        return Opened(run, False)
+        if decision.reopen_failed and (run / SUMMARY).exists():  # the failure stays on record beside the run,
+            os.replace(run / SUMMARY, run / f"summary-failed-{files.timestamp()}.json")  # which is open again
+        return Opened(run, False, decision.override)
+    assert decision.kind == "new", decision
     run = None
     try:
         run = files.new_dir(cfg.train.output_dir, cfg.run_name)
         files.write_text(run / CONFIG, to_yaml(cfg))
         files.write_json(run / IDENTITY, ident.to_json())
     except BaseException as exc:  # e.g. a full disk: no empty or half-made run folder stays behind
-        import shutil
-
         if run is not None:
             shutil.rmtree(run, ignore_errors=True)
         if isinstance(exc, files.DiskFull):
@@ -309,360 +335,75 @@ def resume_change_problem(old: Config, new: Config, step: int | None) -> str | N
     return None
 
 
-# ---- the lock -----------------------------------------------------------------------------------
+# ---- what a run says about itself: summary.json, its result, its config -------------------------
 
-HEARTBEAT = 30.0  # seconds between two refreshes of a held train.lock
-STALE_BEATS = 3  # a lock silent for this many heartbeats (another machine's, or damaged) is abandoned
-_PID_MAX = 2**31 - 1  # os.kill takes a C int
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
+class TrainingStopped(RuntimeError):
+    """Training ended early for a reason the message states in one line (and what to do)."""
 
 
-def parse_lock(raw: bytes) -> tuple[dict | None, str | None]:
-    """(holder, None) for the bytes of a valid lock file, (None, what is wrong with it) otherwise (pure).
-
-    A valid lock is a JSON object with a process id (a whole number from 1 to 2**31-1) and a host."""
-    if not raw.strip():
-        return None, "it is empty"
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None, "it is not JSON"
-    if not isinstance(data, dict):
-        return None, f"it holds a JSON {type(data).__name__} instead of an object"
-    pid, host = data.get("pid"), data.get("host")
-    if pid is None:
-        return None, "it has no pid"
-    if isinstance(pid, bool) or not isinstance(pid, int):
-        return None, f"its pid {json.dumps(pid)[:40]} is not a whole number"
-    if not 1 <= pid <= _PID_MAX:
-        return None, f"its pid {str(pid)[:40]} is not a process id"
-    if not isinstance(host, str) or not host:
-        return None, "it has no host"
-    return data, None
+@dataclass
+class RunResult:
+    run_dir: Path
+    lora_path: Path
+    steps: int
+    final_loss: float
+    eval_loss_before: float | None  # None: not measured (train.eval_loss)
+    eval_loss_after: float | None
+    class_images_generated: int
+    resumed_from: int | None = None
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)  # Timeline.report(): where start-up and finish went
 
 
-def describe_duration(seconds: float) -> str:
-    """'45 s', '2 min 5 s', '3 h 4 min' (pure)."""
-    s = max(0, int(round(seconds)))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60} s" if s % 60 else f"{s // 60} min"
-    return f"{s // 3600} h {s % 3600 // 60} min"
+def write_summary(run: Path, status: str, *, config_hash: str, steps: int, error: str | None = None,
+                  failed_at_step: int | None = None, last_checkpoint: Path | None = None, reason: str | None = None,
+                  resumable: bool | None = None, final_loss: float | None = None, eval_before: float | None = None,
+                  eval_after: float | None = None, class_images_generated: int = 0, resumed_from: int | None = None,
+                  seconds: float = 0.0, family: str | None = None, ident: Identity | None = None,
+                  timings: dict | None = None, resume_override: dict | None = None) -> Path:
+    """Write <run>/summary.json, how the run ended: every field it can hold is named here.
+
+    status "finished": the loss, the fixed-noise evaluation before and after, the class images made,
+    the step resumed from, seconds, the config hash, the model family, the photos' digest and count,
+    the timings, and `resume_override` when a changed config went on from a resumed step. status
+    "failed": the error, the step, the last good checkpoint, and with a `reason` (e.g. disk_full)
+    whether the same command resumes it (`resumable`, read by is_open)."""
+    if status == "finished":
+        data = {"status": status, "steps": steps, "final_loss": final_loss, "eval_instance_loss_before": eval_before,
+                "eval_instance_loss_after": eval_after, "class_images_generated": class_images_generated,
+                "resumed_from": resumed_from, "seconds": seconds, "config_hash": config_hash, "family": family,
+                "dataset_digest": ident.dataset_digest, "photos": len(ident.dataset), "timings": timings}
+        if resume_override:
+            data["resume_override"] = resume_override
+    else:
+        data = {"status": status, **({"reason": reason} if reason is not None else {}), "error": error,
+                "failed_at_step": failed_at_step, "last_checkpoint": last_checkpoint and str(last_checkpoint),
+                **({"resumable": resumable} if resumable is not None else {}), "config_hash": config_hash,
+                "steps": steps}
+    return files.write_json(Path(run) / SUMMARY, data)
 
 
-@dataclass(frozen=True)
-class LockState:
-    """What a lock file held when it was read: its holder (None when it is not a valid lock, with the
-    problem in words), the seconds since it was written or last refreshed, and a key that names these
-    very bytes in this very file (two processes that read the same stale lock agree on it)."""
-    holder: dict | None
-    problem: str | None
-    age: float
-    key: str
+def load_result(run_dir: str | Path) -> RunResult:
+    """The RunResult of a finished run, read back from its folder."""
+    run_dir = Path(run_dir)
+    s = read_summary(run_dir) or {}
+    if s.get("status", "finished") != "finished":
+        raise TrainingStopped(f"{run_dir} did not finish ({s.get('status')}: {s.get('error', '')})")
+    return RunResult(run_dir=run_dir, lora_path=run_dir / LORA_FILE, steps=s["steps"], final_loss=s["final_loss"],
+                     eval_loss_before=s["eval_instance_loss_before"], eval_loss_after=s["eval_instance_loss_after"],
+                     class_images_generated=s["class_images_generated"], resumed_from=s["resumed_from"],
+                     seconds=s["seconds"], history=read_metrics(run_dir), timings=s.get("timings", {}))
 
 
-class RunLocked(RuntimeError):
-    """Another live process is training this run folder (or its lock cannot be judged safely).
-
-    Carries what a notebook needs to offer a take-over: `run_dir`, `lock_file`, `holder` (the lock's
-    contents, None for a damaged lock), `silent_for` (seconds since its last heartbeat) and
-    `can_take_over` (False when the holder is a live process on this very machine)."""
-
-    def __init__(self, message: str, run_dir: Path | None = None, lock_file: Path | None = None,
-                 holder: dict | None = None, silent_for: float | None = None, can_take_over: bool = False):
-        super().__init__(message)
-        self.run_dir, self.lock_file, self.holder = run_dir, lock_file, holder
-        self.silent_for, self.can_take_over = silent_for, can_take_over
+def load_config(run_dir: str | Path) -> Config:
+    """The config a run was trained with (its config.yaml)."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no {CONFIG}): pass a folder under runs/")
+    return load(path)
 
 
-class RunLock:
-    """``train.lock`` in a run folder while this process trains it (a context manager).
-
-    The file holds pid, host, start time and a token of its own; a daemon thread touches it every
-    `heartbeat` seconds. It is created whole and exclusively (written to a temporary, then hard-linked
-    to its name, which fails when the name exists; O_EXCL where links are not supported), so of
-    several processes started together exactly one gets it.
-
-    A lock is stale when its process is gone (same host), or its heartbeat has been silent for more
-    than `stale_after` (default: STALE_BEATS heartbeats) on another host (a Colab VM that
-    disconnected), or it is not a valid lock at all and is that old. A stale lock is taken over with
-    a RunWarning; `take_over=True` takes over any lock but a live process's on this machine. Taking
-    over cannot race: a process must first create ``train.lock.takeover-<key>`` exclusively for the
-    very lock it judged stale, then moves that lock aside and checks it moved the one it judged.
-    Anything else raises RunLocked, in one line that names the lock file.
-    """
-
-    def __init__(self, run: Path, heartbeat: float = HEARTBEAT, stale_after: float | None = None,
-                 take_over: bool = False, clock=time.time, name: str = LOCK):
-        self.run = Path(run)
-        self.path = self.run / name  # a sweep's claim on a run is the same kind of lock under another name
-        self.heartbeat = heartbeat
-        self.stale_after = STALE_BEATS * heartbeat if stale_after is None else stale_after
-        self.take_over, self.clock = take_over, clock
-        self.token = uuid.uuid4().hex
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.me = {"pid": os.getpid(), "host": socket.gethostname()}
-
-    # reading and judging
-
-    def _read(self) -> LockState | None:
-        """The lock as it is now; None when there is none."""
-        try:
-            with open(self.path, "rb") as f:
-                st, raw = os.fstat(f.fileno()), f.read(1 << 16)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise RunLocked(f"{self.path} cannot be read ({exc.strerror or exc}): if no other process is training "
-                            f"{self.run}, delete {self.path} and run again", self.run, self.path) from None
-        holder, problem = parse_lock(raw)
-        key = hashlib.sha256(raw + f"\0{st.st_dev}:{st.st_ino}".encode()).hexdigest()[:16]
-        return LockState(holder, problem, self.clock() - st.st_mtime, key)
-
-    def _holder(self) -> dict | None:
-        try:
-            state = self._read()
-        except RunLocked:
-            return None
-        return state.holder if state else None
-
-    def _stale_reason(self, state: LockState) -> str | None:
-        """Why this lock may be taken over, in words; None when it is held."""
-        h, silent = state.holder, describe_duration(state.age)
-        if h is None:
-            if state.age > self.stale_after or self.take_over:
-                return f"it is not a valid lock ({state.problem}) and was last written {silent} ago"
-            return None
-        who = f"process {h['pid']} on {h['host']}"
-        if h["host"] == self.me["host"]:
-            if h["pid"] == self.me["pid"]:
-                return f"it was left by this very process ({who})"
-            return None if _pid_alive(h["pid"]) else f"it was left by {who}, which is no longer running"
-        if state.age > self.stale_after:
-            return (f"it was left by {who}, whose heartbeat (every {describe_duration(self.heartbeat)}) has been "
-                    f"silent for {silent}: that machine is gone")
-        if self.take_over:
-            return f"it was held by {who} (last heartbeat {silent} ago), taken over as asked"
-        return None
-
-    def _refusal(self, state: LockState) -> RunLocked:
-        h, run = state.holder, self.run
-        if h is None:
-            return RunLocked(f"{self.path} is not a valid lock ({state.problem}; last written "
-                             f"{describe_duration(state.age)} ago): if no other process is training {run}, delete "
-                             f"{self.path} and run again (it is taken over by itself once it is "
-                             f"{describe_duration(self.stale_after)} old)", run, self.path, None, state.age, True)
-        where = f"process {h['pid']} on {h['host']} (since {h.get('started', '?')}"
-        if h["host"] == self.me["host"]:
-            return RunLocked(f"{run} is being trained by {where}, this machine): wait for it to finish, stop that "
-                             "process, or start a new run (resume=None / --new-run)", run, self.path, h, state.age,
-                             False)
-        wait = describe_duration(self.stale_after - state.age + 1)
-        return RunLocked(f"{run} is being trained by {where}; last heartbeat {describe_duration(state.age)} ago): "
-                         f"wait for it to finish or start a new run (resume=None / --new-run); if {h['host']} is "
-                         f"gone, its lock is taken over by itself in {wait}", run, self.path, h, state.age, True)
-
-    # creating and taking over
-
-    def _body(self) -> bytes:
-        return json.dumps({**self.me, "started": files.timestamp(), "token": self.token}, sort_keys=True).encode()
-
-    def _create(self) -> bool:
-        """Create the lock whole and exclusively; False when a lock is there already."""
-        tmp = self.path.with_name(f".{self.path.name}.{self.token}.tmp")
-        try:
-            tmp.write_bytes(self._body())
-            try:
-                os.link(tmp, self.path)
-                return True
-            except FileExistsError:
-                return False
-            except OSError:  # no hard links here (EPERM, ENOTSUP... on some network and FUSE file systems)
-                pass
-        finally:
-            tmp.unlink(missing_ok=True)
-        # O_EXCL, then the body: a reader that meets the file before its body sees a young invalid lock,
-        # which it waits for and never takes over.
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            return False
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self._body())
-        except BaseException:
-            self.path.unlink(missing_ok=True)
-            raise
-        return True
-
-    def _move_aside(self, state: LockState) -> bool:
-        """Remove the very lock `state` was read from, racing nobody; False when another process is
-        taking it over or it is no longer there (the caller reads the lock again)."""
-        marker = self.path.with_name(f"{self.path.name}.takeover-{state.key}")
-        try:
-            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:
-            try:  # a take-over that died half-way (between these two steps) leaves its marker behind
-                if self.clock() - marker.stat().st_mtime > 10:
-                    marker.unlink(missing_ok=True)
-            except OSError:
-                pass
-            return False
-        aside = self.path.with_name(f".{self.path.name}.{self.token}.stale")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return False
-        try:
-            with open(aside, "rb") as f:
-                st, raw = os.fstat(f.fileno()), f.read(1 << 16)
-            if hashlib.sha256(raw + f"\0{st.st_dev}:{st.st_ino}".encode()).hexdigest()[:16] != state.key:
-                try:  # released and made anew between our read and the rename: put it back
-                    os.link(aside, self.path)
-                except OSError:
-                    pass
-                return False
-            return True
-        finally:
-            aside.unlink(missing_ok=True)
-
-    def acquire(self) -> "RunLock":
-        settle = time.monotonic() + 2.0  # time for a lock created with O_EXCL to get its body
-        for _ in range(200):
-            if self._create():
-                break
-            state = self._read()
-            if state is None:
-                continue
-            reason = self._stale_reason(state)
-            if reason is None:
-                if state.holder is None and state.age < 2.0 and time.monotonic() < settle:
-                    time.sleep(0.02)  # most likely being written by the process that just created it
-                    continue
-                raise self._refusal(state)
-            if self._move_aside(state):
-                warnings.warn(f"taking over {self.path}: {reason}", RunWarning, stacklevel=3)
-            else:
-                time.sleep(0.005)
-        else:
-            raise RunLocked(f"{self.path} kept changing while other processes took it: wait for them to finish "
-                            "and run again", self.run, self.path)
-        self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
-        self._thread.start()
-        return self
-
-    def _is_mine(self) -> bool:
-        h = self._holder()
-        return bool(h) and h.get("token") == self.token
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat):
-            if not self._is_mine():  # taken over by hand: leave the new holder's heartbeat alone
-                return
-            try:
-                os.utime(self.path)
-            except OSError:
-                return
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        if self._thread is not None and self._is_mine():
-            self.path.unlink(missing_ok=True)
-            for marker in self.path.parent.glob(f"{self.path.name}.takeover-*"):  # of locks taken over before
-                marker.unlink(missing_ok=True)
-        self._thread = None
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def take_over_lock(run_dir: str | Path, holder: dict | None = None) -> dict | None:
-    """Remove the lock of `run_dir` on the user's say-so (a notebook's "take over" button after
-    RunLocked), so the next train() of this run takes it. Returns what the lock held (None when there
-    was none, {} for a damaged one), with a RunWarning.
-
-    `holder`: the RunLocked's `holder`; when given, only that very lock is removed (RunLocked if
-    another has taken its place). A live process on this machine is never taken over (RunLocked)."""
-    lock = RunLock(Path(run_dir).expanduser(), take_over=True)
-    for _ in range(200):
-        state = lock._read()
-        if state is None:
-            return None
-        if holder is not None and (state.holder is None or any(
-                state.holder.get(k) != holder.get(k) for k in ("pid", "host", "started", "token"))):
-            raise RunLocked(f"{lock.path} has changed since it was reported: {lock._refusal(state)}", lock.run,
-                            lock.path, state.holder, state.age, False)
-        reason = lock._stale_reason(state)
-        if reason is None:
-            raise lock._refusal(state)
-        if lock._move_aside(state):
-            warnings.warn(f"took over {lock.path}: {reason}", RunWarning, stacklevel=2)
-            return state.holder or {}
-        time.sleep(0.005)
-    raise RunLocked(f"{lock.path} kept changing while other processes took it: wait for them to finish "
-                    "and run again", lock.run, lock.path)
-
-
-# ---- claims: which process trains a configuration -----------------------------------------------
-
-CLAIMS = ".claims"  # under train.output_dir (a sweep's folder)
-
-
-def claim_path(cfg: Config) -> Path:
-    """<train.output_dir>/.claims/<run name>-<config hash>.claim: the lock a sweep takes on a run before
-    it looks for the run's folder, so that two sweeps (or two Ray tasks) never make two folders for one
-    configuration (train.lock cannot: it is taken once the folder exists)."""
-    return Path(cfg.train.output_dir).expanduser() / CLAIMS / f"{cfg.run_name}-{cfg.hash()}.claim"
-
-
-def claim_run(cfg: Config, heartbeat: float = HEARTBEAT) -> RunLock:
-    """Claim cfg's run for this process and return the held lock (call .release()). RunLocked, with
-    its `holder`, when a live process holds it; a claim left by a dead process, or by a machine whose
-    heartbeat stopped, is taken over with a RunWarning, as train.lock is."""
-    path = claim_path(cfg)
-    with files.disk_full_as(path.parent):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    return RunLock(path.parent, heartbeat=heartbeat, name=path.name).acquire()
-
-
-def claim_holder(cfg: Config) -> dict | None:
-    """Who holds cfg's claim now, as its lock says (pid, host, started; {} while it is being written);
-    None when nobody does: no claim, or one that claim_run would take over (side-effect free)."""
-    path = claim_path(cfg)
-    lock = RunLock(path.parent, name=path.name)
-    try:
-        state = lock._read()
-    except RunLocked:
-        return {}
-    if state is None:
-        return None
-    return None if lock._stale_reason(state) is not None else (state.holder or {})
-
-
-def describe_holder(holder: dict | None) -> str:
-    """'process 123 on gpu-2 (since 20261204-221500)' (pure)."""
-    if not holder:
-        return "another process"
-    return f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('started', '?')})"
-
-
-# ---- reading a run back ------------------------------------------------------------------------
 
 def read_metrics(run_dir: Path, up_to_step: int | None = None) -> list[dict]:
     path = Path(run_dir) / METRICS

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import files
 from .config import TINY_MODEL, ModelConfig
-from .runs import LORA_FILE  # noqa: F401 (re-exported: the run-folder layout lives in runs.py)
+from .runs import CONFIG, LORA_FILE  # LORA_FILE re-exported (sample.LORA_FILE): the run-folder layout lives in runs.py
 
 ADAPTER = "dreambooth"
 
@@ -86,7 +86,7 @@ def find_lora_file(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         if not (path / LORA_FILE).is_file():
-            what = unfinished_reason(path) if (path / "config.yaml").is_file() else "not a run folder"
+            what = unfinished_reason(path) if (path / CONFIG).is_file() else "not a run folder"
             raise LoraFileError(f"{path} holds no {LORA_FILE} ({what}): pass a finished run folder or a LoRA "
                                 ".safetensors file")
         path = path / LORA_FILE

@@ -31,6 +31,7 @@ import torch
 
 from . import files
 from .config import Config
+from .runs import CONFIG
 
 LORAS = "loras"
 STEP_IMAGES = "steps"
@@ -83,7 +84,7 @@ def step_image_dirs(run_dir: str | Path) -> dict[int, Path]:
 def run_of(lora_file: str | Path) -> Path | None:
     """The run folder a step LoRA file (<run>/loras/step-N.safetensors) belongs to, else None (pure path logic)."""
     p = Path(lora_file)
-    if _LORA.match(p.name) and p.parent.name == LORAS and (p.parent.parent / "config.yaml").is_file():
+    if _LORA.match(p.name) and p.parent.name == LORAS and (p.parent.parent / CONFIG).is_file():
         return p.parent.parent
     return None
 

@@ -102,7 +102,7 @@ def test_second_text_encoder_lr_leaves_old_hashes_alone():
 
 def test_v_prediction_sd2_model_trains_and_samples(tmp_path):
     from dreambooth_lab import sample
-    from dreambooth_lab.report import open_run
+    from dreambooth_lab.report import load_run_pipeline
     from dreambooth_lab.train import train
 
     cfg = tiny_config(tmp_path, **{"model.name": "tiny-sd2v", "train.steps": 15, "optim.lr_unet": 3e-3,
@@ -117,7 +117,7 @@ def test_v_prediction_sd2_model_trains_and_samples(tmp_path):
     assert export.read_metadata(kohya)["ss_base_model_version"] == "sd_v2"
     assert any(k.startswith("lora_te_") for k in load_file(str(kohya)))
 
-    pipe = open_run(run.run_dir, device="cpu")
+    pipe = load_run_pipeline(run.run_dir, device="cpu")
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     spec = sample.ImageSpec(prompt="A sks dog", seed=2, steps=4, width=64, height=64, model="tiny-sd2v",
                             lora_scale_unet=1.0, lora_scale_text_encoder=1.0)

@@ -8,7 +8,7 @@ from conftest import tiny_config
 from dreambooth_lab import sample
 from dreambooth_lab.config import ModelConfig
 from dreambooth_lab.models import load_pipeline
-from dreambooth_lab.report import compare_run, open_run, sample_run
+from dreambooth_lab.report import compare_run, load_run_pipeline, sample_run
 
 
 def _spec(**kw):
@@ -28,7 +28,7 @@ def base_pipe():
 
 @pytest.fixture(scope="module")
 def lora_pipe(trained_run):
-    return open_run(trained_run.run_dir, device="cpu")
+    return load_run_pipeline(trained_run.run_dir, device="cpu")
 
 
 def test_scale_zero_reproduces_the_base_model_exactly(base_pipe, lora_pipe):

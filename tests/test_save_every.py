@@ -226,14 +226,15 @@ def test_sdxl_step_pictures_scale_both_text_encoders_as_sample_does(tmp_path):
     assert np.abs(drawn - np.asarray(sample.regenerate(png)).astype(int)).max() <= 1
 
 
-def test_open_run_loads_a_chosen_steps_lora(stepped):
-    from dreambooth_lab.report import open_run
+def test_load_run_pipeline_loads_a_chosen_steps_lora(stepped):
+    from dreambooth_lab.report import load_run_pipeline
 
     png = steps.images_dir(stepped.run_dir, 2) / "img-00-seed0.png"
     spec = sample.read_sidecar(png)
-    at_2 = np.asarray(sample.generate(open_run(stepped.run_dir, device="cpu", step=2), [spec], progress=False)[0])
-    final = np.asarray(sample.generate(open_run(stepped.run_dir, device="cpu"), [spec], progress=False)[0])
+    at_2 = np.asarray(sample.generate(load_run_pipeline(stepped.run_dir, device="cpu", step=2), [spec],
+                                      progress=False)[0])
+    final = np.asarray(sample.generate(load_run_pipeline(stepped.run_dir, device="cpu"), [spec], progress=False)[0])
     drawn = np.asarray(Image.open(png)).astype(int)
     assert np.abs(at_2.astype(int) - drawn).max() <= 1 and np.abs(final.astype(int) - drawn).max() > 1
     with pytest.raises(FileNotFoundError, match="no LoRA at step 3"):
-        open_run(stepped.run_dir, device="cpu", step=3)
+        load_run_pipeline(stepped.run_dir, device="cpu", step=3)

@@ -188,9 +188,9 @@ def test_kohya_export_round_trips_through_diffusers_kohya_loader(xl_run, tmp_pat
 
 
 def test_sample_run_takes_the_family_from_the_run(xl_run):
-    from dreambooth_lab.report import open_run, sample_run
+    from dreambooth_lab.report import load_run_pipeline, sample_run
 
-    pipe = open_run(xl_run.run_dir, device="cpu")
+    pipe = load_run_pipeline(xl_run.run_dir, device="cpu")
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     out = sample_run(xl_run.run_dir, pipe=pipe, seeds=[0], test_prompts=[], lora_scale_text_encoder_2=0.2,
                      progress=False)

@@ -144,7 +144,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
 def test_v_prediction_model_trains_and_samples(tmp_path, monkeypatch):
     from dreambooth_lab import sample, trainer
     from dreambooth_lab.builtin.tiny import tiny_model_dir
-    from dreambooth_lab.report import open_run, sample_run
+    from dreambooth_lab.report import load_run_pipeline, sample_run
 
     model = Path(shutil.copytree(tiny_model_dir(), tmp_path / "tiny-v"))
     sched = model / "scheduler" / "scheduler_config.json"
@@ -166,7 +166,7 @@ def test_v_prediction_model_trains_and_samples(tmp_path, monkeypatch):
     assert kinds and set(kinds) == {"v_prediction"}
     assert np.isfinite([r["loss"] for r in read_metrics(run.run_dir)]).all()
 
-    pipe = open_run(run.run_dir, device="cpu")
+    pipe = load_run_pipeline(run.run_dir, device="cpu")
     out = sample_run(run.run_dir, pipe=pipe, seeds=[0], test_prompts=[], steps=3, progress=False)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     image = np.asarray(sample.generate(pipe, [sample.read_sidecar(out.images[0])], progress=False)[0]).astype(int)
