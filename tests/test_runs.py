@@ -68,6 +68,28 @@ def test_changed_photos_are_never_handed_back_as_the_old_run(tmp_path):
         train(cfg, resume="auto", progress=False)
 
 
+def test_one_scan_of_the_runs_folder_answers_which_folder_a_train_call_uses(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, **{"train.steps": 4, "train.checkpoint_every": 2})
+    resolved = cfg.resolved().validate()
+    ident = runs.Identity.of(resolved)
+    assert runs.decide(resolved, ident).kind == "new"
+    first = train(cfg, resume=None, progress=False)
+    scans = []
+    scan = runs._scan
+    monkeypatch.setattr(runs, "_scan", lambda c: scans.append(c) or scan(c))
+    reuse = runs.decide(resolved, ident, reuse_finished=True)
+    assert (reuse.kind, reuse.path) == ("reuse", first.run_dir) and len(scans) == 1
+    scans.clear()
+    assert train(cfg, reuse_finished=True, progress=False).run_dir == first.run_dir and len(scans) == 1
+    _unfinish(first.run_dir)
+    assert runs.decide(resolved, ident, resume=None).kind == "new"  # no scan: always a new folder
+    resume = runs.decide(resolved, ident, reuse_finished=True)
+    assert (resume.kind, resume.path, resume.override) == ("resume", first.run_dir, None)
+    scans.clear()
+    done = train(cfg, reuse_finished=True, progress=False)
+    assert done.run_dir == first.run_dir and done.resumed_from == 2 and len(scans) == 1
+
+
 def test_resume_of_a_path_checks_config_and_photos_unless_told_otherwise(tmp_path):
     cfg = tiny_config(tmp_path, **{"train.steps": 4, "train.checkpoint_every": 2})
     run = train(cfg, resume=None, progress=False).run_dir
