@@ -29,16 +29,18 @@ from pathlib import Path
 from PIL import Image
 
 from . import files
-from .config import TOYWORLD, EvalConfig, SampleConfig
+from .builtin import is_toy_world
+from .config import EvalConfig, SampleConfig
 from .data import ImageSet
 from .metrics import (Embedder, mean_pairwise_cosine, mean_pairwise_distance, nearest_rows, paired_cosine,
                       strip_token)
 from .prompts import class_kind, prompt_set
 from .report import load_run_config
+from .runs import EVAL_METRICS
 from .sample import ImageSpec, generate, save_with_sidecars
 from .viz import dataset_vs_generation, tensor_to_pil
 
-METRICS_FILE = "metrics.json"
+METRICS_FILE = EVAL_METRICS  # <run>/metrics.json: the run folder's names live in runs.py
 
 
 @dataclass
@@ -157,7 +159,7 @@ def _measure(run_dir: Path, cfg, ev: EvalConfig, embedder: Embedder, pipe, first
     }
     if ev.drift_images > 0:
         summary.update(measure_drift(pipe, cfg, first, ev, embedder, real_dino, work, progress))
-    if cfg.model.name == TOYWORLD:  # the toy world's judge reads what the pictures show, of its own subjects
+    if is_toy_world(cfg.model.name):  # the toy world's judge reads what the pictures show, of its own subjects
         from .world.study import judge_absent_reason, judge_metrics
 
         absent = judge_absent_reason(cfg)
@@ -187,7 +189,7 @@ def measure_drift(pipe, cfg, spec: ImageSpec, ev: EvalConfig, embedder: Embedder
     to_subject_base = mean_pairwise_cosine(e_base, real_dino)
     to_subject_tuned = mean_pairwise_cosine(e_tuned, real_dino)
     judged = {}
-    if cfg.model.name == TOYWORLD:  # drift in the world: the subject's traits in class-prompt images
+    if is_toy_world(cfg.model.name):  # drift in the world: the subject's traits in class-prompt images
         from .world.study import judge_absent_reason, judge_drift
 
         if judge_absent_reason(cfg) is None:  # (only of the world's own subjects)

@@ -223,7 +223,7 @@ def export_fused(run_dir: str | Path, scale_unet: float | None = None, scale_tex
     """Fuse the LoRA into the base weights at the given scales and save a full pipeline folder."""
     import tempfile
 
-    from .report import load_run_config, open_run
+    from .report import load_run_config, load_run_pipeline
     from .sample import find_lora_file
 
     run_dir = Path(run_dir)
@@ -234,7 +234,7 @@ def export_fused(run_dir: str | Path, scale_unet: float | None = None, scale_tex
     target = Path(out) if out else run_dir / "export" / f"fused-unet{su:g}-te{ste:g}"
     if target.exists():
         raise FileExistsError(f"{target} exists already: exports are never overwritten")
-    pipe = open_run(run_dir, device=device or "cpu")
+    pipe = load_run_pipeline(run_dir, device=device or "cpu")
     adapters = pipe.get_list_adapters()
     ste2 = cfg.sample.lora_scale_text_encoder_2
     ste2 = ste if ste2 is None or scale_text_encoder is not None else ste2

@@ -109,7 +109,7 @@ class Embedder:
         if self._dino is None:
             from transformers import AutoImageProcessor, ViTModel
 
-            from .models import metric_model_path
+            from .builtin.metric_models import metric_model_path
 
             path = metric_model_path(self.dino_name, "dino")
             model = ViTModel.from_pretrained(path, add_pooling_layer=False, use_safetensors=True).to(self.device).eval()
@@ -120,7 +120,7 @@ class Embedder:
         if self._clip is None:
             from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer
 
-            from .models import metric_model_path
+            from .builtin.metric_models import metric_model_path
 
             path = metric_model_path(self.clip_name, "clip")
             model = CLIPModel.from_pretrained(path, use_safetensors=True).to(self.device).eval()

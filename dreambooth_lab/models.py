@@ -17,8 +17,6 @@ from pathlib import Path
 import torch
 
 from . import builtin
-from .builtin.metric_models import metric_model_path  # noqa: F401 - metrics.py imports it from here
-from .cache import cache_root  # noqa: F401 - prior.py and train.py import it from here
 from .config import Config, ConfigError, ModelConfig, default_resolution
 
 FAMILIES = ("sd1", "sd2", "sdxl")

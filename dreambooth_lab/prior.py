@@ -27,7 +27,8 @@ import torch
 from . import files
 from .config import Config, PriorConfig
 from .data import ImageSet
-from .models import BaseModel, cache_root, load_pipeline, model_key
+from .cache import cache_root
+from .models import BaseModel, load_pipeline, model_key
 from .sample import ImageSpec, generate
 
 MANIFEST = "manifest.json"

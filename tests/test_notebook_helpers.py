@@ -5,7 +5,7 @@ import pytest
 
 from dreambooth_lab import notebook as nb
 from dreambooth_lab.config import Config, ConfigError, load, with_overrides
-from dreambooth_lab.report import load_run_config, open_run
+from dreambooth_lab.report import load_run_config, load_run_pipeline
 from dreambooth_lab.widgets import GenerationPanel
 
 FORM = dict(nb.FORM_DEFAULTS, BASE_MODEL="stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -192,7 +192,7 @@ def test_hub_token_is_kept_in_memory_only(monkeypatch, tmp_path, capsys):
 
 
 def test_panel_generate_writes_images_and_sidecars_with_its_values(trained_run):
-    pipe = open_run(trained_run.run_dir, device="cpu")
+    pipe = load_run_pipeline(trained_run.run_dir, device="cpu")
     panel = GenerationPanel(pipe, load_run_config(trained_run.run_dir), trained_run.run_dir)
     panel.prompt.value = "A sks dog on the moon"
     panel.negative.value = "blurry"

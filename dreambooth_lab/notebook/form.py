@@ -102,7 +102,7 @@ FORM_SWITCHES: dict[str, Any] = {"NEW_RUN": False, "TAKE_OVER_LOCK": False, "ALL
 MACHINE_KEYS = ("train.mixed_precision", "optim.optimizer", "train.gradient_checkpointing", "train.checkpoint_every")
 GRADIENT_CHECKPOINTING_CHOICES = ("auto", "on", "off")
 # BASE_MODEL's dropdown (any other hub id or folder can be typed in): SD1.5 and SDXL base. The family
-# comes from the model itself (models.detect_family); the form has no per-family code.
+# comes from the model itself (models.resolve); the form has no per-family code.
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 BASE_MODELS = (DEFAULT_MODEL, SDXL_BASE)
 # The memory model's measured / predicted on the CPU runs (BENCHMARKS.md): up to ~1.3-1.4 beyond
