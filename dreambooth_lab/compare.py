@@ -16,7 +16,7 @@ from . import config as config_mod
 from . import files
 from .config import Config, SampleConfig
 from .runs import EVAL_METRICS, LORA_FILE, load_config
-from .sample import ImageSpec, apply_vae_options, generate, load_lora, save_with_sidecars
+from .sample import ImageSpec, apply_vae_options, generate, load_lora, run_spec, save_with_sidecars
 from .viz import labeled_grid
 
 SPEC_FIELDS = ("lora_scale_unet", "lora_scale_text_encoder", "guidance", "steps", "seed", "negative_prompt")
@@ -30,12 +30,8 @@ def base_spec(cfg: Config, run_dir: Path, prompt: str | None = None, seed: int |
               settings: SampleConfig | None = None) -> ImageSpec:
     """The run's picture settings (or `settings`, e.g. a preset's), for one prompt and seed."""
     s = settings or cfg.sample
-    return ImageSpec(prompt=cfg.fill(prompt or s.prompt), seed=s.seeds[0] if seed is None else seed,
-                     negative_prompt=s.negative_prompt, guidance=s.guidance, steps=s.steps, sampler=s.sampler,
-                     width=cfg.resolution, height=cfg.resolution, lora_scale_unet=s.lora_scale_unet,
-                     lora_scale_text_encoder=s.lora_scale_text_encoder,
-                     lora_scale_text_encoder_2=s.lora_scale_text_encoder_2, model=cfg.model.name,
-                     lora=str((run_dir / LORA_FILE).resolve()), run=str(run_dir.resolve()))
+    return run_spec(cfg, s, run_dir / LORA_FILE, run_dir, cfg.fill(prompt or s.prompt),
+                    s.seeds[0] if seed is None else seed)
 
 
 class PipelineCache:

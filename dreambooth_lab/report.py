@@ -20,7 +20,7 @@ from .metrics import nearest
 from .viz import dataset_vs_generation, image_grid, tensor_to_pil
 from .runs import LORA_FILE, SAMPLES
 from .runs import load_config as load_run_config  # re-exported: cli, export, evaluate and notebooks use this name
-from .sample import ImageSpec, apply_vae_options, generate, load_lora, read_sidecar, save_with_sidecars
+from .sample import apply_vae_options, generate, load_lora, read_sidecar, run_spec, save_with_sidecars
 
 
 def load_run_pipeline(run_dir: str | Path, device=None, step: int | None = None):
@@ -71,16 +71,12 @@ def sample_run(run_dir: str | Path, *, pipe=None, seeds: list[int] | None = None
     s = config_mod.validate_sample(replace(settings or cfg.sample, **{k: v for k, v in given.items() if v is not None}))
     seeds = list(s.seeds)
     prompts = [s.prompt] + list(s.test_prompts)
-    common = dict(negative_prompt=s.negative_prompt, guidance=s.guidance, steps=s.steps, sampler=s.sampler,
-                  width=cfg.resolution, height=cfg.resolution, lora_scale_unet=s.lora_scale_unet,
-                  lora_scale_text_encoder=s.lora_scale_text_encoder,
-                  lora_scale_text_encoder_2=s.lora_scale_text_encoder_2, model=cfg.model.name,
-                  lora=str((run_dir / LORA_FILE).resolve()), run=str(run_dir.resolve()))
-    specs = [ImageSpec(prompt=cfg.fill(p), seed=seed, **common) for p in prompts for seed in seeds]
+    specs = [run_spec(cfg, s, run_dir / LORA_FILE, run_dir, cfg.fill(p), seed) for p in prompts for seed in seeds]
     pipe = pipe or load_run_pipeline(run_dir)
     images = generate(pipe, specs, batch_size=s.batch_size, progress=progress)
-    params = {k: v for k, v in common.items() if k not in ("model", "lora", "run", "width", "height")
-              and not (k == "lora_scale_text_encoder_2" and v is None)}
+    shown = ("negative_prompt", "guidance", "steps", "sampler", "lora_scale_unet", "lora_scale_text_encoder",
+             "lora_scale_text_encoder_2")  # the picture settings written beside the grid, in this order
+    params = {k: getattr(s, k) for k in shown if not (k == "lora_scale_text_encoder_2" and s.lora_scale_text_encoder_2 is None)}
     params.update(run=run_dir.name, model=cfg.model.name, size=cfg.resolution)
     n = len(seeds)
     # Written into a hidden folder that gets its samples-<timestamp> name only when complete: a

@@ -76,6 +76,18 @@ class LoraFileError(ValueError):
     """A LoRA file that cannot be used; the message is one line naming the file and the fault."""
 
 
+def run_spec(cfg, settings, lora: str | Path, run_dir: str | Path, prompt: str, seed: int,
+             **extra: Any) -> ImageSpec:
+    """The one place a run's picture is described: `settings` (a SampleConfig: the run's own or a
+    preset's) drawn at the run's resolution with its model and `lora`, for one prompt and seed (pure)."""
+    s = settings
+    return ImageSpec(prompt=prompt, seed=int(seed), negative_prompt=s.negative_prompt, guidance=s.guidance,
+                     steps=s.steps, sampler=s.sampler, width=cfg.resolution, height=cfg.resolution,
+                     lora_scale_unet=s.lora_scale_unet, lora_scale_text_encoder=s.lora_scale_text_encoder,
+                     lora_scale_text_encoder_2=s.lora_scale_text_encoder_2, model=cfg.model.name,
+                     lora=str(Path(lora).resolve()), run=str(Path(run_dir).resolve()), **extra)
+
+
 def find_lora_file(path: str | Path) -> Path:
     """The LoRA file of a run folder, or the file itself, checked before anything is loaded.
 

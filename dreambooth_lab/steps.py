@@ -186,15 +186,11 @@ def inference_pipeline(acc, objective, scheduler_name: str, scales: tuple[float,
 
 def step_specs(cfg: Config, run_dir: Path, step: int) -> list:
     """One ImageSpec per sample seed: the subject prompt as `sample` draws it, with this step's LoRA (pure)."""
-    from .sample import ImageSpec
+    from .sample import run_spec
 
     s = cfg.sample
-    return [ImageSpec(prompt=cfg.fill(s.prompt), seed=int(seed), negative_prompt=s.negative_prompt, guidance=s.guidance,
-                      steps=s.steps, sampler=s.sampler, width=cfg.resolution, height=cfg.resolution,
-                      lora_scale_unet=s.lora_scale_unet, lora_scale_text_encoder=s.lora_scale_text_encoder,
-                      lora_scale_text_encoder_2=s.lora_scale_text_encoder_2, model=cfg.model.name,
-                      lora=str(lora_path(run_dir, step).resolve()), run=str(Path(run_dir).resolve()),
-                      extra={"step": step}) for seed in s.seeds]
+    return [run_spec(cfg, s, lora_path(run_dir, step), run_dir, cfg.fill(s.prompt), seed, extra={"step": step})
+            for seed in s.seeds]
 
 
 def draw_step_images(acc, cfg: Config, objective, run_dir: Path, step: int) -> Path:
