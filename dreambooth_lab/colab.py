@@ -1,7 +1,7 @@
 """What a Colab runtime needs that a workstation does not: pip's noise read, the model cached on
 Drive, the fp16 weights on a GPU, photos uploaded, and a CPU runtime stopped before a hub model.
 
-Pure helpers (messages, parsing, decisions) with the side effects at the edges; notebook.py's
+Pure helpers (messages, parsing, decisions) with the side effects at the edges; the notebook package's
 cells call them and turn their messages into a stop without a traceback.
 """
 
