@@ -103,7 +103,7 @@ def group_label(run_dir: Path) -> str:
     registry gives it a group) and 2 or more replicates of the group have the metric: the group's
     mean ± the half-width of its 95% t-interval (stats.py), else nothing."""
     from . import stats
-    from .experiments import REGISTRY, load_registry
+    from .registry import REGISTRY, load_registry
 
     registry = Path(run_dir).resolve().parent / f"{REGISTRY}.jsonl"
     if not registry.is_file():

@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 
 from . import files
 from .config import Config, experiment_axes, validate_sample
+from .lora_check import PREFIX, read_metadata  # noqa: F401 (read_metadata: export's readers use it)
 from .models import resolve
 
-PREFIX = "dreambooth_lab."
 
 
 # kohya's ss_base_model_version per family (what A1111 / ComfyUI and LoRA browsers show)
@@ -47,11 +47,6 @@ def run_metadata(cfg: Config, family: str | None = None) -> dict[str, str]:
         **experiment_axes(cfg),
     }
     return {PREFIX + k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in values.items()}
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
 
 
 # ---- kohya / A1111 layout ---------------------------------------------------------------------------

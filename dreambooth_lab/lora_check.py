@@ -6,7 +6,7 @@ the base model at hand) every layer must name a module of that model with the mo
 After diffusers has loaded it, the adapters actually attached are counted against the file's
 layers: a file that loads nothing, or only part of itself, never labels a picture. A run trained
 with a learned identifier needs its embedding file: missing or damaged, nothing is drawn or
-exported. Every refusal is one line (sample.LoraFileError) naming the file and what to do.
+exported. Every refusal is one line (LoraFileError) naming the file and what to do.
 """
 
 from __future__ import annotations
@@ -16,6 +16,16 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+
+PREFIX = "dreambooth_lab."  # the namespace of this project's keys in a LoRA file's metadata
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """A safetensors file's string metadata (empty when it has none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 # diffusers / peft keys: unet.<module>.lora_A.weight, unet.<module>.lora.down.weight,
 # text_encoder.<module>.lora_linear_layer.up.weight, ...
@@ -28,9 +38,11 @@ _KOHYA_PART = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _error(message: str):
-    from .sample import LoraFileError
+class LoraFileError(ValueError):
+    """A LoRA file that cannot be used; the message is one line naming the file and the fault."""
 
+
+def _error(message: str):
     return LoraFileError(message)
 
 
@@ -199,7 +211,6 @@ def base_components(model_name: str, revision: str | None, family: str) -> dict[
 def expected_identifier(metadata: dict[str, str]) -> tuple[str, int | None] | None:
     """(placeholder or description, number of vectors) when a LoRA's metadata says it was trained with
     a learned identifier, else None (pure)."""
-    from .export import PREFIX
 
     ident = metadata.get(PREFIX + "identifier", "")
     vectors = metadata.get(PREFIX + "identifier_vectors")
@@ -218,7 +229,6 @@ def checked_embedding(lora: Path, width: int | None = None) -> tuple[Path, str] 
     [vectors, width] table with a placeholder. None for a LoRA without a learned identifier."""
     from safetensors import SafetensorError, safe_open
 
-    from .export import PREFIX, read_metadata
     from .identifier import EMBEDDING_FILE, KEY, embedding_beside
     from .runs import LORA_FILE
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from . import files
 from .config import TINY_MODEL, ModelConfig
+from .lora_check import LoraFileError  # noqa: F401 (raised by the checks; sample.LoraFileError is its public name)
 from .runs import CONFIG, LORA_FILE  # LORA_FILE re-exported (sample.LORA_FILE): the run-folder layout lives in runs.py
 
 ADAPTER = "dreambooth"
@@ -71,10 +72,6 @@ class ImageSpec:
 
 
 # ---- LoRA on a pipeline ----------------------------------------------------------------------
-
-class LoraFileError(ValueError):
-    """A LoRA file that cannot be used; the message is one line naming the file and the fault."""
-
 
 def run_spec(cfg, settings, lora: str | Path, run_dir: str | Path, prompt: str, seed: int,
              **extra: Any) -> ImageSpec:
