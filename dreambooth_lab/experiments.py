@@ -35,8 +35,8 @@ def run_status(run: SweepRun, failures: dict | None = None) -> str:
         find_images(run.config.data.instance_dir)
     except DatasetError:
         return "dataset missing" if not Path(run.config.data.instance_dir).is_dir() else "no photos in dataset"
-    if (open_run := find_resumable(run.config)) is not None:
-        return f"interrupted at step {list_checkpoints(open_run)[-1].name.split('-')[-1].lstrip('0') or 0} (resumes)"
+    if (resumable := find_resumable(run.config)) is not None:
+        return f"interrupted at step {list_checkpoints(resumable)[-1].name.split('-')[-1].lstrip('0') or 0} (resumes)"
     if failures and run.id in failures:
         return f"failed last time: {failures[run.id].get('error', '?')}"
     return "to run"

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from . import files
 from .config import Config, experiment_axes, validate_sample
-from .lora_check import PREFIX, read_metadata  # noqa: F401 (read_metadata: export's readers use it)
+from .lora_check import PREFIX, read_metadata
 from .models import resolve
 
 
