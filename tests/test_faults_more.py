@@ -356,6 +356,8 @@ def test_an_int8_lora_is_named_for_its_dtype(tmp_path, trained_run, tiny_pipe):
     (["--unet-steps", "0"], "--unet-steps 0: use 1 or more"),
     (["--vae-steps", "0"], "--vae-steps 0: use 1 or more"),
     (["--unet-minutes", "0"], "--unet-minutes 0.0: use a positive number"),
+    (["--p-look", "2"], "--p-look 2.0: use a probability from 0 to 1"),
+    (["--p-compose", "-0.1"], "--p-compose -0.1: use a probability from 0 to 1"),
 ])
 def test_world_build_arguments_are_checked_before_any_folder(tmp_path, argv, message, capsys):
     from dreambooth_lab.world.build import main
@@ -366,3 +368,21 @@ def test_world_build_arguments_are_checked_before_any_folder(tmp_path, argv, mes
     assert exc.value.code == 2 and not out.exists()
     err = capsys.readouterr().err.strip()
     assert err == f"error: {message}" or (err.startswith(f"error: {message}") and "\n" not in err), err
+
+
+def test_world_build_refuses_latents_drawn_with_another_scene_mix(tmp_path, capsys):
+    """Latent chunks of one caption/scene mix cannot be topped up with another: one line, nothing
+    loaded, the chunks left as they are."""
+    import json
+
+    from dreambooth_lab.world.build import main
+
+    latents = tmp_path / "build" / "latents"
+    latents.mkdir(parents=True)
+    (latents / "MIX.json").write_text(json.dumps({"p_look": 0.85, "p_outfit": 0.3, "p_style": 0.3, "p_driving": 0.3}))
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "build"), "--p-look", "0.5"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "\n" not in err, err
+    assert str(latents / "MIX.json") in err and "--p-look" in err
+    assert sorted(p.name for p in latents.iterdir()) == ["MIX.json"]

@@ -228,13 +228,37 @@ def tokenizer_dir(out: Path) -> Path:
     return folder
 
 
-def build_latents(out: Path, seed: int, scenes: int, chunk: int = 4000) -> None:
+# What the latents phase draws and how it words it. The defaults are builds v1-v4's; v6 names the
+# look (colour and marking) more often and shows outfits, styles and cars more often, so the base
+# learns to compose a described look with an asked attribute.
+SCENE_MIX_DEFAULT = {"p_look": 0.5, "p_outfit": 0.18, "p_style": 0.15, "p_driving": 0.15}
+
+
+def scene_mix_problem(folder: Path, mix: dict) -> str | None:
+    """Latent chunks already in `folder` were drawn with another mix: say so (they cannot be mixed)."""
+    path = folder / "MIX.json"
+    if not path.is_file():
+        return None
+    have = json.loads(path.read_text())
+    if have != mix:
+        return (f"{path}: this build's latents were drawn with {have}, not {mix}; use the same --p-look/"
+                f"--p-compose as before, or a new --out folder")
+    return None
+
+
+def build_latents(out: Path, seed: int, scenes: int, chunk: int = 4000, mix: dict | None = None) -> None:
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
     from transformers import CLIPTokenizer
 
+    mix = dict(SCENE_MIX_DEFAULT if mix is None else mix)
     folder = out / "latents"
     folder.mkdir(exist_ok=True)
+    problem = scene_mix_problem(folder, mix)
+    if problem:
+        raise SystemExit(f"error: {problem}")
+    if mix != SCENE_MIX_DEFAULT or (folder / "MIX.json").is_file():
+        (folder / "MIX.json").write_text(json.dumps(mix, indent=1, sort_keys=True) + "\n")
     vae = AutoencoderKL.from_pretrained(out / "vae").eval()
     tok = CLIPTokenizer.from_pretrained(tokenizer_dir(out))
     for c in range(math.ceil(scenes / chunk)):
@@ -242,8 +266,9 @@ def build_latents(out: Path, seed: int, scenes: int, chunk: int = 4000) -> None:
         if path.is_file():
             continue
         rng = np.random.default_rng([seed, 2, c])
-        batch = [sample_base_scene(rng) for _ in range(chunk)]
-        caps = [caption(s, rng) for s in batch]
+        batch = [sample_base_scene(rng, p_outfit=mix["p_outfit"], p_style=mix["p_style"], p_driving=mix["p_driving"])
+                 for _ in range(chunk)]
+        caps = [caption(s, rng, p_colour=mix["p_look"], p_marking=mix["p_look"]) for s in batch]
         ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         means, stds = [], []
         with torch.no_grad():
@@ -475,6 +500,10 @@ def arg_problem(args) -> str | None:
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
             return f"--{name.replace('_', '-')} {value}: use a positive number"
+    for name in ("p_look", "p_compose"):
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and 0 <= value <= 1):
+            return f"--{name.replace('_', '-')} {value}: use a probability from 0 to 1"
     if args.init is not None and not (Path(args.init).expanduser() / "model_index.json").is_file():
         return (f"--init {args.init}: no model_index.json there; point it at a finished pipeline folder "
                 "(e.g. dreambooth_lab/world/weights/toyworld)")
@@ -505,6 +534,10 @@ def main(argv=None) -> None:
                     help="the VAE's downsampling: 8 (8x8x8 latents, builds v1-v4) or 4 (16x16x4)")
     ap.add_argument("--vae-from", type=Path, default=None, metavar="VAE_FOLDER",
                     help="take this finished VAE instead of training one (e.g. dreambooth_lab/world/weights/stages/vae4x)")
+    ap.add_argument("--p-look", type=float, default=SCENE_MIX_DEFAULT["p_look"],
+                    help="how often a caption names the body colour, and the marking (builds v1-v4: 0.5)")
+    ap.add_argument("--p-compose", type=float, default=None, metavar="P",
+                    help="how often a base scene shows a t-shirt, a van Gogh style, a car (each; default 0.18/0.15/0.15)")
     ap.add_argument("--stop-after", choices=("vae", "latents", "unet"), default="unet",
                     help="end the build after this phase (a staged build: measure each stage before going on)")
     ap.add_argument("--export", type=Path, default=None, help="write <out>/final (or snapshot) here as fp16 and exit")
@@ -524,8 +557,15 @@ def main(argv=None) -> None:
         export(src, args.export)
         print(f"exported {src} -> {args.export}")
         return
+    mix = dict(SCENE_MIX_DEFAULT, p_look=args.p_look)
+    if args.p_compose is not None:
+        mix.update(p_outfit=args.p_compose, p_style=args.p_compose, p_driving=args.p_compose)
+    problem = scene_mix_problem(out / "latents", mix)
+    if problem:  # before anything loads
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     t0 = time.time()
-    log(out, f"build start: seed {args.seed}, {args.threads} thread(s)")
+    log(out, f"build start: seed {args.seed}, {args.threads} thread(s), scene mix {mix}")
     if args.vae_from:
         vae_from(out, args.vae_from)
     if args.init:
@@ -534,7 +574,7 @@ def main(argv=None) -> None:
     if args.stop_after == "vae":
         log(out, "stopped after the VAE phase (--stop-after vae)")
         return
-    build_latents(out, args.seed, args.scenes)
+    build_latents(out, args.seed, args.scenes, mix=mix)
     if args.stop_after == "latents":
         log(out, "stopped after the latents phase (--stop-after latents)")
         return
