@@ -139,12 +139,12 @@ def is_open(run: Path) -> bool:
     return isinstance(s, dict) and s.get("status") == "failed" and s.get("resumable") is True
 
 
-def _scan(cfg: Config) -> list[tuple[Path, Identity | None]]:
-    """Run folders of this exact training config (same hash), newest first, with their recorded identity."""
+def _scan(cfg: Config, want: str) -> list[tuple[Path, Identity | None]]:
+    """Run folders of this exact training config (`want`: its hash), newest first, with their recorded identity."""
     out = Path(cfg.train.output_dir).expanduser()
     if not out.is_dir():
         return []
-    want, found = cfg.hash(), []
+    found = []
     for run in sorted(out.glob(f"{cfg.run_name}-*"), reverse=True):
         ident = read_identity(run)
         try:
@@ -159,7 +159,7 @@ def _scan(cfg: Config) -> list[tuple[Path, Identity | None]]:
 
 def runs_of(cfg: Config) -> list[Path]:
     """Run folders of this exact training config (same hash), newest first."""
-    return [run for run, _ in _scan(cfg)]
+    return [run for run, _ in _scan(cfg, cfg.hash())]
 
 
 def _finished(scanned: list[tuple[Path, Identity | None]], ident: Identity) -> tuple[Path | None, list]:
@@ -186,12 +186,12 @@ def find_finished(cfg: Config, ident: Identity | None = None) -> Path | None:
             ident = Identity.of(cfg)
         except DatasetError:
             return None
-    return _finished(_scan(cfg), ident)[0]
+    return _finished(_scan(cfg, ident.config_hash), ident)[0]
 
 
 def find_resumable(cfg: Config) -> Path | None:
     """The newest unfinished run of this config that has a checkpoint, whatever its photos."""
-    found = _resumable(_scan(cfg))
+    found = _resumable(_scan(cfg, cfg.hash()))
     return found[0] if found else None
 
 
@@ -213,6 +213,7 @@ class Decision:
 def decide(cfg: Config, ident: Identity, resume="auto", allow_change: bool = False,
            reuse_finished: bool = False) -> Decision:
     """Which folder this config trains in, from one scan of the runs folder; nothing is written.
+    `ident` is Identity.of(cfg): the scan matches its config hash (the config is hashed once per train()).
 
     reuse_finished: a finished run of this config and these photos is reused (RunMismatch when the
     only finished runs of this config were trained on other photos: reusing one would hand back the
@@ -220,7 +221,7 @@ def decide(cfg: Config, ident: Identity, resume="auto", allow_change: bool = Fal
     (else RunMismatch). resume=<path>: that run; a different config or different photos are refused
     unless allow_change=True, which is recorded. resume=None: always a new folder.
     """
-    scanned = _scan(cfg) if reuse_finished or resume == "auto" else []
+    scanned = _scan(cfg, ident.config_hash) if reuse_finished or resume == "auto" else []
     if reuse_finished:
         done, finished = _finished(scanned, ident)
         if done is not None:

@@ -76,7 +76,7 @@ def test_one_scan_of_the_runs_folder_answers_which_folder_a_train_call_uses(tmp_
     first = train(cfg, resume=None, progress=False)
     scans = []
     scan = runs._scan
-    monkeypatch.setattr(runs, "_scan", lambda c: scans.append(c) or scan(c))
+    monkeypatch.setattr(runs, "_scan", lambda c, want: scans.append(c) or scan(c, want))
     reuse = runs.decide(resolved, ident, reuse_finished=True)
     assert (reuse.kind, reuse.path) == ("reuse", first.run_dir) and len(scans) == 1
     scans.clear()
