@@ -34,6 +34,12 @@ def token_names(placeholder_text: str, n: int) -> list[str]:
     return [placeholder_text] + [f"{placeholder_text}_{i}" for i in range(1, n)]
 
 
+def taken(tokenizer, placeholder_text: str, n: int) -> list[str]:
+    """The identifier's token names that the tokenizer already has: they cannot be learned (pure)."""
+    vocab = tokenizer.get_vocab()
+    return [t for t in token_names(placeholder_text, n) if t in vocab]
+
+
 def expand(prompt: str, placeholder_text: str, n: int) -> str:
     """Replace the placeholder by all its vectors' tokens (diffusers' maybe_convert_prompt) (pure)."""
     return prompt.replace(placeholder_text, " ".join(token_names(placeholder_text, n))) if n > 1 else prompt
@@ -82,7 +88,7 @@ def attach(text_encoder, tokenizer, placeholder_text: str, n: int, init: torch.T
     """Add the identifier's tokens to the tokenizer and swap in a LearnedEmbedding; returns the
     trainable vectors."""
     names = token_names(placeholder_text, n)
-    clash = [t for t in names if t in tokenizer.get_vocab()]
+    clash = taken(tokenizer, placeholder_text, n)
     if clash:
         raise ValueError(f"identifier token(s) {clash} are already in the tokenizer: pick another data.token")
     base = text_encoder.get_input_embeddings()

@@ -2,7 +2,7 @@
 
 `resolve` tells the model's family (sd1 / sd2 / sdxl, read from its configs: model_index.json, the
 scheduler's and the text encoder's) and native resolution once, into a `BaseModel` that later steps
-are handed; `check_supported` is the one place that refuses what a family cannot do; `load_pipeline`
+are handed; `check_supported` is the one place that refuses what the model cannot take; `load_pipeline`
 loads the family's pipeline through from_pretrained. Built-in models (tiny, toyworld, ...) are the
 registry's (builtin/): their folders are built or found there.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import builtin
+from . import builtin, identifier
 from .config import Config, ConfigError, ModelConfig, default_resolution
 
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -110,10 +110,19 @@ def resolve(model: ModelConfig) -> BaseModel:
 
 
 def check_supported(base: BaseModel, cfg: Config) -> None:
-    """Refuse what the base model's family cannot do (ConfigError), before any run folder exists."""
+    """Refuse what the base model cannot take (ConfigError), before any run folder exists: what its
+    family cannot do, then a learned identifier whose tokens (<sks>, <sks>_1, ...) its tokenizer
+    already has (only the tokenizer is loaded: a second, before the model)."""
     if base.family == "sdxl" and cfg.identifier.learned:
         raise ConfigError("identifier.learned is not supported for SDXL models yet (its tokens would need both "
                           "text encoders): use a rare token (identifier.learned: false)")
+    if cfg.identifier.learned:
+        tokenizer = load_tokenizer(base.name)
+        clash = identifier.taken(tokenizer, cfg.prompt_token, cfg.identifier.num_vectors)
+        if clash:
+            raise ConfigError(f"data.token={cfg.data.token!r}: the learned identifier's token(s) {', '.join(clash)} "
+                              f"are already in {base.name}'s tokenizer, so they cannot be learned: pick another "
+                              "data.token")
 
 
 def _family_of(name: str, revision: str | None) -> str:

@@ -112,9 +112,7 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
     cfg = cfg.resolved().validate()
     with clock.phase("family_detection"):
         base = resolve(cfg.model)  # the family, told once: everything below is handed `base`
-    check_supported(base, cfg)  # what the family cannot do: refused before any run folder exists
-    if cfg.identifier.learned:
-        check_identifier_tokens(cfg)  # a clash with the tokenizer's own entries: before any folder or model
+    check_supported(base, cfg)  # what the model cannot take: refused before any run folder exists
     with clock.phase("dataset_hash"):
         ident = runs.Identity.of(cfg)  # reads the photos' bytes: a missing folder fails here, in a second
     with clock.phase("run_folder"):  # which folder, from one scan: refused here, before anything is made
@@ -404,22 +402,6 @@ def write_lora(s: Session, folder: Path, name: str = runs.LORA_FILE, step: int |
     second = acc.unwrap_model(objective.text_encoders[1]) if len(objective.text_encoders) > 1 else None
     return save_lora(folder, acc.unwrap_model(objective.unet), acc.unwrap_model(objective.text_encoder),
                      cfg.train.train_text_encoder, metadata=metadata, text_encoder_2=second, name=name)
-
-
-def check_identifier_tokens(cfg: Config, tokenizer=None) -> None:
-    """A learned identifier's tokens (<sks>, <sks>_1, ...) must be new to the model's tokenizer (only
-    the tokenizer is loaded: a second, before any run folder or the model); ConfigError naming data.token."""
-    from .config import ConfigError
-    from .identifier import token_names
-    from .models import load_tokenizer
-
-    tokenizer = tokenizer or load_tokenizer(cfg.model.name)
-    vocab = tokenizer.get_vocab()
-    clash = [t for t in token_names(cfg.prompt_token, cfg.identifier.num_vectors) if t in vocab]
-    if clash:
-        raise ConfigError(f"data.token={cfg.data.token!r}: the learned identifier's token(s) {', '.join(clash)} are "
-                          f"already in {cfg.model.name}'s tokenizer, so they cannot be learned: pick another "
-                          "data.token")
 
 
 def warn_about_token(cfg: Config, tokenizer) -> None:
