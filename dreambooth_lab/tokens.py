@@ -187,6 +187,20 @@ def split_warning(pieces: list[str]) -> str:
             "token (see `tokens suggest`)")
 
 
+def warn_about_token(token: str, tokenizer, learned: bool = False) -> None:
+    """A rare token (data.token) that the tokenizer splits binds badly: say so before the hour of
+    training (`analyze`'s first warning; only the split is needed here, not its word-frequency
+    look-up, which costs a second of start-up). learned: identifier.learned, a new <token> that has
+    nothing to split."""
+    import warnings
+
+    if learned or is_learned(token, tokenizer):
+        return
+    pieces = tokenizer.tokenize(token)
+    if len(pieces) != 1:
+        warnings.warn(f"data.token '{token}' {split_warning(pieces)}", TokenWarning, stacklevel=3)
+
+
 def is_learned(token: str, tokenizer) -> bool:
     """A learned identifier: a token added to the tokenizer (pivotal tuning), or a <placeholder>
     that identifier.learned will add."""

@@ -44,6 +44,7 @@ from .runs import (METRICS, SUMMARY, RunResult, TrainingStopped, find_finished, 
                    load_result, read_metrics, runs_of)  # (re-exported)
 from .runtime import configure_speed, make_accelerator, preserved_global_state
 from .timing import Timeline, format_profile, format_timings, profile_report
+from .tokens import warn_about_token
 from .trainer import DreamBoothObjective, evaluates, step_seed
 
 __all__ = ["train", "RunResult", "load_result", "read_metrics", "METRICS", "SUMMARY", "find_finished", "find_resumable", "runs_of",
@@ -182,7 +183,7 @@ def set_up(cfg: Config, acc, base: BaseModel, opened: runs.Opened, instance: Ima
         pipe = load_pipeline(cfg.model, device=acc.device, dtype=weight_dtype, base=base)
     pipe.vae.requires_grad_(False)  # never trained: no gradients kept for it
     with clock.phase("token_check"):
-        warn_about_token(cfg, pipe.tokenizer)
+        warn_about_token(cfg.data.token, pipe.tokenizer, learned=cfg.identifier.learned)
     with clock.phase("class_images"):
         classes, generated = class_image_set(cfg, acc, base, pipe, weight_dtype, progress)
 
@@ -402,21 +403,6 @@ def write_lora(s: Session, folder: Path, name: str = runs.LORA_FILE, step: int |
     second = acc.unwrap_model(objective.text_encoders[1]) if len(objective.text_encoders) > 1 else None
     return save_lora(folder, acc.unwrap_model(objective.unet), acc.unwrap_model(objective.text_encoder),
                      cfg.train.train_text_encoder, metadata=metadata, text_encoder_2=second, name=name)
-
-
-def warn_about_token(cfg: Config, tokenizer) -> None:
-    """A rare token that the tokenizer splits binds badly: say so before the hour of training
-    (`tokens.analyze`'s first warning; only the split is needed here, not its word-frequency
-    look-up, which costs a second of start-up)."""
-    import warnings
-
-    from .tokens import TokenWarning, is_learned, split_warning
-
-    if cfg.identifier.learned or is_learned(cfg.data.token, tokenizer):  # a new <token>: nothing to split
-        return
-    pieces = tokenizer.tokenize(cfg.data.token)
-    if len(pieces) != 1:
-        warnings.warn(f"data.token '{cfg.data.token}' {split_warning(pieces)}", TokenWarning, stacklevel=3)
 
 
 def run_params(cfg: Config) -> dict:

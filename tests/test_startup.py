@@ -334,10 +334,14 @@ def test_the_token_check_before_training_reads_no_word_frequencies(monkeypatch, 
         cfg.data.token = token
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            train_mod.warn_about_token(cfg, tiny_pipe.tokenizer)
+            tokens.warn_about_token(token, tiny_pipe.tokenizer)
         said = [str(w.message) for w in caught if issubclass(w.category, tokens.TokenWarning)]
         assert said == ([] if message is None else [message])
     assert expected["qzxwvk"] is not None  # the split token is warned about, in analyze's words
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tokens.warn_about_token("qzxwvk", tiny_pipe.tokenizer, learned=True)  # becomes <qzxwvk>: nothing to split
+    assert not [w for w in caught if issubclass(w.category, tokens.TokenWarning)]
 
 
 # ---- imports --------------------------------------------------------------------------------------
