@@ -170,6 +170,19 @@ def experiment_axes(cfg: Config) -> dict[str, Any]:
     }
 
 
+def run_params(cfg: Config) -> dict:
+    """The parameters people compare runs by; written beside every picture of a run."""
+    return {
+        "model": cfg.model.name, "token": cfg.data.token, "class": cfg.data.class_name,
+        "steps": cfg.train.steps, "batch": cfg.train.batch_size, "lr_unet": cfg.optim.lr_unet,
+        "train_text_encoder": cfg.train.train_text_encoder, "lr_te": cfg.optim.lr_text_encoder,
+        "rank": cfg.lora.rank, "alpha": cfg.lora_alpha, "prior": cfg.prior.enabled,
+        **({"lr_te2": cfg.optim.lr_text_encoder_2} if cfg.optim.lr_text_encoder_2 is not None else {}),
+        "prior_weight": cfg.prior.loss_weight, "class_images": cfg.prior.num_class_images,
+        "seed": cfg.train.seed, "resolution": cfg.resolution,
+    }
+
+
 def looks_like_sdxl(name: str) -> bool:
     """Does a model name say SDXL (stabilityai/stable-diffusion-xl-base-1.0, a folder whose
     model_index.json names an XL pipeline)? A guess for the default resolution of a model that is

@@ -31,7 +31,7 @@ import torch
 
 from . import checkpoint, files, runs
 from .callbacks import MetricsFile, OnStep, Progress, RankReport, Tracker
-from .config import Config
+from .config import Config, run_params
 from .data import ImageSet
 from .dataset_sheet import write_dataset_sheet
 from .faults import (NonFiniteLoss, TrainingInterrupted, blown_groups, discard_untrained, interrupted_message,
@@ -403,16 +403,3 @@ def write_lora(s: Session, folder: Path, name: str = runs.LORA_FILE, step: int |
     second = acc.unwrap_model(objective.text_encoders[1]) if len(objective.text_encoders) > 1 else None
     return save_lora(folder, acc.unwrap_model(objective.unet), acc.unwrap_model(objective.text_encoder),
                      cfg.train.train_text_encoder, metadata=metadata, text_encoder_2=second, name=name)
-
-
-def run_params(cfg: Config) -> dict:
-    """The parameters people compare runs by; written beside every picture of a run."""
-    return {
-        "model": cfg.model.name, "token": cfg.data.token, "class": cfg.data.class_name,
-        "steps": cfg.train.steps, "batch": cfg.train.batch_size, "lr_unet": cfg.optim.lr_unet,
-        "train_text_encoder": cfg.train.train_text_encoder, "lr_te": cfg.optim.lr_text_encoder,
-        "rank": cfg.lora.rank, "alpha": cfg.lora_alpha, "prior": cfg.prior.enabled,
-        **({"lr_te2": cfg.optim.lr_text_encoder_2} if cfg.optim.lr_text_encoder_2 is not None else {}),
-        "prior_weight": cfg.prior.loss_weight, "class_images": cfg.prior.num_class_images,
-        "seed": cfg.train.seed, "resolution": cfg.resolution,
-    }
