@@ -10,14 +10,14 @@ import numpy as np
 import torch
 
 from . import tracking
-from .config import Config, TrainConfig
-from .models import BaseModel
+from .config import TrainConfig
 
 
-def make_accelerator(cfg: Config, base: BaseModel):
-    """One Accelerator per run. Accelerate keeps one process-wide state; a notebook that trains
-    twice with another precision would be refused, so the previous run's is dropped (the process
-    group stays)."""
+def make_accelerator(train: TrainConfig, family: str):
+    """One Accelerator per run, as the train section says (precision, accumulation, logging), for a
+    base model of `family`. Accelerate keeps one process-wide state; a notebook that trains twice
+    with another precision would be refused, so the previous run's is dropped (the process group
+    stays)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
@@ -25,12 +25,13 @@ def make_accelerator(cfg: Config, base: BaseModel):
     AcceleratorState._reset_state()
     handlers = []
     # SDXL conditions on the first text encoder's penultimate layer: its last layer's LoRA gets
-    # no gradient, which DistributedDataParallel must be told (no effect on one process).
-    if cfg.train.train_text_encoder and not cfg.identifier.learned and base.family == "sdxl":
+    # no gradient, which DistributedDataParallel must be told (no effect on one process). SDXL with
+    # a learned identifier never gets here: models.check_supported refuses it.
+    if train.train_text_encoder and family == "sdxl":
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    return Accelerator(mixed_precision=cfg.train.mixed_precision,
-                       gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-                       log_with=tracking.tracker_backend(cfg), project_config=tracking.project_config(cfg),
+    return Accelerator(mixed_precision=train.mixed_precision,
+                       gradient_accumulation_steps=train.gradient_accumulation_steps,
+                       log_with=tracking.tracker_backend(train), project_config=tracking.project_config(train),
                        kwargs_handlers=handlers)
 
 

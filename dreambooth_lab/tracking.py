@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config
+from .config import Config, TrainConfig
 
 
-def tracker_backend(cfg: Config) -> str | None:
-    """'tensorboard' when asked for and installed, else None (with a warning when asked for)."""
-    if cfg.train.log_with != "tensorboard":
+def tracker_backend(train: TrainConfig) -> str | None:
+    """'tensorboard' when train.log_with asks for it and it is installed, else None (with a warning
+    when asked for)."""
+    if train.log_with != "tensorboard":
         return None
     if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
         warnings.warn("train.log_with=tensorboard but the tensorboard package is not installed "
@@ -25,12 +26,12 @@ def tracker_backend(cfg: Config) -> str | None:
     return "tensorboard"
 
 
-def project_config(cfg: Config):
+def project_config(train: TrainConfig):
     """Accelerate wants a logging folder when the Accelerator is made; the run folder is known
     only later, so this names the output folder and `start` points it at the run."""
     from accelerate.utils import ProjectConfiguration
 
-    return ProjectConfiguration(project_dir=cfg.train.output_dir, logging_dir=cfg.train.output_dir)
+    return ProjectConfiguration(project_dir=train.output_dir, logging_dir=train.output_dir)
 
 
 def start(acc, cfg: Config, run_dir: Path | None) -> bool:

@@ -127,7 +127,7 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
                                         token=cfg.data.token)  # bad photos (and captions) fail before the model loads
     with preserved_global_state():
         with clock.phase("accelerator"):
-            acc = make_accelerator(cfg, base)
+            acc = make_accelerator(cfg.train, base.family)
         # The run folder is made (or opened) before anything heavy: an unwritable output folder is
         # reported before minutes of model loading.
         with clock.phase("run_folder"):

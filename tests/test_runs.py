@@ -185,8 +185,8 @@ def _forced_overflow(monkeypatch):
 
     real_make, real_loss, real_add = train_mod.make_accelerator, trainer.DreamBoothObjective.loss, lora.add_adapters
 
-    def make(cfg, base):
-        acc = real_make(cfg, base)
+    def make(train, family):
+        acc = real_make(train, family)
         acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=3)
         acc.native_amp = True
         return acc
