@@ -7,6 +7,11 @@ outfit, style and driving prompt it can take? (issue #21's base target: >= 0.8 e
 Reads each prompt's pictures with the judge (class rate: the class is drawn; both: the class AND
 the prompt's context/outfit/style/car); with --against, the two pipelines side by side on the
 same seeds. Writes nothing unless --json is given.
+
+--looks adds the subjects' looks described in words ("a violet dog with yellow dots", with each
+test prompt's attribute): the base world never shows these combinations, so they measure whether
+the base composes a described look with an asked attribute, which a LoRA then builds on
+(subject / subject AND attribute).
 """
 
 from __future__ import annotations
@@ -38,6 +43,18 @@ def measure(pipe, prompts, seeds) -> dict[str, dict]:
     return {p: read_prompt(p, ims).as_dict() for p, ims in images.items()}
 
 
+LOOKS = {"dog": "a violet dog with yellow dots", "backpack": "a cyan backpack with pink stripes"}
+LOOK_ATTRIBUTES = ("", " in the forest", " in red t-shirts", " in the style of van gogh", " driving car")
+
+
+def look_prompts() -> list[tuple[str, str]]:
+    """(subject, prompt) for each subject's look in words, alone and with each attribute it can take."""
+    from dreambooth_lab.world.scene import ANIMATE, SUBJECTS
+
+    return [(sub, look + attr) for sub, look in LOOKS.items() for attr in LOOK_ATTRIBUTES
+            if SUBJECTS[sub].cls in ANIMATE or attr not in (" in red t-shirts", " driving car")]
+
+
 def main(argv=None) -> None:
     from benchmarks.world import base_prompts
 
@@ -48,6 +65,7 @@ def main(argv=None) -> None:
     ap.add_argument("--first-seed", type=int, default=300, help="sampling seeds from here (300+: unused elsewhere)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--looks", action="store_true", help="also the subjects' looks described in words, with attributes")
     args = ap.parse_args(argv)
     import torch
 
@@ -55,10 +73,11 @@ def main(argv=None) -> None:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     prompts = base_prompts()
     names = [args.pipeline] + ([args.against] if args.against else [])
+    looks = look_prompts() if args.looks else []
     results = {}
     for name in names:
         t0 = time.time()
-        results[name] = measure(load(name), prompts, seeds)
+        results[name] = measure(load(name), prompts + [p for _, p in looks], seeds)
         print(f"{name}: {len(prompts)} prompts x {len(seeds)} seeds in {time.time() - t0:.0f} s", flush=True)
     head = f"{'prompt':<38}" + "".join(f"{'class / both':>16}" for _ in names)
     print(head)
@@ -73,6 +92,12 @@ def main(argv=None) -> None:
         print(f"{p:<38}" + "".join(f"{c:>16}" for c in cells))
     for n in names:
         print(f"{n}: {below[n]} of {len(prompts)} prompts below {TARGET} (*)")
+    if looks:
+        print(f"{'described look':<50}" + "".join(f"{'subject / both':>16}" for _ in names))
+        for sub, p in looks:
+            cells = [f"{results[n][p]['subject_rate'][sub]:>7.2f} / {results[n][p]['subject_and_asked'][sub]:.2f} "
+                     for n in names]
+            print(f"{p:<50}" + "".join(f"{c:>16}" for c in cells))
     if args.json:
         args.json.write_text(json.dumps({"seeds": seeds, "results": results}, indent=1, sort_keys=True) + "\n")
 
