@@ -85,7 +85,7 @@ class Config:
 
     @property
     def lora_alpha(self) -> float:
-        return float(self.lora.alpha if self.lora.alpha is not None else self.lora.rank)
+        return self.lora.effective_alpha
 
     @property
     def prompt_token(self) -> str:

@@ -268,6 +268,11 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
     )
 
+    @property
+    def effective_alpha(self) -> float:
+        """The alpha the adapters get: lora.alpha, or the rank when it is null (scaling 1.0)."""
+        return float(self.alpha if self.alpha is not None else self.rank)
+
     def errors(self) -> list[str]:
         checks = [
             (self.rank > 0, f"lora.rank={self.rank}: use a positive rank (4–64)"),

@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 
 from . import files
-from .config import Config, LoraConfig as LoraSection  # LoraSection: the config's lora section, not peft's LoraConfig
+from .config import LoraConfig as LoraSection, TrainConfig  # LoraSection: the config's lora section, not peft's LoraConfig
 from .sample import LORA_FILE
 
 
-def add_adapters(cfg: Config, unet, text_encoder, text_encoder_2=None) -> list[torch.nn.Parameter]:
-    """Freeze the base weights, add LoRA, return the trainable parameters (kept in fp32).
+def add_adapters(lora: LoraSection, unet, text_encoder, text_encoder_2=None, *,
+                 train_text_encoder: bool) -> list[torch.nn.Parameter]:
+    """Freeze the base weights, add LoRA as the lora section says (to the text encoder(s) too when
+    train_text_encoder), return the trainable parameters (kept in fp32).
 
     text_encoder_2: SDXL's second text encoder, adapted like the first when the text encoder trains."""
     from peft import LoraConfig
@@ -25,31 +27,32 @@ def add_adapters(cfg: Config, unet, text_encoder, text_encoder_2=None) -> list[t
     unet.requires_grad_(False)
     for te in encoders:
         te.requires_grad_(False)
-    common = dict(r=cfg.lora.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora.dropout,
-                  init_lora_weights="gaussian", use_dora=cfg.lora.use_dora)
-    unet.add_adapter(LoraConfig(target_modules=unet_targets(cfg.lora), **common))
+    common = dict(r=lora.rank, lora_alpha=lora.effective_alpha, lora_dropout=lora.dropout,
+                  init_lora_weights="gaussian", use_dora=lora.use_dora)
+    unet.add_adapter(LoraConfig(target_modules=unet_targets(lora), **common))
     params = trainable(unet)
-    if cfg.train.train_text_encoder:
+    if train_text_encoder:
         for te in encoders:
-            te.add_adapter(LoraConfig(target_modules=list(cfg.lora.text_encoder_targets), **common))
+            te.add_adapter(LoraConfig(target_modules=list(lora.text_encoder_targets), **common))
             params += trainable(te)
     for p in params:  # mixed precision keeps the base in fp16 but the LoRA master weights in fp32
         p.data = p.data.float()
     return params
 
 
-def adapt(cfg: Config, unet, text_encoders: list, identifier: torch.nn.Parameter | None = None) -> list[torch.nn.Parameter]:
-    """Everything that makes the models trainable as the config says: LoRA on the UNet and, when
-    they train, the text encoder(s) (`add_adapters`), a learned identifier's embedding, and gradient
-    checkpointing. Returns the parameters that learn (the identifier last)."""
+def adapt(lora: LoraSection, train: TrainConfig, unet, text_encoders: list,
+          identifier: torch.nn.Parameter | None = None) -> list[torch.nn.Parameter]:
+    """Everything that makes the models trainable as the lora and train sections say: LoRA on the
+    UNet and, when they train, the text encoder(s) (`add_adapters`), a learned identifier's
+    embedding, and gradient checkpointing. Returns the parameters that learn (the identifier last)."""
     second = {"text_encoder_2": text_encoders[1]} if len(text_encoders) > 1 else {}
-    params = add_adapters(cfg, unet, text_encoders[0], **second)
+    params = add_adapters(lora, unet, text_encoders[0], **second, train_text_encoder=train.train_text_encoder)
     if identifier is not None:  # add_adapters froze the text encoder: the identifier learns
         identifier.requires_grad_(True)
         params.append(identifier)
-    if cfg.train.gradient_checkpointing:
+    if train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if cfg.train.train_text_encoder:
+        if train.train_text_encoder:
             for te in text_encoders:
                 enable_checkpointing(te)
     return params

@@ -142,27 +142,12 @@ def _build_meta_models(cfg: Config, path: str) -> MetaModels:
 
 
 def _add_adapters(cfg: Config, unet, encoders: list) -> None:
-    """LoRA as training adds it: the package's add_adapters for the UNet and the first text
-    encoder; SDXL's second encoder gets the same adapters when the text encoders are trained
-    (through add_adapters when it takes the second encoder, else the same peft config here)."""
-    import inspect
-
+    """LoRA as training adds it (lora.add_adapters): the UNet's, and the text encoders' (SDXL's
+    second too) when they are trained."""
     from .lora import add_adapters
 
-    for te in encoders:
-        te.requires_grad_(False)
-    takes_second = "text_encoder_2" in inspect.signature(add_adapters).parameters
-    if len(encoders) > 1 and takes_second:
-        add_adapters(cfg, unet, encoders[0], text_encoder_2=encoders[1])
-    else:
-        add_adapters(cfg, unet, encoders[0])
-    for te in encoders[1:]:
-        if cfg.train.train_text_encoder and not any(p.requires_grad for p in te.parameters()):
-            from peft import LoraConfig
-
-            te.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora.dropout,
-                                      init_lora_weights="gaussian", use_dora=cfg.lora.use_dora,
-                                      target_modules=list(cfg.lora.text_encoder_targets)))
+    second = {"text_encoder_2": encoders[1]} if len(encoders) > 1 else {}
+    add_adapters(cfg.lora, unet, encoders[0], **second, train_text_encoder=cfg.train.train_text_encoder)
 
 
 class _FlashAttention(torch.autograd.Function):

@@ -191,7 +191,7 @@ def set_up(cfg: Config, acc, base: BaseModel, opened: runs.Opened, instance: Ima
         objective = DreamBoothObjective(cfg, pipe, instance, classes, acc, profile=profile, base=base)
     torch.manual_seed(cfg.train.seed)  # LoRA init draws from the global generator
     with clock.phase("adapters"):
-        params = adapt(cfg, objective.unet, objective.text_encoders, objective.identifier)
+        params = adapt(cfg.lora, cfg.train, objective.unet, objective.text_encoders, objective.identifier)
     eval_before = None
     if evaluates(cfg, len(instance)):  # train.eval_loss (auto: not on a short run, where it is most of the time)
         with clock.phase("eval_before"):

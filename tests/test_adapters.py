@@ -27,7 +27,7 @@ def _image(pipe, **kw):
 
 def test_lora_dropout_acts_in_training_mode_only(tmp_path, tiny_pipe):
     unet, te = copy.deepcopy(tiny_pipe.unet), copy.deepcopy(tiny_pipe.text_encoder)
-    add_adapters(tiny_config(tmp_path, **{"lora.dropout": 0.5}), unet, te)
+    add_adapters(tiny_config(tmp_path, **{"lora.dropout": 0.5}).lora, unet, te, train_text_encoder=False)
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if "lora_B" in name:

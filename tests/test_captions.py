@@ -171,7 +171,7 @@ def test_preserve_prompts_are_pulled_toward_the_base_model(tmp_path):
                                    "prior.preserve_prompts": ["a photo of a cat", "a photo of a {class} toy"]}).resolved()
     pipe = load_pipeline(ModelConfig(name="tiny"), device="cpu")  # its own: adapters go on it
     photos = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution)
-    add_adapters(cfg, pipe.unet, pipe.text_encoder)
+    add_adapters(cfg.lora, pipe.unet, pipe.text_encoder, train_text_encoder=cfg.train.train_text_encoder)
     t = DreamBoothObjective(cfg, pipe, photos, None, Accelerator())
     decoded = [d.strip() for d in pipe.tokenizer.batch_decode(t.prompt_ids[0], skip_special_tokens=True)]
     assert decoded[-2:] == ["a photo of a cat", "a photo of a dog toy"]

@@ -35,7 +35,8 @@ def test_lora_count_matches_the_real_adapters(tmp_path, tiny_pipe):
 
     cfg = tiny_config(tmp_path, **{"train.train_text_encoder": True, "lora.rank": 8})
     pipe = load_pipeline(ModelConfig(name="tiny"), device="cpu")
-    real = sum(p.numel() for p in add_adapters(cfg.resolved(), pipe.unet, pipe.text_encoder))
+    real = sum(p.numel() for p in add_adapters(cfg.resolved().lora, pipe.unet, pipe.text_encoder,
+                                                  train_text_encoder=cfg.train.train_text_encoder))
     est = memory.estimate(cfg, "cpu")
     assert est.lora == real * 4 and est.gradients == real * 4 and est.optimizer == real * 8
 
@@ -50,7 +51,7 @@ def test_meta_count_equals_a_real_forward(tmp_path):
     cfg = tiny_config(tmp_path).resolved()
     predicted = memory.saved_activation_bytes(cfg, memory._meta_models(cfg))
     pipe = load_pipeline(ModelConfig(name="tiny"), device="cpu")
-    add_adapters(cfg, pipe.unet, pipe.text_encoder)
+    add_adapters(cfg.lora, pipe.unet, pipe.text_encoder, train_text_encoder=cfg.train.train_text_encoder)
     real = _real_saved_bytes(pipe.unet, torch.zeros(2, 4, 8, 8), torch.zeros(2, dtype=torch.long),
                              torch.zeros(2, 77, 32))
     assert 0.75 < predicted / real < 1.35
@@ -68,7 +69,7 @@ def test_sdxl_meta_count_equals_a_real_forward(tmp_path):
     assert models.family == "sdxl" and len(models.text_encoders) == 2
     predicted = memory.saved_activation_bytes(cfg, models)
     unet = load_pipeline(ModelConfig(name="tiny-sdxl"), device="cpu").unet
-    add_adapters(cfg, unet, torch.nn.Module())
+    add_adapters(cfg.lora, unet, torch.nn.Module(), train_text_encoder=False)
     rows, side, c = 2, cfg.resolution // 8, unet.config
     pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
     real = _real_saved_bytes(unet, torch.zeros(rows, c.in_channels, side, side), torch.zeros(rows, dtype=torch.long),

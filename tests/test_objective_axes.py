@@ -96,7 +96,7 @@ def test_base_model_prior_target_is_the_frozen_unet_with_adapters_off(tmp_path, 
     base_unet = copy.deepcopy(tiny_pipe.unet)
     cfg = tiny_config(tmp_path, **{"prior.target": "base_model"}).resolved()
     obj = DreamBoothObjective(cfg, pipe, ImageSet.from_folder(SAMPLE_SUBJECT, 64), None, Accelerator())
-    add_adapters(cfg, obj.unet, obj.text_encoder)
+    add_adapters(cfg.lora, obj.unet, obj.text_encoder, train_text_encoder=cfg.train.train_text_encoder)
     with torch.no_grad():  # make the LoRA matter: B is zero at init
         for name, p in obj.unet.named_parameters():
             if "lora_B" in name:
