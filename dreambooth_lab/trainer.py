@@ -21,7 +21,7 @@ from .config import Config
 from .data import ImageSet, crop_box, indices_for_step
 from .latent_cache import LatentCache, encode_lazily, latent_keys
 from .losses import dreambooth_loss, min_snr_weights, offset_noise, snr, training_target
-from .models import BaseModel, pipeline_class, resolve
+from .models import BaseModel, pipeline_class
 from .prompts import truncation_warning
 from .timing import PhaseTimer
 
@@ -82,15 +82,15 @@ class DreamBoothObjective:
     """The DreamBooth objective of one step: which rows a micro-batch holds, their latents and
     prompt states, and the loss (instance MSE + weighted prior MSE).
 
-    base: the base model as train() resolved it (models.resolve; resolved from cfg.model when not
-    given). `prepare` hands the trained modules to the accelerator; the objective keeps them."""
+    base: the base model as train() resolved it (models.resolve), the one word on its family.
+    `prepare` hands the trained modules to the accelerator; the objective keeps them."""
 
     def __init__(self, cfg: Config, pipe, instance: ImageSet, classes: ImageSet | None, accelerator,
-                 profile: bool = False, *, base: BaseModel | None = None):
+                 profile: bool = False, *, base: BaseModel):
         from diffusers import DDPMScheduler
 
         self.cfg, self.acc = cfg, accelerator
-        self.family = (base or resolve(cfg.model)).family
+        self.family = base.family
         self.unet, self.vae = pipe.unet, pipe.vae
         # SDXL: [CLIP ViT-L, OpenCLIP bigG]; SD1/SD2: the one text encoder. Each gets LoRA when trained.
         xl = self.family == "sdxl"

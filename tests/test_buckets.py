@@ -6,6 +6,7 @@ from PIL import Image
 
 from conftest import tiny_config
 from dreambooth_lab import buckets
+from dreambooth_lab.models import resolve
 
 
 def test_bucket_sizes_keep_the_area_the_step_and_the_ratio():
@@ -66,7 +67,8 @@ def test_a_step_with_buckets_feeds_one_shape_to_the_unet(tmp_path, tiny_pipe):
     photos = _non_square_photos(tmp_path / "photos")
     cfg = tiny_config(tmp_path, **{"data.instance_dir": str(photos), "data.buckets": True, "train.batch_size": 2})
     classes = ImageSet.from_folder(photos, 64, check=False)
-    obj = DreamBoothObjective(cfg.resolved(), tiny_pipe, ImageSet.from_folder(photos, 64), classes, Accelerator())
+    obj = DreamBoothObjective(cfg.resolved(), tiny_pipe, ImageSet.from_folder(photos, 64), classes, Accelerator(),
+                              base=resolve(cfg.model))
     shapes = set()
     for step in range(6):
         rows, positions, n, gen = obj.plan(step, 0)

@@ -10,6 +10,7 @@ import torch
 
 from conftest import SAMPLE_SUBJECT, tiny_config
 from dreambooth_lab.data import DatasetError, ImageSet, caption_path, find_images, read_captions
+from dreambooth_lab.models import resolve
 
 
 def _captioned_copy(tmp_path, captions=None):
@@ -89,7 +90,7 @@ def test_the_objective_trains_each_photo_on_its_caption(tmp_path, tiny_pipe):
     cfg = tiny_config(tmp_path, **{"data.instance_dir": str(folder), "data.captions": "sidecar",
                                    "train.offload_frozen": False}).resolved()
     photos = ImageSet.from_folder(folder, cfg.resolution, captions="sidecar", token="sks")
-    t = DreamBoothObjective(cfg, tiny_pipe, photos, None, Accelerator())
+    t = DreamBoothObjective(cfg, tiny_pipe, photos, None, Accelerator(), base=resolve(cfg.model))
     n = len(photos)
     decoded = tiny_pipe.tokenizer.batch_decode(t.prompt_ids[0], skip_special_tokens=True)
     assert [d.strip() for d in decoded[:n]] == [f"a photo of sks dog on the beach {i}" for i in range(n)]
@@ -172,7 +173,7 @@ def test_preserve_prompts_are_pulled_toward_the_base_model(tmp_path):
     pipe = load_pipeline(ModelConfig(name="tiny"), device="cpu")  # its own: adapters go on it
     photos = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution)
     add_adapters(cfg.lora, pipe.unet, pipe.text_encoder, train_text_encoder=cfg.train.train_text_encoder)
-    t = DreamBoothObjective(cfg, pipe, photos, None, Accelerator())
+    t = DreamBoothObjective(cfg, pipe, photos, None, Accelerator(), base=resolve(cfg.model))
     decoded = [d.strip() for d in pipe.tokenizer.batch_decode(t.prompt_ids[0], skip_special_tokens=True)]
     assert decoded[-2:] == ["a photo of a cat", "a photo of a dog toy"]
     assert t.text_cache.shape[0] == 4  # instance, class, two kept prompts

@@ -8,6 +8,7 @@ import torch
 
 from conftest import SAMPLE_SUBJECT, tiny_config
 from dreambooth_lab import losses
+from dreambooth_lab.models import resolve
 from dreambooth_lab.trainer import dreambooth_loss
 
 
@@ -71,7 +72,8 @@ def test_timestep_range_is_respected(tmp_path, tiny_pipe, monkeypatch):
     from dreambooth_lab.trainer import DreamBoothObjective
 
     cfg = tiny_config(tmp_path, **{"loss.timestep_min": 200, "loss.timestep_max": 300, "prior.enabled": False})
-    obj = DreamBoothObjective(cfg.resolved(), tiny_pipe, ImageSet.from_folder(SAMPLE_SUBJECT, 64), None, Accelerator())
+    obj = DreamBoothObjective(cfg.resolved(), tiny_pipe, ImageSet.from_folder(SAMPLE_SUBJECT, 64), None, Accelerator(),
+                              base=resolve(cfg.model))
     seen = []
     real = obj.noise_scheduler.add_noise
     monkeypatch.setattr(obj.noise_scheduler, "add_noise", lambda x, n, t: (seen.append(t), real(x, n, t))[1])
@@ -95,7 +97,8 @@ def test_base_model_prior_target_is_the_frozen_unet_with_adapters_off(tmp_path, 
     pipe = copy.deepcopy(tiny_pipe)
     base_unet = copy.deepcopy(tiny_pipe.unet)
     cfg = tiny_config(tmp_path, **{"prior.target": "base_model"}).resolved()
-    obj = DreamBoothObjective(cfg, pipe, ImageSet.from_folder(SAMPLE_SUBJECT, 64), None, Accelerator())
+    obj = DreamBoothObjective(cfg, pipe, ImageSet.from_folder(SAMPLE_SUBJECT, 64), None, Accelerator(),
+                              base=resolve(cfg.model))
     add_adapters(cfg.lora, obj.unet, obj.text_encoder, train_text_encoder=cfg.train.train_text_encoder)
     with torch.no_grad():  # make the LoRA matter: B is zero at init
         for name, p in obj.unet.named_parameters():

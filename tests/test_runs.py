@@ -16,6 +16,7 @@ import torch
 
 from conftest import SAMPLE_SUBJECT, poison_loss_after, tiny_config
 from dreambooth_lab import checkpoint, runs, trainer
+from dreambooth_lab.models import resolve
 from dreambooth_lab import train as train_mod
 from dreambooth_lab.export import PREFIX, read_metadata
 from dreambooth_lab.train import NonFiniteLoss, TrainingInterrupted, read_metrics, train
@@ -330,5 +331,5 @@ def test_the_objective_warns_about_a_truncated_instance_prompt(tmp_path, tiny_pi
     photos = ImageSet.from_folder(SAMPLE_SUBJECT, 64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.DreamBoothObjective(cfg.resolved(), tiny_pipe, photos, None, Accelerator())
+        trainer.DreamBoothObjective(cfg.resolved(), tiny_pipe, photos, None, Accelerator(), base=resolve(cfg.model))
     assert any("fluffy" in str(w.message) for w in caught)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config
 from dreambooth_lab import checkpoint, export, sample
+from dreambooth_lab.models import resolve
 from dreambooth_lab.conditioning import time_ids
 from dreambooth_lab.config import ModelConfig
 from dreambooth_lab.models import load_pipeline
@@ -58,7 +59,7 @@ def test_training_conditions_like_the_sdxl_pipeline(tmp_path, xl_pipe):
 
     cfg = tiny_config(tmp_path, **{"model.name": XL, "prior.enabled": False, "train.offload_frozen": False}).resolved()
     photos = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution)
-    obj = DreamBoothObjective(cfg, xl_pipe, photos, None, Accelerator())
+    obj = DreamBoothObjective(cfg, xl_pipe, photos, None, Accelerator(), base=resolve(cfg.model))
     assert obj.family == "sdxl" and len(obj.text_encoders) == 2
     with torch.no_grad():
         states, _, pooled, _ = xl_pipe.encode_prompt(cfg.fill(cfg.data.instance_prompt), device="cpu",
@@ -86,7 +87,7 @@ def test_fp16_training_encodes_with_the_vae_in_fp32(tmp_path):
     cfg = tiny_config(tmp_path, **{"model.name": XL, "prior.enabled": False, "train.mixed_precision": "fp16",
                                    "train.offload_frozen": False}).resolved()
     obj = DreamBoothObjective(cfg, pipe, ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution), None,
-                              Accelerator())
+                              Accelerator(), base=resolve(cfg.model))
     assert obj.vae.dtype == torch.float32 and obj.latent_cache["instance", False][0].dtype == torch.float32
     rows, positions, n, gen = obj.plan(0, 0)
     assert obj.latents(rows, positions, n, gen).dtype == torch.float16 == obj.unet.dtype
@@ -109,7 +110,7 @@ def test_random_crops_reach_the_time_ids(tmp_path, xl_pipe):
                                    "data.resolution": 48}).resolved()
     photos = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution)
     photos.images = [im.resize((80, 48)) for im in photos.images]  # room to crop sideways
-    obj = DreamBoothObjective(cfg, xl_pipe, photos, None, Accelerator())
+    obj = DreamBoothObjective(cfg, xl_pipe, photos, None, Accelerator(), base=resolve(cfg.model))
     lefts = set()
     for step in range(8):
         rows = obj.plan(step, 0)[0]

@@ -22,6 +22,7 @@ from conftest import REPO, tiny_config
 from dreambooth_lab import config as C
 from dreambooth_lab import tokens, trainer
 from dreambooth_lab import train as train_mod
+from dreambooth_lab.models import resolve
 from dreambooth_lab.train import load_result, train
 
 HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes")
@@ -177,7 +178,8 @@ def test_on_measures_before_and_after_and_trains_the_same_bytes(tmp_path, monkey
     # "before" is the base model's loss (LoRA starts at zero), computed the uncached way as ever
     cfg = tiny_config(tmp_path / "x", **{"train.cache_latents": False, "train.cache_text_embeddings": False}).resolved()
     photos = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution)
-    base = trainer.DreamBoothObjective(cfg, tiny_pipe, photos, None, Accelerator()).eval_instance_loss()
+    objective = trainer.DreamBoothObjective(cfg, tiny_pipe, photos, None, Accelerator(), base=resolve(cfg.model))
+    base = objective.eval_instance_loss()
     assert on.eval_loss_before == pytest.approx(base, rel=1e-6)
     # the evaluation changes no weight
     off = train(tiny_config(tmp_path / "off", **{**SHORT, "train.eval_loss": "off"}), resume=None, progress=False)
@@ -275,7 +277,7 @@ def test_lazy_entries_equal_the_vae_of_the_photo(tmp_path, tiny_pipe):
 
     cfg = tiny_config(tmp_path, **{"data.random_flip": True}).resolved()
     photos = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution)
-    o = trainer.DreamBoothObjective(cfg, tiny_pipe, photos, None, Accelerator())
+    o = trainer.DreamBoothObjective(cfg, tiny_pipe, photos, None, Accelerator(), base=resolve(cfg.model))
     assert o.latent_cache.entries == {} and o._text_pending
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as inside a mixed-precision step: no effect on the entry
         mean, std = o.latent_cache.get("instance", True, 2)

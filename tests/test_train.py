@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config
 from dreambooth_lab import checkpoint, prior
+from dreambooth_lab.models import resolve
 from dreambooth_lab.train import read_metrics, train
 from dreambooth_lab.trainer import dreambooth_loss, step_seed, training_target
 
@@ -200,7 +201,7 @@ def test_latent_cache_holds_both_flips_and_the_distribution(tmp_path, tiny_pipe)
 
     cfg = tiny_config(tmp_path, **{"data.random_flip": True, "train.offload_frozen": False})
     photos = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution)
-    t = DreamBoothObjective(cfg.resolved(), tiny_pipe, photos, None, Accelerator())
+    t = DreamBoothObjective(cfg.resolved(), tiny_pipe, photos, None, Accelerator(), base=resolve(cfg.model))
     mean, std = t.latent_cache["instance", False]
     fmean, _ = t.latent_cache["instance", True]
     assert mean.shape[0] == len(photos) and (std > 0).all()
