@@ -34,21 +34,20 @@ from .callbacks import MetricsFile, OnStep, Progress, RankReport, Tracker
 from .config import Config, run_params
 from .data import ImageSet
 from .dataset_sheet import write_dataset_sheet
-from .faults import (NonFiniteLoss, TrainingInterrupted, blown_groups, discard_untrained, interrupted_message,
-                     stop_disk_full, stop_failed, trained_anything)
+from .faults import (TrainingInterrupted, blown_groups, discard_untrained, interrupted_message, stop_disk_full,
+                     stop_failed, trained_anything)
 from .lora import adapt, save_lora
 from .models import BaseModel, check_supported, load_pipeline, resolve
 from .optim import hold_lora, make_optimizer, use_config_hyperparameters
 from .prior import class_image_set
-from .runs import (METRICS, SUMMARY, RunResult, TrainingStopped, find_finished, find_resumable,  # noqa: F401
-                   load_result, read_metrics, runs_of)  # (re-exported)
+from .run_lock import RunLock, RunWarning
+from .runs import RunResult, load_result, read_metrics
 from .runtime import configure_speed, make_accelerator, preserved_global_state
 from .timing import Timeline, format_profile, format_timings, profile_report
 from .tokens import warn_about_token
 from .trainer import DreamBoothObjective, evaluates, step_seed
 
-__all__ = ["train", "RunResult", "load_result", "read_metrics", "METRICS", "SUMMARY", "find_finished", "find_resumable", "runs_of",
-           "TrainingStopped", "NonFiniteLoss", "TrainingInterrupted"]
+__all__ = ["train"]  # what a stopped run raises is faults.py's; a run's files and result are runs.py's
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -138,7 +137,7 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
             opened = broadcast_object_list([opened])[0]  # every process resumes from the same checkpoint
         s: Session | None = None
         try:
-            with runs.RunLock(opened.path) if acc.is_main_process else nullcontext():
+            with RunLock(opened.path) if acc.is_main_process else nullcontext():
                 try:
                     if acc.is_main_process and not (opened.path / runs.DATASET_SHEET).exists():  # each run: its photos
                         with clock.phase("dataset_sheet"):
@@ -222,7 +221,7 @@ def restore(acc, opened: runs.Opened, updates: Updates) -> int:
         checkpoint.clean_temporaries(run_dir)
     choice = checkpoint.latest_good(run_dir)
     if choice.message() and acc.is_main_process:
-        warnings.warn(f"{run_dir}: {choice.message()}", runs.RunWarning, stacklevel=4)
+        warnings.warn(f"{run_dir}: {choice.message()}", RunWarning, stacklevel=4)
     if choice.path is None:
         return 0
     optimizer = updates.optimizer.optimizer

@@ -255,7 +255,8 @@ def test_a_nan_run_goes_on_from_its_checkpoint_as_the_cli_message_says(tmp_path,
 
 
 def test_the_nan_message_names_the_large_rate_and_keeps_no_steps_it_has_not(tmp_path):
-    from dreambooth_lab.train import NonFiniteLoss, train
+    from dreambooth_lab.faults import NonFiniteLoss
+    from dreambooth_lab.train import train
 
     cfg = tiny_config(tmp_path, **{"identifier.learned": True, "identifier.lr": 1e30, "train.steps": 4,
                                    "prior.enabled": False})

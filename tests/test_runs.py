@@ -19,7 +19,9 @@ from dreambooth_lab import checkpoint, runs, trainer
 from dreambooth_lab.models import resolve
 from dreambooth_lab import train as train_mod
 from dreambooth_lab.export import PREFIX, read_metadata
-from dreambooth_lab.train import NonFiniteLoss, TrainingInterrupted, read_metrics, train
+from dreambooth_lab.faults import NonFiniteLoss, TrainingInterrupted
+from dreambooth_lab.runs import read_metrics
+from dreambooth_lab.train import train
 
 
 def _photos(tmp_path):
