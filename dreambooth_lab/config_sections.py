@@ -185,6 +185,12 @@ class PriorConfig:
     # neighbouring classes into it. Empty = the paper's objective.
     preserve_prompts: list[str] = field(default_factory=list, metadata={"hash": True, "omit_if": []})
 
+    @property
+    def term(self) -> str | None:
+        """What the loss's prior term pulls toward (`target`: class_images or base_model), or None when
+        the loss has none: prior off, or a zero loss_weight, which trains as if it were off."""
+        return self.target if self.enabled and self.loss_weight > 0 else None
+
     def errors(self) -> list[str]:
         checks = [
             dtype_check("prior.dtype", self.dtype),

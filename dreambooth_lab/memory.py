@@ -212,7 +212,7 @@ def _segment_counter(params: set[int], segments: list[int], outer):
 
 def training_rows(cfg: Config) -> int:
     """Rows in one UNet forward: the batch, doubled by prior preservation's class rows."""
-    return cfg.train.batch_size * (2 if cfg.prior.enabled and cfg.prior.loss_weight > 0 else 1)
+    return cfg.train.batch_size * (2 if cfg.prior.term is not None else 1)
 
 
 def saved_activations(cfg: Config, models: MetaModels) -> tuple[int, int]:
@@ -358,7 +358,7 @@ def estimate(cfg: Config, device_type: str = "cuda") -> MemoryEstimate:
     # set-up: everything is on the device while class images are made (one VAE decode at a time, when
     # there are class images) and the caches are filled (one VAE encode at a time); no LoRA yet
     setup_weights = (base_unet + base_te) * weight_bytes + vae_bytes
-    class_images = cfg.prior.enabled and cfg.prior.loss_weight > 0 and cfg.prior.target == "class_images"
+    class_images = cfg.prior.term == "class_images"
     setup_transient = max(vae_peak(cfg, models), vae_peak(cfg, models, decode=True) if class_images else 0)
     optimizer_bytes = 2 if cfg.optim.optimizer == "adamw8bit" else 8
     activations, recompute = saved_activations(cfg, models)

@@ -109,7 +109,7 @@ def class_image_set(cfg: Config, acc, base: BaseModel, pipe, weight_dtype: torch
     They are made in prior.dtype (auto: fp16 on a GPU, about twice as fast; fp32 on a CPU), which
     is part of their cache key; the training pipeline `pipe` is reused when it has that dtype.
     """
-    if not (cfg.prior.enabled and cfg.prior.loss_weight > 0 and cfg.prior.target == "class_images"):
+    if cfg.prior.term != "class_images":
         return None, 0  # no prior, or the base model's own prediction is the prior (trainer.base_prediction)
     dtype = generation_dtype(cfg.prior, acc.device)
 

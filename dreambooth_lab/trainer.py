@@ -45,7 +45,7 @@ def evaluates(cfg: Config, photos: int) -> bool:
     if mode != "auto":
         return mode == "on"
     t = cfg.train
-    prior = cfg.prior.enabled and cfg.prior.loss_weight > 0
+    prior = cfg.prior.term is not None
     train_rows = 3 * t.steps * t.batch_size * t.gradient_accumulation_steps * (2 if prior else 1)
     return 2 * photos * len(EVAL_TIMESTEPS) <= EVAL_SHARE * train_rows
 
@@ -102,7 +102,7 @@ class DreamBoothObjective:
                 getattr(self.vae.config, "force_upcast", False):
             torch.nn.Module.to(self.vae, torch.float32)  # SDXL's VAE overflows in fp16 (its config says force_upcast): encode in fp32
         self.sets = {"instance": instance, "class": classes}
-        self.base_model_prior = (cfg.prior.enabled and cfg.prior.loss_weight > 0 and cfg.prior.target == "base_model")
+        self.base_model_prior = cfg.prior.term == "base_model"
         # A learned identifier (identifier.py): new tokens with a trainable embedding, swapped into
         # the text encoder before the prompts are tokenized; their states can then not be cached.
         self.identifier: torch.nn.Parameter | None = None

@@ -83,3 +83,16 @@ def test_resolved_config_makes_auto_values_explicit():
 
 def test_fill_prompt_leaves_other_braces_alone():
     assert C.fill_prompt("{token} {class} {x}", "oue", "cat") == "oue cat {x}"
+
+
+def test_the_prior_term_is_decided_by_the_prior_section():
+    prior = C.PriorConfig()
+    assert prior.term == "class_images"
+    assert C.PriorConfig(target="base_model").term == "base_model"
+    assert C.PriorConfig(loss_weight=0.0).term is None  # a zero weight trains as if the prior were off
+    assert C.PriorConfig(enabled=False, target="base_model").term is None
+
+
+def test_lora_alpha_null_means_the_rank():
+    assert C.LoraConfig(rank=8).effective_alpha == 8.0 == C.Config(lora=C.LoraConfig(rank=8)).lora_alpha
+    assert C.LoraConfig(rank=8, alpha=4).effective_alpha == 4.0
