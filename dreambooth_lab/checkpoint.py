@@ -89,6 +89,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def step_folder(folder: Path, step: int) -> Path:
+    """Where a run folder's checkpoint of `step` goes: checkpoints/step-NNNNNN (pure)."""
+    return Path(folder) / CHECKPOINTS / f"step-{step:06d}"
+
+
 def save(folder: Path, step: int, params: dict[str, torch.Tensor], optimizer, lr_scheduler, keep: int,
          scaler=None) -> Path:
     """Write checkpoints/step-NNNNNN atomically (temp folder + rename), keep the newest `keep`.
@@ -116,7 +121,7 @@ def save(folder: Path, step: int, params: dict[str, torch.Tensor], optimizer, lr
                     for name, data in sorted(written.items())}
         files.write_bytes(tmp / MANIFEST, _json(manifest).encode())
         files.write_bytes(tmp / "state.json", _json({"step": step}).encode())  # last: marks it complete
-        final = root / f"step-{step:06d}"
+        final = step_folder(folder, step)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -129,6 +134,17 @@ def save(folder: Path, step: int, params: dict[str, torch.Tensor], optimizer, lr
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_last(folder: Path, step: int, params: dict[str, torch.Tensor], optimizer, lr_scheduler,
+              scaler=None) -> Path:
+    """A checkpoint of a run's last step (the loop's checkpoints stop short of it), written without
+    pruning any (train.checkpoints_to_keep does not apply): what a resume needs when a write after
+    the last step fails. When the run resumed from that very step, its checkpoint is already there."""
+    path = step_folder(folder, step)
+    if path in list_checkpoints(folder):
+        return path
+    return save(folder, step, params, optimizer, lr_scheduler, keep=10**9, scaler=scaler)
 
 
 def clean_temporaries(folder: Path) -> list[Path]:

@@ -337,7 +337,9 @@ def finish(s: Session, callbacks: list, *, progress: bool, profile: bool) -> Run
         # The last step is checkpointed before anything else is written: a full disk from here on
         # loses no step (the same command resumes at the last step); it goes once summary.json is.
         with clock.phase("last_checkpoint"):
-            last = keep_last_step(s)
+            u = s.updates
+            last = checkpoint.save_last(s.run_dir, s.step, u.named, u.optimizer.optimizer, u.lr_scheduler,
+                                        scaler=acc.scaler)
         with clock.phase("lora_file"):
             write_lora(s, s.run_dir)
         if cfg.train.save_lora_every and cfg.train.step_images:
@@ -367,17 +369,6 @@ def finish(s: Session, callbacks: list, *, progress: bool, profile: bool) -> Run
                      final_loss=s.history[-1]["loss"] if s.history else float("nan"), eval_loss_before=s.eval_before,
                      eval_loss_after=eval_after, class_images_generated=s.generated, resumed_from=s.resumed_from,
                      seconds=time.time() - s.t0, history=s.history, timings=timings or clock.report())
-
-
-def keep_last_step(s: Session) -> Path:
-    """A checkpoint of the last step (loop checkpoints stop short of it), kept apart from
-    train.checkpoints_to_keep: what a resume needs when a write of `finish` fails."""
-    path = s.run_dir / checkpoint.CHECKPOINTS / f"step-{s.step:06d}"
-    if path in checkpoint.list_checkpoints(s.run_dir):  # resumed from it: already there
-        return path
-    u = s.updates
-    return checkpoint.save(s.run_dir, s.step, u.named, u.optimizer.optimizer, u.lr_scheduler, keep=10**9,
-                           scaler=s.acc.scaler)
 
 
 def write_lora(s: Session, folder: Path, name: str = runs.LORA_FILE, step: int | None = None) -> Path:
