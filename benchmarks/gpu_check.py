@@ -116,7 +116,8 @@ def child_case(overrides: dict) -> dict:
     import torch
 
     from dreambooth_lab.memory import estimate
-    from dreambooth_lab.train import read_metrics, train
+    from dreambooth_lab.runs import read_metrics
+    from dreambooth_lab.train import train
 
     warmup = overrides.pop("warmup", WARMUP)
     cfg = make_config(overrides)

@@ -220,7 +220,8 @@ def run_train_case(args) -> dict:
     import torch
 
     from dreambooth_lab.memory import estimate
-    from dreambooth_lab.train import read_metrics, train
+    from dreambooth_lab.runs import read_metrics
+    from dreambooth_lab.train import train
 
     import accelerate  # noqa: F401  (imported before the baseline: libraries are not the run's memory)
     import diffusers  # noqa: F401

@@ -14,7 +14,8 @@ from pathlib import Path
 from .builtin import TINY_MODEL, TOYWORLD, is_toy_world
 from .config import Config, with_overrides
 from .report import compare_run, sample_run
-from .train import RunResult, train
+from .runs import RunResult
+from .train import train
 
 SAMPLE_SUBJECT = Path(__file__).resolve().parents[1] / "datasets" / "sample_subject"
 

@@ -231,7 +231,8 @@ def _drive(ray, sweep: Sweep, book: SweepBook, probes: dict[str, str | None], gp
            max_retries: int, poll: float, wait: float) -> list[dict]:
     from tqdm.auto import tqdm
 
-    from .runs import claim_holder, describe_holder, find_finished
+    from .run_lock import claim_holder, describe_holder
+    from .runs import find_finished
 
     task = ray.remote(_train_task).options(num_gpus=gpus, num_cpus=cpus, max_retries=max_retries,
                                            retry_exceptions=False)

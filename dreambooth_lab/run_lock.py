@@ -5,7 +5,6 @@ exclusively and refreshed by a heartbeat; a second process is refused (``RunLock
 what a notebook needs to offer ``take_over_lock``), and a lock left by a dead process, by a machine
 whose heartbeat has stopped, or damaged and old, is taken over with a message. A sweep claims a
 configuration the same way (``claim_run``: a lock under ``<sweep>/.claims/``) before its folder exists.
-runs.py re-exports these names: ``runs.RunLock``, ``runs.take_over_lock``... keep working.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from pathlib import Path
 from . import files
 from .config import Config
 
-LOCK = "train.lock"  # in a run folder (runs.LOCK)
+LOCK = "train.lock"  # in a run folder
 
 
 class RunWarning(UserWarning):

@@ -5,8 +5,7 @@ A run is what it says it is: its identity is the config hash (what decides the w
 written into ``identity.json`` when the folder is made and into ``summary.json`` and the LoRA's
 metadata when it finishes. A finished run is reused, and an unfinished one resumed, only when both
 match; otherwise the caller hears what changed and how to start fresh (``decide``: one scan of the
-runs folder, one answer). The lock a process holds while it trains a run lives in run_lock.py
-(re-exported here).
+runs folder, one answer). The lock a process holds while it trains a run lives in run_lock.py.
 
 Layout of a run folder::
 
@@ -25,9 +24,6 @@ from pathlib import Path
 
 from . import files
 from .config import Config, ConfigError, load, to_yaml
-from .run_lock import (CLAIMS, HEARTBEAT, LOCK, STALE_BEATS, LockState, RunLock, RunLocked,  # noqa: F401 (re-exported:
-                       RunWarning, claim_holder, claim_path, claim_run, describe_duration,  # callers use runs.<name>)
-                       describe_holder, parse_lock, take_over_lock)
 
 CONFIG = "config.yaml"
 IDENTITY = "identity.json"

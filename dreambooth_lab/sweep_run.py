@@ -17,7 +17,8 @@ from typing import Callable
 
 from . import files
 from .registry import FAILURES, REPLICATES, read_failures, read_replicates, registry_lock, write_registry
-from .runs import RunLocked, claim_holder, claim_run, describe_holder, find_finished
+from .run_lock import RunLocked, claim_holder, claim_run, describe_holder
+from .runs import find_finished
 from .sweep_spec import Sweep, SweepRun
 
 
@@ -40,7 +41,7 @@ class Outcome:
 def attempt_run(run: SweepRun, *, progress: bool = True, on_start: Callable[[], None] | None = None) -> Outcome:
     """Train one run of a sweep unless it has finished or another process has claimed it.
 
-    The run is claimed (runs.claim_run: a lock under <sweep>/.claims/) before its folder is looked
+    The run is claimed (run_lock.claim_run: a lock under <sweep>/.claims/) before its folder is looked
     for, so two sweeps or two Ray tasks never train one configuration twice; under the claim a run
     that finished meanwhile is skipped and an interrupted one resumes from its newest checkpoint.
     A failure comes back as an Outcome (the sweep goes on); Ctrl-C propagates."""

@@ -244,8 +244,9 @@ def test_a_lock_left_by_a_live_looking_runtime_is_taken_over_when_ticked(tmp_pat
     import json
     import time
 
-    from dreambooth_lab import runs
-    from dreambooth_lab.train import TrainingInterrupted, train
+    from dreambooth_lab import run_lock
+    from dreambooth_lab.faults import TrainingInterrupted
+    from dreambooth_lab.train import train
 
     monkeypatch.delenv(nb.SMOKE_ENV, raising=False)
     cfg = tiny_config(tmp_path, **{"train.steps": 4, "train.checkpoint_every": 2, "prior.enabled": False})
@@ -258,11 +259,11 @@ def test_a_lock_left_by_a_live_looking_runtime_is_taken_over_when_ticked(tmp_pat
         train(cfg, resume=None, progress=False, on_step=cut)
     run = next((tmp_path / "runs").iterdir())
     lock = {"pid": 4242, "host": "a-colab-vm-that-is-gone", "started": "x", "token": "t"}
-    (run / runs.LOCK).write_text(json.dumps(lock))
+    (run / run_lock.LOCK).write_text(json.dumps(lock))
     now = time.time()
     import os
 
-    os.utime(run / runs.LOCK, (now, now))  # its heartbeat was seconds ago
+    os.utime(run / run_lock.LOCK, (now, now))  # its heartbeat was seconds ago
     with pytest.raises(nb.NotebookStop, match="TAKE_OVER_LOCK"):
         nb.train_run(cfg)
     result = nb.train_run(cfg, take_over_lock=True)

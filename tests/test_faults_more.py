@@ -184,7 +184,8 @@ def _over(**extra):
 
 
 def test_a_changed_learning_rate_takes_effect_from_the_resumed_step(tmp_path, checkpointed):
-    from dreambooth_lab.train import read_metrics, train
+    from dreambooth_lab.runs import read_metrics
+    from dreambooth_lab.train import train
 
     cfg, original = checkpointed
     plain = shutil.copytree(original, tmp_path / "plain")

@@ -15,7 +15,8 @@ from conftest import REPO, tiny_config
 from dreambooth_lab import export, sample
 from dreambooth_lab.config import ModelConfig, to_yaml
 from dreambooth_lab.models import load_pipeline
-from dreambooth_lab.train import read_metrics, train
+from dreambooth_lab.runs import read_metrics
+from dreambooth_lab.train import train
 
 
 def _spec(**kw):

@@ -18,7 +18,8 @@ from PIL import Image
 from conftest import REPO, SAMPLE_SUBJECT, poison_loss_after, tiny_config
 from dreambooth_lab import config as C
 from dreambooth_lab import data
-from dreambooth_lab.train import read_metrics, train
+from dreambooth_lab.runs import read_metrics
+from dreambooth_lab.train import train
 
 
 def _photo(path, size=(96, 80), color=(180, 40, 40), mode="RGB", fmt=None, **save):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import SAMPLE_SUBJECT, poison_loss_after, tiny_config
-from dreambooth_lab import checkpoint, runs, trainer
+from dreambooth_lab import checkpoint, run_lock, runs, trainer
 from dreambooth_lab.models import resolve
 from dreambooth_lab import train as train_mod
 from dreambooth_lab.export import PREFIX, read_metadata
@@ -113,36 +113,36 @@ def test_resume_of_a_path_checks_config_and_photos_unless_told_otherwise(tmp_pat
 def test_a_live_lock_refuses_a_second_trainer_and_a_dead_one_is_taken_over(tmp_path):
     cfg = tiny_config(tmp_path, **{"train.steps": 4, "train.checkpoint_every": 2})
     run = train(cfg, resume=None, progress=False).run_dir
-    assert not (run / runs.LOCK).exists(), "the lock is released when training ends"
+    assert not (run / run_lock.LOCK).exists(), "the lock is released when training ends"
     _unfinish(run)
     host = socket.gethostname()
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (run / runs.LOCK).write_text(json.dumps({"pid": alive.pid, "host": host, "started": "x"}))
-        with pytest.raises(runs.RunLocked, match=f"process {alive.pid} on {host}"):
+        (run / run_lock.LOCK).write_text(json.dumps({"pid": alive.pid, "host": host, "started": "x"}))
+        with pytest.raises(run_lock.RunLocked, match=f"process {alive.pid} on {host}"):
             train(cfg, resume="auto", progress=False)
     finally:
         alive.kill()
         alive.wait()
-    with pytest.warns(runs.RunWarning, match=f"taking over .*process {alive.pid}"):
+    with pytest.warns(run_lock.RunWarning, match=f"taking over .*process {alive.pid}"):
         done = train(cfg, resume="auto", progress=False)
-    assert done.run_dir == run and done.resumed_from == 2 and not (run / runs.LOCK).exists()
+    assert done.run_dir == run and done.resumed_from == 2 and not (run / run_lock.LOCK).exists()
 
 
 def test_a_lock_from_another_host_is_stale_only_without_a_heartbeat(tmp_path):
-    (tmp_path / runs.LOCK).write_text(json.dumps({"pid": 1, "host": "another-colab-vm"}))
-    with pytest.raises(runs.RunLocked, match="another-colab-vm"):
-        runs.RunLock(tmp_path, stale_after=60).acquire()
+    (tmp_path / run_lock.LOCK).write_text(json.dumps({"pid": 1, "host": "another-colab-vm"}))
+    with pytest.raises(run_lock.RunLocked, match="another-colab-vm"):
+        run_lock.RunLock(tmp_path, stale_after=60).acquire()
     old = time.time() - 120
     import os
 
-    os.utime(tmp_path / runs.LOCK, (old, old))
-    with pytest.warns(runs.RunWarning, match="another-colab-vm"):
-        lock = runs.RunLock(tmp_path, heartbeat=0.05, stale_after=60).acquire()
+    os.utime(tmp_path / run_lock.LOCK, (old, old))
+    with pytest.warns(run_lock.RunWarning, match="another-colab-vm"):
+        lock = run_lock.RunLock(tmp_path, heartbeat=0.05, stale_after=60).acquire()
     time.sleep(0.2)
-    assert time.time() - (tmp_path / runs.LOCK).stat().st_mtime < 5, "the heartbeat refreshes the lock"
+    assert time.time() - (tmp_path / run_lock.LOCK).stat().st_mtime < 5, "the heartbeat refreshes the lock"
     lock.release()
-    assert not (tmp_path / runs.LOCK).exists()
+    assert not (tmp_path / run_lock.LOCK).exists()
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------
@@ -158,7 +158,7 @@ def test_a_damaged_checkpoint_is_named_and_the_older_one_used(tmp_path):
     damaged.write_bytes(damaged.read_bytes()[:100])
     with pytest.raises(checkpoint.CheckpointError, match=r"optimizer\.safetensors.*truncated"):
         checkpoint.verify(damaged.parent)
-    with pytest.warns(runs.RunWarning, match=r"step-000004 \(.*optimizer\.safetensors.*resuming from step-000002"):
+    with pytest.warns(run_lock.RunWarning, match=r"step-000004 \(.*optimizer\.safetensors.*resuming from step-000002"):
         again = train(cfg, resume="auto", progress=False)
     assert again.resumed_from == 2
     assert again.lora_path.read_bytes() == reference

@@ -15,7 +15,8 @@ from dreambooth_lab.models import resolve
 from dreambooth_lab.conditioning import time_ids
 from dreambooth_lab.config import ModelConfig
 from dreambooth_lab.models import load_pipeline
-from dreambooth_lab.train import read_metrics, train
+from dreambooth_lab.runs import read_metrics
+from dreambooth_lab.train import train
 
 XL = "tiny-sdxl"
 # Text encoders trained (both get LoRA), prior preservation with class images from the SDXL pipeline.

@@ -23,7 +23,8 @@ from dreambooth_lab import config as C
 from dreambooth_lab import tokens, trainer
 from dreambooth_lab import train as train_mod
 from dreambooth_lab.models import resolve
-from dreambooth_lab.train import load_result, train
+from dreambooth_lab.runs import load_result, read_metrics
+from dreambooth_lab.train import train
 
 HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes")
 
@@ -213,7 +214,7 @@ def test_demo_prints_the_losses_or_says_they_were_not_measured(tmp_path, monkeyp
     from pathlib import Path
 
     from dreambooth_lab import cli, demo
-    from dreambooth_lab.train import RunResult
+    from dreambooth_lab.runs import RunResult
 
     def fake(model, output_dir, steps, before):
         run = RunResult(run_dir=Path(tmp_path), lora_path=Path(tmp_path) / "x", steps=2, final_loss=0.1,
@@ -266,8 +267,8 @@ def test_lazy_caches_train_the_same_lora_bytes_as_filled_up_front(tmp_path, monk
     a, b = lora(lazy), lora(eager)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert lazy.lora_path.read_bytes() == eager.lora_path.read_bytes()
-    la = [r["loss"] for r in train_mod.read_metrics(lazy.run_dir)]
-    assert la == [r["loss"] for r in train_mod.read_metrics(eager.run_dir)]
+    la = [r["loss"] for r in read_metrics(lazy.run_dir)]
+    assert la == [r["loss"] for r in read_metrics(eager.run_dir)]
 
 
 def test_lazy_entries_equal_the_vae_of_the_photo(tmp_path, tiny_pipe):

@@ -18,7 +18,7 @@ import yaml
 
 from conftest import REPO, SAMPLE_SUBJECT, tiny_config
 from dreambooth_lab import experiments as E
-from dreambooth_lab import runs
+from dreambooth_lab import run_lock, runs
 from dreambooth_lab.registry import FAILURES
 from dreambooth_lab.sweep_run import SweepBook, attempt_run
 
@@ -60,7 +60,7 @@ def test_two_sweep_processes_at_once_train_each_run_once(tmp_path):
     rows = E.load_registry(folder)
     assert sorted(r["id"] for r in rows) == sorted(r.id for r in sweep.runs)
     assert {r["status"] for r in rows} == {"finished"}
-    assert not list((folder / runs.CLAIMS).iterdir())  # every claim released
+    assert not list((folder / run_lock.CLAIMS).iterdir())  # every claim released
     # the class images were made once, by one of the runs
     assert sum(r["class_images_generated"] for r in rows) == 2
 
@@ -70,7 +70,7 @@ def test_a_run_claimed_by_a_live_process_is_not_trained_and_is_waited_for(tmp_pa
     first, second = sweep.runs[0], sweep.runs[1]
     # another sweep, on another machine, is training `first`: its live claim (a fresh heartbeat)
     holder = {"pid": os.getpid() + 1, "host": "elsewhere"}
-    path = runs.claim_path(first.config)
+    path = run_lock.claim_path(first.config)
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({**holder, "started": "20261204-000000", "token": "t"}))
     seen = []
@@ -103,12 +103,12 @@ def test_a_claim_left_by_a_dead_process_is_taken_over(tmp_path):
 
     sweep = E.load_sweep(write_spec(tmp_path))
     run = sweep.runs[0]
-    path = runs.claim_path(run.config)
+    path = run_lock.claim_path(run.config)
     path.parent.mkdir(parents=True)
     import socket
 
     path.write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(), "started": "x", "token": "t"}))
-    assert runs.claim_holder(run.config) is None  # nobody holds it: a new claim takes it over
+    assert run_lock.claim_holder(run.config) is None  # nobody holds it: a new claim takes it over
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = attempt_run(run, progress=False)

@@ -7,7 +7,8 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from dreambooth_lab import checkpoint, prior
 from dreambooth_lab.models import resolve
-from dreambooth_lab.train import read_metrics, train
+from dreambooth_lab.runs import read_metrics
+from dreambooth_lab.train import train
 from dreambooth_lab.trainer import dreambooth_loss, step_seed, training_target
 
 

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, tiny_config
 import dreambooth_lab.train as train_mod
-from dreambooth_lab.train import read_metrics, train
+from dreambooth_lab.runs import read_metrics
+from dreambooth_lab.train import train
 
 
 def _spy_optimizer(monkeypatch) -> dict:

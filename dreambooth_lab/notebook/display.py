@@ -13,7 +13,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from ..config import Config
+from ..config import Config, run_params
 from .form import MACHINE_KEYS, MEMORY_MARGIN, SDXL_BASE, fits
 from .runtime import T4_GIB, this_gpu
 
@@ -52,8 +52,6 @@ def summary(cfg: Config, sources: dict[str, str] | None = None) -> str:
     """The run's values: with sources, every field and where it came from; else the main ones."""
     if sources is not None:
         return format_sources(cfg, sources)
-    from ..train import run_params
-
     return "\n".join(f"{k:>20}: {v}" for k, v in run_params(cfg).items())
 
 

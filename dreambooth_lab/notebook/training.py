@@ -28,8 +28,9 @@ def train_run(cfg: Config, every: int = 25, *, new_run: bool = False, allow_cpu:
     import torch
 
     from ..colab import cpu_runtime_problem
-    from ..runs import LOSS_PLOT, METRICS, SUMMARY, RunLocked, RunMismatch
-    from ..runs import take_over_lock as take_over
+    from ..run_lock import RunLocked
+    from ..run_lock import take_over_lock as take_over
+    from ..runs import LOSS_PLOT, METRICS, SUMMARY, RunMismatch
     from ..train import train
 
     problem = None if allow_cpu else cpu_runtime_problem(cfg.model.name, torch.cuda.is_available(), in_colab())
