@@ -64,6 +64,27 @@ def startup_config(model, res, steps, out, extra=None):
     return case_config(model, res, steps, True, False, extra or {}, out)
 
 
+def gc_clock() -> list:
+    """Python's cyclic garbage collections from now on, as (start, seconds) pairs (perf_counter)."""
+    import gc
+
+    events, start = [], [0.0]
+
+    def record(phase, _info):
+        if phase == "start":
+            start[0] = time.perf_counter()
+        else:
+            events.append((start[0], time.perf_counter() - start[0]))
+
+    gc.callbacks.append(record)
+    return events
+
+
+def gc_seconds(events: list, before: float) -> float:
+    """Seconds of garbage collection that began before `before` (pure)."""
+    return round(sum(sec for t, sec in events if t < before), 3)
+
+
 def run_startup_project(args) -> dict:
     """In a child process: what a script that trains imports (`from dreambooth_lab.train import
     train`; the package imports diffusers' models, transformers, peft... when it needs them, so
@@ -74,6 +95,7 @@ def run_startup_project(args) -> dict:
     the run's own `timings` where the version records them."""
     if args.code:
         sys.path.insert(0, args.code)
+    collections = gc_clock()
     t_imports = time.perf_counter()
     import dreambooth_lab
     from dreambooth_lab.train import train
@@ -89,6 +111,7 @@ def run_startup_project(args) -> dict:
     return {"who": "project", "code": str(Path(dreambooth_lab.__file__).parent), "python": t_imports - args.t0,
             "imports": imports, "phases": t.get("phases", {}), "first_step": first["step_seconds"],
             "to_first_step": t_first - first["step_seconds"] - args.t0, "after_last_step": t_end - t_last,
+            "gc_to_first_step": gc_seconds(collections, t_first - first["step_seconds"]),
             "eval_before": result.eval_loss_before, "eval_after": result.eval_loss_after}
 
 
@@ -101,6 +124,7 @@ def run_startup_reference(args) -> dict:
     encoder every step, prior preservation). After the last step: the LoRA saved with
     save_lora_weights, then its "final inference" block, which loads the whole pipeline again with
     from_pretrained and load_lora_weights (unconditionally; images only with a validation prompt)."""
+    collections = gc_clock()
     t_imports = time.perf_counter()
     import numpy as np
     import torch
@@ -172,6 +196,7 @@ def run_startup_reference(args) -> dict:
     acc.init_trackers("dreambooth-lora")
     lap("optimizer")
     to_first = time.perf_counter() - args.t0
+    gc_to_first = gc_seconds(collections, time.perf_counter())
     step_times = []
     unet.train()
     for step in range(steps):
@@ -206,7 +231,7 @@ def run_startup_reference(args) -> dict:
     lap("final_pipeline")
     acc.end_training()
     return {"who": "reference", "python": t_imports - args.t0, "imports": imports, "phases": phases,
-            "first_step": step_times[0], "to_first_step": to_first,
+            "first_step": step_times[0], "to_first_step": to_first, "gc_to_first_step": gc_to_first,
             "after_last_step": phases["lora_file"] + phases["final_pipeline"],
             "after_last_step_save_only": phases["lora_file"]}
 
@@ -374,6 +399,7 @@ def startup_markdown(info: dict, args, rows: dict) -> str:
         lambda r: r["to_first_step"] - r["python"] - r["imports"] - sum(
             v for k, v in r["phases"].items() if k not in AFTER_LAST_STEP))
     row("first step", lambda r: r["first_step"])
+    row("garbage collection before the first step (inside the rows above)", lambda r: r.get("gc_to_first_step"))
     ref = "reference"
     for key, label in (("to_first_step", "**to the first step**"), ("after_last_step", "**after the last step**")):
         r = med(ref, lambda x: x[key])
@@ -383,6 +409,13 @@ def startup_markdown(info: dict, args, rows: dict) -> str:
     r = med(ref, lambda x: x.get("after_last_step_save_only"))
     lines.append("| after the last step, reference without its final pipeline load | " + " | ".join(
         cell(med(w, lambda x: x["after_last_step"])) if w != ref else cell(r) for w in whos) + " |")
+    lines.append("")
+    for w in whos:  # the runs were made in turn: the differences per pair show the spread
+        for other in [o for o in whos if o != w and whos.index(o) > whos.index(w)]:
+            for key in ("to_first_step", "after_last_step"):
+                diffs = [a[key] - b[key] for a, b in zip(rows[w], rows[other])]
+                lines.append(f"{w} − {other}, {key.replace('_', ' ')}, per pair (s): "
+                             + ", ".join(f"{d:+.2f}" for d in diffs) + f" (median {median(diffs):+.2f})")
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,9 @@ registry's (builtin/): their folders are built or found there.
 
 from __future__ import annotations
 
+import gc
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -165,11 +167,45 @@ def pipeline_class(family: str):
     return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
 
 
+@contextmanager
+def collector_spared(import_libraries):
+    """Run `import_libraries()` with Python's cyclic garbage collector off, then the body with every
+    object that exists at that point (the modules just imported, and whatever the caller holds) set
+    aside from collection (gc.freeze), and afterwards everything as it was (gc.unfreeze).
+
+    Importing diffusers, transformers and peft makes about a million long-lived objects, and the
+    collector, run every 700 allocations, walked all of them again and again while they were made
+    and while the model loaded: 15% of the time to the first training step on sd15-random
+    (benchmarks/startup.md), freeing nothing. Objects made inside the body are collected as
+    usual; set-aside garbage (none from imports) is collected after it. Nothing changes where the
+    collector is already off or something is already frozen (it is the caller's then)."""
+    own = gc.isenabled() and gc.get_freeze_count() == 0
+    if own:
+        gc.disable()
+    try:
+        import_libraries()
+        if own:
+            gc.freeze()
+            gc.enable()
+        yield
+    finally:
+        if own:
+            gc.unfreeze()
+            gc.enable()
+
+
 def load_pipeline(cfg: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                   base: BaseModel | None = None):
     """Load the family's pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline) with
     from_pretrained: hub id, local folder or a built-in model's name. `base`: the model already
-    resolved (else it is resolved here)."""
+    resolved (else it is resolved here). Its libraries are imported first, with the garbage
+    collector spared their objects while the weights load (`collector_spared`)."""
+    family = (base or resolve(cfg)).family
+    with collector_spared(lambda: pipeline_class(family)):
+        return _load_pipeline(cfg, family, device, dtype)
+
+
+def _load_pipeline(cfg: ModelConfig, family: str, device, dtype):
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or resolve_dtype(cfg.dtype, device)
     kwargs = dict(dtype=dtype, use_safetensors=True)  # never unpickle downloaded weights
@@ -178,7 +214,6 @@ def load_pipeline(cfg: ModelConfig, device: torch.device | str | None = None, dt
     if cfg.variant:
         kwargs["variant"] = cfg.variant
     path = pretrained_path(cfg.name)
-    family = (base or resolve(cfg)).family
     if family == "sdxl":
         kwargs["add_watermarker"] = False  # an invisible watermark changes pixels: a seed means one image
     elif not cfg.safety_checker:

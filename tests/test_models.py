@@ -92,3 +92,52 @@ def test_safetensors_writer_is_deterministic_and_readable(tmp_path):
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata() == meta
+
+
+def test_collector_is_off_while_importing_and_objects_are_set_aside_while_loading():
+    import gc
+
+    seen = {}
+    with models.collector_spared(lambda: seen.update(importing=gc.isenabled())):
+        seen.update(loading=gc.isenabled(), frozen=gc.get_freeze_count())
+    assert seen["importing"] is False and seen["loading"] is True and seen["frozen"] > 0
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # as before, once loaded
+
+
+def test_collector_state_is_restored_after_a_failure_and_a_callers_state_is_left_alone():
+    import gc
+
+    def fail():
+        raise RuntimeError("import failed")
+
+    with pytest.raises(RuntimeError):
+        with models.collector_spared(fail):
+            pass
+    with pytest.raises(ValueError):
+        with models.collector_spared(lambda: None):
+            raise ValueError("load failed")
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    gc.disable()
+    try:
+        with models.collector_spared(lambda: None):
+            assert gc.get_freeze_count() == 0  # the caller turned it off: nothing frozen by us
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with models.collector_spared(lambda: None):
+            assert gc.isenabled()
+        assert gc.get_freeze_count() == frozen  # the caller's freeze is not undone
+    finally:
+        gc.unfreeze()
+
+
+def test_load_pipeline_leaves_the_collector_as_it_found_it():
+    import gc
+
+    from dreambooth_lab.config import ModelConfig
+
+    pipe = models.load_pipeline(ModelConfig(name="tiny"), device="cpu")
+    assert pipe.unet is not None and gc.isenabled() and gc.get_freeze_count() == 0
