@@ -235,18 +235,23 @@ SCENE_MIX_DEFAULT = {"p_look": 0.5, "p_outfit": 0.18, "p_style": 0.15, "p_drivin
 
 
 def scene_mix_problem(folder: Path, mix: dict) -> str | None:
-    """Latent chunks already in `folder` were drawn with another mix: say so (they cannot be mixed)."""
+    """Latent chunks already in `folder` were drawn with another mix: say so (they cannot be mixed).
+    Chunks without a MIX.json are builds v1-v4's, drawn with the default mix."""
     path = folder / "MIX.json"
-    if not path.is_file():
+    if path.is_file():
+        have, where = json.loads(path.read_text()), path
+    elif any(folder.glob("chunk_*.safetensors")):
+        have, where = SCENE_MIX_DEFAULT, folder
+    else:
         return None
-    have = json.loads(path.read_text())
     if have != mix:
-        return (f"{path}: this build's latents were drawn with {have}, not {mix}; use the same --p-look/"
+        return (f"{where}: this build's latents were drawn with {have}, not {mix}; use the same --p-look/"
                 f"--p-compose as before, or a new --out folder")
     return None
 
 
 def build_latents(out: Path, seed: int, scenes: int, chunk: int = 4000, mix: dict | None = None) -> None:
+    """Encode `scenes` base-world scenes drawn with `mix` (checked against earlier chunks by main)."""
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
     from transformers import CLIPTokenizer
@@ -254,11 +259,7 @@ def build_latents(out: Path, seed: int, scenes: int, chunk: int = 4000, mix: dic
     mix = dict(SCENE_MIX_DEFAULT if mix is None else mix)
     folder = out / "latents"
     folder.mkdir(exist_ok=True)
-    problem = scene_mix_problem(folder, mix)
-    if problem:
-        raise SystemExit(f"error: {problem}")
-    if mix != SCENE_MIX_DEFAULT or (folder / "MIX.json").is_file():
-        (folder / "MIX.json").write_text(json.dumps(mix, indent=1, sort_keys=True) + "\n")
+    (folder / "MIX.json").write_text(json.dumps(mix, indent=1, sort_keys=True) + "\n")
     vae = AutoencoderKL.from_pretrained(out / "vae").eval()
     tok = CLIPTokenizer.from_pretrained(tokenizer_dir(out))
     for c in range(math.ceil(scenes / chunk)):
