@@ -1,8 +1,8 @@
 """Resolve and load the base model: a hub id, a local folder or a built-in model's name.
 
 `resolve` tells the model's family (sd1 / sd2 / sdxl, read from its configs: model_index.json, the
-scheduler's and the text encoder's) and native resolution once, into a `BaseModel` that later steps
-are handed; `check_supported` is the one place that refuses what the model cannot take; `load_pipeline`
+scheduler's and the text encoder's) once, into a `BaseModel` that later steps are handed (the
+resolution data.resolution defaults to is the config's: config.default_resolution); `check_supported` is the one place that refuses what the model cannot take; `load_pipeline`
 loads the family's pipeline through from_pretrained. Built-in models (tiny, toyworld, ...) are the
 registry's (builtin/): their folders are built or found there.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import builtin, identifier
-from .config import Config, ConfigError, ModelConfig, default_resolution
+from .config import Config, ConfigError, ModelConfig
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 
@@ -100,15 +100,14 @@ class BaseModel:
     name: str  # as configured: hub id, local folder or built-in name
     revision: str | None
     family: str  # "sd1" | "sd2" | "sdxl"
-    resolution: int  # native resolution: what data.resolution defaults to
 
 
 def resolve(model: ModelConfig) -> BaseModel:
-    """The model's family and native resolution: a built-in model's from the registry (nothing is
-    built), anyone else's read from its configs (remembered per name and revision)."""
+    """The model's family: a built-in model's from the registry (nothing is built), anyone else's
+    read from its configs (remembered per name and revision)."""
     entry = builtin.get(model.name)
     family = entry.family if entry is not None else _family_of(model.name, model.revision)
-    return BaseModel(model.name, model.revision, family, default_resolution(model.name))
+    return BaseModel(model.name, model.revision, family)
 
 
 def check_supported(base: BaseModel, cfg: Config) -> None:

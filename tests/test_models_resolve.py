@@ -14,7 +14,8 @@ from dreambooth_lab import models
                                                     ("tiny-sd2v", "sd2", 64), ("sdxl-random", "sdxl", 1024)])
 def test_builtin_models_resolve_to_their_family(name, family, resolution):
     base = models.resolve(C.ModelConfig(name=name))
-    assert (base.name, base.revision, base.family, base.resolution) == (name, None, family, resolution)
+    assert (base.name, base.revision, base.family) == (name, None, family)
+    assert C.default_resolution(name) == resolution  # the resolution data.resolution defaults to
 
 
 def test_a_local_folder_is_resolved_from_its_configs(tmp_path):
@@ -27,7 +28,7 @@ def test_a_local_folder_is_resolved_from_its_configs(tmp_path):
     v = Path(shutil.copytree(folder, tmp_path / "v"))  # v-prediction makes it SD2
     (v / "scheduler" / "scheduler_config.json").write_text(json.dumps({**sched, "prediction_type": "v_prediction"}))
     assert [models.resolve(C.ModelConfig(name=str(f))).family for f in (xl, v)] == ["sdxl", "sd2"]
-    assert models.resolve(C.ModelConfig(name=str(folder))).resolution == 64  # its native size
+    assert C.default_resolution(str(folder)) == 64  # its native size
 
 
 def test_sdxl_with_a_learned_identifier_is_refused_once():
@@ -61,4 +62,4 @@ def test_what_the_registry_says_of_each_model():
     assert [models.model_key(n) for n in builtin.TINY_MODELS] == ["tiny-sd1-v1", "tiny-sdxl-v1", "tiny-sd2v-v1"]
     assert models.model_key("sd15-random") == "sd15-random" and models.model_key("toyworld").startswith("toyworld-")
     assert [C.default_resolution(n) for n in builtin.MODELS] == [64, 64, 64, 512, 1024, 64]
-    assert models.resolve(C.ModelConfig(name="toyworld")) == models.BaseModel("toyworld", None, "sd1", 64)
+    assert models.resolve(C.ModelConfig(name="toyworld")) == models.BaseModel("toyworld", None, "sd1")
