@@ -334,6 +334,7 @@ def finish(s: Session, callbacks: list, *, progress: bool, profile: bool) -> Run
     if acc.is_main_process:
         from .viz import plot_loss_curve
 
+        params = run_params(cfg)  # written beside the loss plot
         # The last step is checkpointed before anything else is written: a full disk from here on
         # loses no step (the same command resumes at the last step); it goes once summary.json is.
         with clock.phase("last_checkpoint"):
@@ -348,7 +349,7 @@ def finish(s: Session, callbacks: list, *, progress: bool, profile: bool) -> Run
             with clock.phase("steps_sheet"):
                 steps_sheet(s.run_dir)
         with clock.phase("loss_plot"):
-            plot_loss_curve(s.history, s.run_dir / runs.LOSS_PLOT, title=f"{s.run_dir.name}", params=run_params(cfg))
+            plot_loss_curve(s.history, s.run_dir / runs.LOSS_PLOT, title=f"{s.run_dir.name}", params=params)
         timings = clock.report()  # the same dict as the result's
         runs.write_summary(
             s.run_dir, "finished", steps=cfg.train.steps, final_loss=s.history[-1]["loss"] if s.history else None,
