@@ -90,7 +90,8 @@ def cache_root_for(cfg: Config, environ: Mapping[str, str] | None = None, drive:
 
 def cache_folder(cfg: Config, dtype: str | None = None) -> tuple[Path, dict]:
     """The cache folder and key of cfg's class images; dtype None = generation_dtype on this machine."""
-    key = class_image_key(cfg, dtype or generation_dtype(cfg.prior, _default_device()))
+    dtype = dtype or generation_dtype(cfg.prior, _default_device())
+    key = class_image_key(cfg, dtype)
     slug = "".join(c if c.isalnum() else "_" for c in cfg.data.class_name)[:40]
     return cache_root_for(cfg) / f"{slug}-{key_digest(key)}", key
 
@@ -112,19 +113,22 @@ def class_image_set(cfg: Config, acc, base: BaseModel, pipe, weight_dtype: torch
     if cfg.prior.term != "class_images":
         return None, 0  # no prior, or the base model's own prediction is the prior (trainer.base_prediction)
     dtype = generation_dtype(cfg.prior, acc.device)
-
-    def generation_pipe():
-        if getattr(torch, dtype) == weight_dtype:
-            return pipe
-        other = load_pipeline(cfg.model, device=acc.device, dtype=getattr(torch, dtype), base=base)
-        other.vae.enable_slicing()
-        return other
-
     with acc.main_process_first():  # one process generates; the others find the cache full
-        made = ensure_class_images(cfg, generation_pipe, progress=progress and acc.is_main_process, dtype=dtype)
+        made = ensure_class_images(cfg, lambda: generation_pipe(cfg, acc, base, pipe, weight_dtype, dtype),
+                                   progress=progress and acc.is_main_process, dtype=dtype)
     if acc.device.type == "cuda":
         torch.cuda.empty_cache()
     return ImageSet.from_paths(made.paths, cfg.resolution), made.generated
+
+
+def generation_pipe(cfg: Config, acc, base: BaseModel, pipe, weight_dtype: torch.dtype, dtype: str):
+    """The pipeline class images are made with: the training pipeline `pipe` when it has their dtype,
+    else the base model loaded again in it (with a sliced VAE)."""
+    if getattr(torch, dtype) == weight_dtype:
+        return pipe
+    other = load_pipeline(cfg.model, device=acc.device, dtype=getattr(torch, dtype), base=base)
+    other.vae.enable_slicing()
+    return other
 
 
 class ClassCacheError(RuntimeError):
