@@ -217,8 +217,11 @@ def latest_good(folder: Path) -> Choice:
     return Choice(None, skipped)
 
 
-def load(path: Path, params: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler=None) -> int:
-    """Restore params, optimizer, scheduler (and the fp16 scaler) in place; return the step to continue from."""
+def load(path: Path, params: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler=None, *,
+         config_hyperparameters: bool = False) -> int:
+    """Restore params, optimizer, scheduler (and the fp16 scaler) in place; return the step to continue from.
+    config_hyperparameters (a run resumed with a changed config): the optimizer's groups keep the
+    hyperparameters they were built with, from that step on (`use_config_hyperparameters`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -228,6 +231,7 @@ def load(path: Path, params: dict[str, torch.Tensor], optimizer, lr_scheduler, s
         tensors = load_file(str(path / "optimizer.safetensors"))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: cannot be read ({exc})") from None
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     mismatch = set(params) ^ set(saved)
     if mismatch:
         raise CheckpointError(f"checkpoint {path} does not match this config's LoRA "
@@ -241,4 +245,22 @@ def load(path: Path, params: dict[str, torch.Tensor], optimizer, lr_scheduler, s
     scaler_file = path / "scaler.json"
     if scaler is not None and scaler_file.is_file():
         scaler.load_state_dict(json.loads(scaler_file.read_text()))
+    if config_hyperparameters:
+        use_config_hyperparameters(optimizer, lr_scheduler, fresh)
     return int(json.loads((path / "state.json").read_text())["step"])
+
+
+def use_config_hyperparameters(optimizer, lr_scheduler, fresh: list[dict]) -> None:
+    """After a checkpoint is loaded into a run resumed with a changed config: its optimizer groups take
+    the config's hyperparameters (`fresh`: the groups as the config built them, before the load, which
+    replaced them with the checkpoint's) and the schedule the config's base learning rates, at the
+    step the checkpoint reached. The moments (Adam's state) stay the checkpoint's."""
+    for group, new in zip(optimizer.param_groups, fresh):
+        group.update(new)
+    lr_scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    lambdas = getattr(lr_scheduler, "lr_lambdas", None)  # diffusers' schedules are all LambdaLR
+    if lambdas is not None:
+        lrs = [base * fn(lr_scheduler.last_epoch) for base, fn in zip(lr_scheduler.base_lrs, lambdas)]
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        lr_scheduler._last_lr = lrs

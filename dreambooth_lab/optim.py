@@ -1,5 +1,5 @@
-"""The optimizer of a run: AdamW (or 8-bit AdamW) with one group per trained component, the
-identifier-only steps, and a resume's change of hyperparameters over the checkpoint's."""
+"""The optimizer of a run: AdamW (or 8-bit AdamW) with one group per trained component, and the
+identifier-only steps (a resume's change of hyperparameters over the checkpoint's is checkpoint.load's)."""
 
 from __future__ import annotations
 
@@ -37,19 +37,3 @@ def hold_lora(params: list, identifier) -> None:
     for p in params:
         if p is not identifier:
             p.grad = None
-
-
-def use_config_hyperparameters(optimizer, lr_scheduler, fresh: list[dict]) -> None:
-    """After a checkpoint is loaded into a run resumed with a changed config: its optimizer groups take
-    the config's hyperparameters (`fresh`: the groups as the config built them, before the load, which
-    replaced them with the checkpoint's) and the schedule the config's base learning rates, at the
-    step the checkpoint reached. The moments (Adam's state) stay the checkpoint's."""
-    for group, new in zip(optimizer.param_groups, fresh):
-        group.update(new)
-    lr_scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
-    lambdas = getattr(lr_scheduler, "lr_lambdas", None)  # diffusers' schedules are all LambdaLR
-    if lambdas is not None:
-        lrs = [base * fn(lr_scheduler.last_epoch) for base, fn in zip(lr_scheduler.base_lrs, lambdas)]
-        for group, lr in zip(optimizer.param_groups, lrs):
-            group["lr"] = lr
-        lr_scheduler._last_lr = lrs

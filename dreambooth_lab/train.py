@@ -38,7 +38,7 @@ from .faults import (TrainingInterrupted, blown_groups, discard_untrained, inter
                      stop_failed, trained_anything)
 from .lora import adapt, save_lora
 from .models import BaseModel, check_supported, load_pipeline, resolve
-from .optim import hold_lora, make_optimizer, use_config_hyperparameters
+from .optim import hold_lora, make_optimizer
 from .prior import class_image_set
 from .run_lock import RunLock, RunWarning
 from .runs import RunResult, load_result, read_metrics
@@ -205,44 +205,35 @@ def set_up(cfg: Config, acc, base: BaseModel, opened: runs.Opened, instance: Ima
                                  num_training_steps=cfg.train.steps)
     optimizer = objective.prepare(optimizer)
     updates = Updates(params, objective.trainable_by_name(), optimizer, lr_scheduler)
-    start = restore(acc, opened, updates)
-    history = read_metrics(opened.path, up_to_step=start) if acc.is_main_process else []
+    history = read_metrics(opened.path) if acc.is_main_process else []  # cut below at the step resumed from
+    # The step the run goes on from: its newest intact checkpoint's (loaded into the LoRA, the optimizer,
+    # the schedule and the loss scaler; with a forced change the config's hyperparameters from then on), else 0.
+    if acc.is_main_process:  # a kill during a checkpoint write leaves its temp folder behind
+        checkpoint.clean_temporaries(opened.path)
+    choice = checkpoint.latest_good(opened.path)
+    if choice.message() and acc.is_main_process:
+        warnings.warn(f"{opened.path}: {choice.message()}", RunWarning, stacklevel=3)
+    start = 0
+    if choice.path is not None:  # --allow-change (an override): the config's learning rates and optimizer settings
+        start = checkpoint.load(choice.path, updates.named, optimizer.optimizer, lr_scheduler, acc.scaler,
+                                config_hyperparameters=bool(opened.override))
+    history = [r for r in history if r["step"] <= start]
     clock.add("optimizer", time.perf_counter() - t_optimizer)
     return Session(cfg=cfg, acc=acc, opened=opened, ident=ident, objective=objective, updates=updates, start=start,
                    history=history, generated=generated, eval_before=eval_before, clock=clock, t0=t0, step=start)
 
 
-def restore(acc, opened: runs.Opened, updates: Updates) -> int:
-    """The step the run goes on from: its newest intact checkpoint's (loaded into the LoRA, the
-    optimizer, the schedule and the loss scaler; with a forced change the config's hyperparameters
-    from then on), else 0."""
-    run_dir = opened.path
-    if acc.is_main_process:  # a kill during a checkpoint write leaves its temp folder behind
-        checkpoint.clean_temporaries(run_dir)
-    choice = checkpoint.latest_good(run_dir)
-    if choice.message() and acc.is_main_process:
-        warnings.warn(f"{run_dir}: {choice.message()}", RunWarning, stacklevel=4)
-    if choice.path is None:
-        return 0
-    optimizer = updates.optimizer.optimizer
-    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    start = checkpoint.load(choice.path, updates.named, optimizer, updates.lr_scheduler, acc.scaler)
-    if opened.override:  # --allow-change: the config's learning rates and optimizer settings from here on
-        use_config_hyperparameters(optimizer, updates.lr_scheduler, fresh)
-    return start
-
-
 def make_callbacks(s: Session, on_step, progress: bool) -> list:
+    """What the loop reports to, in this order: metrics.jsonl and TensorBoard (main process), the
+    progress bar, the caller's on_step, the rank report, and the LoRA of chosen steps. TensorBoard's
+    writer is opened after the others are made (it goes down into tracking.py)."""
     main = s.acc.is_main_process
-    out: list = []
-    if main:
-        out += [MetricsFile(s.run_dir, s.history), Tracker(s.acc, s.cfg, s.objective, s.run_dir)]
-    if main and progress:
-        out.append(Progress(s.start, s.cfg.train.steps))
-    if on_step is not None:
-        out.append(OnStep(on_step))
-    if RankReport.wanted():
-        out.append(RankReport(s.acc, s.updates.named))
+    metrics = [MetricsFile(s.run_dir, s.history)] if main else []
+    bar = [Progress(s.start, s.cfg.train.steps)] if main and progress else []
+    caller = [OnStep(on_step)] if on_step is not None else []
+    ranks = [RankReport(s.acc, s.updates.named)] if RankReport.wanted() else []
+    tracker = [Tracker(s.acc, s.cfg, s.objective, s.run_dir)] if main else []
+    out = metrics + tracker + bar + caller + ranks
     if main and s.cfg.train.save_lora_every:
         from .steps import StepSaver
 
