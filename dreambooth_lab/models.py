@@ -24,16 +24,6 @@ from .config import Config, ConfigError, ModelConfig
 FAMILIES = ("sd1", "sd2", "sdxl")
 
 
-def model_key(name: str) -> str:
-    """What identifies a base model in cache keys and sidecars."""
-    entry = builtin.get(name)
-    if entry is not None:
-        return entry.key()
-    if Path(name).expanduser().exists():
-        return str(Path(name).expanduser().resolve())
-    return name
-
-
 def pretrained_path(name: str) -> str:
     """What from_pretrained receives: a built-in model's folder (built on first use), or the user's
     string unchanged."""

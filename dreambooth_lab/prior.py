@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from . import files
+from . import builtin, files
 from .config import Config, PriorConfig
 from .data import ImageSet
 from .cache import cache_root
-from .models import BaseModel, load_pipeline, model_key
+from .models import BaseModel, load_pipeline
 from .sample import ImageSpec, generate
 
 MANIFEST = "manifest.json"
@@ -44,6 +44,17 @@ def generation_dtype(prior: PriorConfig, device) -> str:
         return prior.dtype
     kind = getattr(device, "type", None) or str(device).split(":")[0]
     return "float16" if kind == "cuda" else "float32"
+
+
+def model_key(name: str) -> str:
+    """What identifies a base model in a class-image cache key: a built-in model's registry key (its
+    build version), a local folder's absolute path, else the hub id."""
+    entry = builtin.get(name)
+    if entry is not None:
+        return entry.key()
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser().resolve())
+    return name
 
 
 def cache_key(model: str, prompt: str, resolution: int, sampler: str, steps: int, guidance: float, seed: int, *,

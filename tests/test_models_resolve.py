@@ -52,14 +52,14 @@ def test_the_registry_knows_each_builtin_model_without_importing_torch():
 
 
 def test_what_the_registry_says_of_each_model():
-    from dreambooth_lab import builtin, colab
+    from dreambooth_lab import builtin, colab, prior
 
     assert colab.CPU_MODELS == builtin.CPU_MODELS == ("tiny", "tiny-sdxl", "tiny-sd2v", "toyworld")
     assert [n for n in builtin.MODELS if builtin.is_toy_world(n)] == ["toyworld"]
     toyworld = models.pretrained_path("toyworld")
     assert not builtin.is_toy_world(toyworld) and not builtin.is_toy_world("stabilityai/sdxl")  # by name only
     assert builtin.get("stable-diffusion-v1-5/stable-diffusion-v1-5") is None
-    assert [models.model_key(n) for n in builtin.TINY_MODELS] == ["tiny-sd1-v1", "tiny-sdxl-v1", "tiny-sd2v-v1"]
-    assert models.model_key("sd15-random") == "sd15-random" and models.model_key("toyworld").startswith("toyworld-")
+    assert [prior.model_key(n) for n in builtin.TINY_MODELS] == ["tiny-sd1-v1", "tiny-sdxl-v1", "tiny-sd2v-v1"]
+    assert prior.model_key("sd15-random") == "sd15-random" and prior.model_key("toyworld").startswith("toyworld-")
     assert [C.default_resolution(n) for n in builtin.MODELS] == [64, 64, 64, 512, 1024, 64]
     assert models.resolve(C.ModelConfig(name="toyworld")) == models.BaseModel("toyworld", None, "sd1")
