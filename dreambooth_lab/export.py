@@ -22,31 +22,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from . import files
-from .config import Config, experiment_axes, validate_sample
+from .config import Config, validate_sample
+from .lora import run_metadata
 from .lora_check import PREFIX, read_metadata
 from .models import resolve
 
 
-
 # kohya's ss_base_model_version per family (what A1111 / ComfyUI and LoRA browsers show)
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-
-
-def run_metadata(cfg: Config, family: str | None = None) -> dict[str, str]:
-    """String metadata for a LoRA file of this run (safetensors headers hold strings only);
-    `family` (sd1 / sd2 / sdxl) is recorded when given."""
-    cfg = cfg.resolved()
-    values = {
-        "base_model": cfg.model.name, **({"family": family} if family else {}),
-        "token": cfg.data.token, "class": cfg.data.class_name,
-        "instance_prompt": cfg.fill(cfg.data.instance_prompt), "rank": cfg.lora.rank, "alpha": cfg.lora_alpha,
-        "steps": cfg.train.steps, "resolution": cfg.resolution, "train_text_encoder": cfg.train.train_text_encoder,
-        "config_hash": cfg.hash(), "recommended_scale_unet": cfg.sample.lora_scale_unet,
-        "recommended_scale_text_encoder": cfg.sample.lora_scale_text_encoder,
-        "recommended_guidance": cfg.sample.guidance, "unet_targets": ",".join(cfg.lora.unet_targets),
-        **experiment_axes(cfg),
-    }
-    return {PREFIX + k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in values.items()}
 
 
 # ---- kohya / A1111 layout ---------------------------------------------------------------------------

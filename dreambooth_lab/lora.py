@@ -1,4 +1,5 @@
-"""LoRA adapters on the UNet and text encoder(s) (peft), and the diffusers-format LoRA file.
+"""LoRA adapters on the UNet and text encoder(s) (peft), and the run's diffusers-format LoRA file
+with its metadata (`write_lora`, `run_metadata`).
 
 SDXL has two text encoders: with text-encoder training both get adapters (the same targets and
 rank) and the file holds `text_encoder.*` and `text_encoder_2.*` keys, as
@@ -11,7 +12,8 @@ from pathlib import Path
 import torch
 
 from . import files
-from .config import LoraConfig as LoraSection, TrainConfig  # LoraSection: the config's lora section, not peft's LoraConfig
+from .config import Config, LoraConfig as LoraSection, TrainConfig, experiment_axes  # LoraSection: the config's lora section, not peft's LoraConfig
+from .lora_check import PREFIX
 from .sample import LORA_FILE
 
 
@@ -85,42 +87,74 @@ def _state(module) -> dict:
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
 
 
-def save_lora(folder: str | Path, unet, text_encoder, with_text_encoder: bool,
-              metadata: dict[str, str] | None = None, text_encoder_2=None, name: str = LORA_FILE) -> Path:
-    """Write <folder>/pytorch_lora_weights.safetensors (or `name`) atomically (diffusers LoRA format),
-    with `metadata` (strings) added to the safetensors header. text_encoder_2 (SDXL) makes it an SDXL
-    file: its adapters go under text_encoder_2.* when the text encoders were trained."""
+def write_lora(folder: str | Path, cfg: Config, acc, objective, dataset_digest: str, *, name: str = LORA_FILE,
+               step: int | None = None) -> Path:
+    """Write the run's LoRA as it is now to <folder>/pytorch_lora_weights.safetensors (or `name`)
+    atomically, in the diffusers LoRA format, with the run's metadata (`run_metadata`, the photos'
+    digest, and with `step` dreambooth_lab.step) added to the safetensors header; a learned
+    identifier is written beside it first (identifier.save; with `step` under that step's name).
+    objective: the trainer's DreamBoothObjective (its UNet, text encoders, identifier and family),
+    unwrapped from `acc`. With SDXL's second text encoder it is an SDXL file: that encoder's adapters
+    go under text_encoder_2.* when the text encoders were trained."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    unet_sd = _state(unet)
-    te_sd = _state(text_encoder) if with_text_encoder else None
-    xl = text_encoder_2 is not None
-    extra = {}
+    unet = acc.unwrap_model(objective.unet)
+    text_encoder = acc.unwrap_model(objective.text_encoder)
+    xl = len(objective.text_encoders) > 1
+    with_text_encoder = cfg.train.train_text_encoder
+    # The adapters' LoraConfig (rank, alpha, targets) goes into the file: without it a loader
+    # assumes alpha = rank and a LoRA trained with another alpha comes back at the wrong scale.
+    layers = dict(unet_lora_layers=_state(unet), text_encoder_lora_layers=_state(text_encoder) if with_text_encoder
+                  else None, unet_lora_adapter_metadata=adapter_metadata(unet),
+                  text_encoder_lora_adapter_metadata=adapter_metadata(text_encoder) if with_text_encoder else None)
     if xl:
-        extra = dict(text_encoder_2_lora_layers=_state(text_encoder_2) if with_text_encoder else None,
-                     text_encoder_2_lora_adapter_metadata=adapter_metadata(text_encoder_2) if with_text_encoder
-                     else None)
-    target = Path(folder) / name
+        text_encoder_2 = acc.unwrap_model(objective.text_encoders[1])
+        layers.update(text_encoder_2_lora_layers=_state(text_encoder_2) if with_text_encoder else None,
+                      text_encoder_2_lora_adapter_metadata=adapter_metadata(text_encoder_2) if with_text_encoder
+                      else None)
+    metadata = {**run_metadata(cfg, objective.family), PREFIX + "dataset_digest": dataset_digest}
+    if step is not None:
+        metadata[PREFIX + "step"] = str(step)
+    if objective.identifier is not None:
+        from . import identifier
+        from .steps import embedding_name
+
+        metadata.update({PREFIX + "identifier": cfg.prompt_token,
+                         PREFIX + "identifier_vectors": str(cfg.identifier.num_vectors)})
+        identifier.save(folder, objective.identifier, {PREFIX + "placeholder": cfg.prompt_token,
+                                                       PREFIX + "init": cfg.identifier.init,
+                                                       PREFIX + "base_model": cfg.model.name},
+                        name=identifier.EMBEDDING_FILE if step is None else embedding_name(step))
 
     def write(tmp: Path) -> None:
-        # The adapters' LoraConfig (rank, alpha, targets) goes into the file: without it a loader
-        # assumes alpha = rank and a LoRA trained with another alpha comes back at the wrong scale.
         (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).save_lora_weights(
-            tmp.parent, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
-            weight_name=tmp.name, safe_serialization=True,
-            unet_lora_adapter_metadata=adapter_metadata(unet),
-            text_encoder_lora_adapter_metadata=adapter_metadata(text_encoder) if with_text_encoder else None,
-            **extra,
-        )
+            tmp.parent, weight_name=tmp.name, safe_serialization=True, **layers)
         # Rewrite with a sorted header (and our metadata): the same LoRA gives the same bytes.
         from safetensors import safe_open
         from safetensors.torch import load_file
 
         with safe_open(str(tmp), framework="pt") as f:
-            merged = {**(f.metadata() or {}), **(metadata or {})}
+            merged = {**(f.metadata() or {}), **metadata}
         tmp.write_bytes(files.safetensors_bytes(load_file(str(tmp)), merged))
 
-    return files.atomic_write(target, write)
+    return files.atomic_write(Path(folder) / name, write)
+
+
+def run_metadata(cfg: Config, family: str | None = None) -> dict[str, str]:
+    """String metadata for a LoRA file of this run (safetensors headers hold strings only);
+    `family` (sd1 / sd2 / sdxl) is recorded when given."""
+    cfg = cfg.resolved()
+    values = {
+        "base_model": cfg.model.name, **({"family": family} if family else {}),
+        "token": cfg.data.token, "class": cfg.data.class_name,
+        "instance_prompt": cfg.fill(cfg.data.instance_prompt), "rank": cfg.lora.rank, "alpha": cfg.lora_alpha,
+        "steps": cfg.train.steps, "resolution": cfg.resolution, "train_text_encoder": cfg.train.train_text_encoder,
+        "config_hash": cfg.hash(), "recommended_scale_unet": cfg.sample.lora_scale_unet,
+        "recommended_scale_text_encoder": cfg.sample.lora_scale_text_encoder,
+        "recommended_guidance": cfg.sample.guidance, "unet_targets": ",".join(cfg.lora.unet_targets),
+        **experiment_axes(cfg),
+    }
+    return {PREFIX + k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in values.items()}
 
 
 def adapter_metadata(model) -> dict:

@@ -36,7 +36,7 @@ from .data import ImageSet
 from .dataset_sheet import write_dataset_sheet
 from .faults import (TrainingInterrupted, blown_groups, discard_untrained, interrupted_message, stop_disk_full,
                      stop_failed, trained_anything)
-from .lora import adapt, save_lora
+from .lora import adapt, write_lora
 from .models import BaseModel, check_supported, load_pipeline, resolve
 from .optim import hold_lora, make_optimizer
 from .prior import class_image_set
@@ -238,7 +238,8 @@ def make_callbacks(s: Session, on_step, progress: bool) -> list:
         from .steps import StepSaver
 
         out.append(StepSaver(s.acc, s.cfg, s.objective, s.run_dir,
-                             lambda step, path: write_lora(s, path.parent, path.name, step=step)))
+                             lambda step, path: write_lora(path.parent, s.cfg, s.acc, s.objective, s.ident.dataset_digest,
+                                                           name=path.name, step=step)))
     return out
 
 
@@ -333,7 +334,7 @@ def finish(s: Session, callbacks: list, *, progress: bool, profile: bool) -> Run
             last = checkpoint.save_last(s.run_dir, s.step, u.named, u.optimizer.optimizer, u.lr_scheduler,
                                         scaler=acc.scaler)
         with clock.phase("lora_file"):
-            write_lora(s, s.run_dir)
+            write_lora(s.run_dir, cfg, acc, objective, ident.dataset_digest)
         if cfg.train.save_lora_every and cfg.train.step_images:
             from .compare import steps_sheet
 
@@ -361,27 +362,3 @@ def finish(s: Session, callbacks: list, *, progress: bool, profile: bool) -> Run
                      final_loss=s.history[-1]["loss"] if s.history else float("nan"), eval_loss_before=s.eval_before,
                      eval_loss_after=eval_after, class_images_generated=s.generated, resumed_from=s.resumed_from,
                      seconds=time.time() - s.t0, history=s.history, timings=timings or clock.report())
-
-
-def write_lora(s: Session, folder: Path, name: str = runs.LORA_FILE, step: int | None = None) -> Path:
-    """The LoRA as it is now, with the run's metadata (and the learned identifier beside it):
-    the final file, or with `step` a step's (its metadata then says dreambooth_lab.step)."""
-    from .export import PREFIX, run_metadata
-
-    cfg, acc, objective = s.cfg, s.acc, s.objective
-    metadata = {**run_metadata(cfg, objective.family), PREFIX + "dataset_digest": s.ident.dataset_digest}
-    if step is not None:
-        metadata[PREFIX + "step"] = str(step)
-    if objective.identifier is not None:
-        from . import identifier
-        from .steps import embedding_name
-
-        metadata.update({PREFIX + "identifier": cfg.prompt_token,
-                         PREFIX + "identifier_vectors": str(cfg.identifier.num_vectors)})
-        identifier.save(folder, objective.identifier, {PREFIX + "placeholder": cfg.prompt_token,
-                                                       PREFIX + "init": cfg.identifier.init,
-                                                       PREFIX + "base_model": cfg.model.name},
-                        name=identifier.EMBEDDING_FILE if step is None else embedding_name(step))
-    second = acc.unwrap_model(objective.text_encoders[1]) if len(objective.text_encoders) > 1 else None
-    return save_lora(folder, acc.unwrap_model(objective.unet), acc.unwrap_model(objective.text_encoder),
-                     cfg.train.train_text_encoder, metadata=metadata, text_encoder_2=second, name=name)

@@ -126,7 +126,8 @@ def test_base_model_prior_trains_without_class_images(tmp_path):
 def test_axes_are_recorded_in_the_lora_metadata_and_the_registry(tmp_path):
     from dreambooth_lab.config import to_yaml
     from dreambooth_lab.registry import run_row
-    from dreambooth_lab.export import PREFIX, run_metadata
+    from dreambooth_lab.lora import run_metadata
+    from dreambooth_lab.lora_check import PREFIX
 
     cfg = tiny_config(tmp_path, **{"loss.min_snr_gamma": 5.0, "prior.target": "base_model", "lora.use_dora": True,
                                    "identifier.learned": True, "data.buckets": True})
