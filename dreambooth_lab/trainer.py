@@ -432,6 +432,7 @@ class DreamBoothObjective:
         n = len(timesteps)
         for i in range(len(self.sets["instance"])):
             rows = [self.center_row("instance", i)] * n
+            ids = self.time_ids(rows)  # SDXL's added conditioning (None otherwise)
             mean, _ = self.distribution(rows[:1])
             latents = (mean * self.vae.config.scaling_factor).to(self.latent_dtype).repeat(n, 1, 1, 1)
             gen = torch.Generator().manual_seed(seed + i)
@@ -439,7 +440,7 @@ class DreamBoothObjective:
             t = torch.tensor(timesteps, device=latents.device)
             with self.acc.autocast():
                 noisy = self.noise_scheduler.add_noise(latents, noise, t)
-                pred = self.predict(noisy, t, self.states(rows), self.time_ids(rows))
+                pred = self.predict(noisy, t, self.states(rows), ids)
             target = training_target(self.noise_scheduler.config, latents, noise, t, self.noise_scheduler)
             losses.append(F.mse_loss(pred.float(), target.float()).item())
         return sum(losses) / len(losses)
