@@ -50,7 +50,6 @@ def stop_failed(cfg: Config, run_dir: Path, step: int, blown: set[str], exc: Flo
     furthest above its default) or fp16, and how to go on from the last good checkpoint with the
     change (train(..., resume=<run>, allow_change=True); on the CLI --resume RUN --allow-change), or
     that nothing is kept."""
-    ckpts = checkpoint.list_checkpoints(run_dir)
     if cfg.train.mixed_precision == "fp16":
         change = "train.mixed_precision=bf16"
         hint = "fp16 overflow is the usual cause: use train.mixed_precision=bf16 or no"
@@ -59,8 +58,9 @@ def stop_failed(cfg: Config, run_dir: Path, step: int, blown: set[str], exc: Flo
         change = f"{field}={value / 2:g}"
         hint = f"lower {field} (now {value:g}; e.g. halve it)"
     if main:
-        runs.write_summary(run_dir, "failed", error=str(exc), failed_at_step=step,
-                           last_checkpoint=ckpts[-1] if ckpts else None, config_hash=cfg.hash(), steps=cfg.train.steps)
+        runs.write_summary(run_dir, "failed", error=str(exc), failed_at_step=step, config_hash=cfg.hash(),
+                           steps=cfg.train.steps)
+    ckpts = checkpoint.list_checkpoints(run_dir)
     head = f"loss became non-finite at step {step} in {run_dir}: {hint}; also try full precision " \
            "(train.mixed_precision=no)"
     if ckpts:
@@ -146,8 +146,7 @@ def mark_failed_on_full_disk(cfg: Config, run_dir: Path, step: int | None, ckpts
     whether it could be written."""
     try:
         runs.write_summary(run_dir, "failed", reason="disk_full", error=str(full.again(hint="free space")),
-                           failed_at_step=step, last_checkpoint=ckpts[-1] if ckpts else None, resumable=bool(ckpts),
-                           config_hash=cfg.hash(), steps=cfg.train.steps)
+                           failed_at_step=step, resumable=bool(ckpts), config_hash=cfg.hash(), steps=cfg.train.steps)
     except OSError as err:
         if not files.is_disk_full(err):
             raise

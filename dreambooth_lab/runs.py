@@ -354,7 +354,7 @@ class RunResult:
 
 
 def write_summary(run: Path, status: str, *, config_hash: str, steps: int, error: str | None = None,
-                  failed_at_step: int | None = None, last_checkpoint: Path | None = None, reason: str | None = None,
+                  failed_at_step: int | None = None, reason: str | None = None,
                   resumable: bool | None = None, final_loss: float | None = None, eval_before: float | None = None,
                   eval_after: float | None = None, class_images_generated: int = 0, resumed_from: int | None = None,
                   seconds: float = 0.0, family: str | None = None, ident: Identity | None = None,
@@ -364,8 +364,8 @@ def write_summary(run: Path, status: str, *, config_hash: str, steps: int, error
     status "finished": the loss, the fixed-noise evaluation before and after, the class images made,
     the step resumed from, seconds, the config hash, the model family, the photos' digest and count,
     the timings, and `resume_override` when a changed config went on from a resumed step. status
-    "failed": the error, the step, the last good checkpoint, and with a `reason` (e.g. disk_full)
-    whether the same command resumes it (`resumable`, read by is_open)."""
+    "failed": the error, the step, its last checkpoint (found here), and with a `reason` (e.g.
+    disk_full) whether the same command resumes it (`resumable`, read by is_open)."""
     if status == "finished":
         data = {"status": status, "steps": steps, "final_loss": final_loss, "eval_instance_loss_before": eval_before,
                 "eval_instance_loss_after": eval_after, "class_images_generated": class_images_generated,
@@ -374,8 +374,11 @@ def write_summary(run: Path, status: str, *, config_hash: str, steps: int, error
         if resume_override:
             data["resume_override"] = resume_override
     else:
+        from .checkpoint import list_checkpoints
+
+        ckpts = list_checkpoints(run)
         data = {"status": status, **({"reason": reason} if reason is not None else {}), "error": error,
-                "failed_at_step": failed_at_step, "last_checkpoint": last_checkpoint and str(last_checkpoint),
+                "failed_at_step": failed_at_step, "last_checkpoint": str(ckpts[-1]) if ckpts else None,
                 **({"resumable": resumable} if resumable is not None else {}), "config_hash": config_hash,
                 "steps": steps}
     return files.write_json(Path(run) / SUMMARY, data)
