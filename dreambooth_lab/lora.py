@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from . import files
-from .config import Config, LoraConfig as LoraSection, TrainConfig, experiment_axes  # LoraSection: the config's lora section, not peft's LoraConfig
+from .config import Config, TrainConfig, experiment_axes
+from .config import LoraConfig as LoraSection  # the config's lora section, not peft's LoraConfig
 from .lora_check import PREFIX
 from .sample import LORA_FILE
 

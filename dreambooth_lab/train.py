@@ -38,30 +38,19 @@ from .faults import (TrainingInterrupted, blown_groups, discard_untrained, inter
                      stop_failed, trained_anything)
 from .lora import adapt, write_lora
 from .models import BaseModel, check_supported, load_pipeline, resolve
-from .optim import hold_lora, make_optimizer
+from .optim import hold_lora
 from .prior import class_image_set
 from .run_lock import RunLock, RunWarning
 from .runs import RunResult, load_result, read_metrics
 from .runtime import configure_speed, make_accelerator, preserved_global_state
 from .timing import Timeline, format_profile, format_timings, profile_report
 from .tokens import warn_about_token
-from .trainer import DreamBoothObjective, evaluates, step_seed
+from .trainer import DreamBoothObjective, Updates, evaluates, step_seed
 
 __all__ = ["train"]  # what a stopped run raises is faults.py's; a run's files and result are runs.py's
 
 
 # ---- the run ------------------------------------------------------------------------------------
-
-@dataclass
-class Updates:
-    """What each optimizer step changes and how: the trainable parameters (a list, clipped together;
-    by name, what a checkpoint holds), the optimizer and the learning-rate schedule."""
-
-    params: list
-    named: dict
-    optimizer: object
-    lr_scheduler: object
-
 
 @dataclass
 class Session:
@@ -174,7 +163,7 @@ def set_up(cfg: Config, acc, base: BaseModel, opened: runs.Opened, instance: Ima
     checkpoint when the run has one."""
     with clock.phase("imports_in_train"):  # diffusers' top level (its model classes load in model_load)
         from accelerate.utils import set_seed
-        from diffusers.optimization import get_scheduler
+        import diffusers.optimization  # noqa: F401 (timed here; trainer.prepare makes the schedule with it)
     t0 = time.time()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision, torch.float32)
     set_seed(cfg.train.seed)
@@ -196,15 +185,9 @@ def set_up(cfg: Config, acc, base: BaseModel, opened: runs.Opened, instance: Ima
         with clock.phase("eval_before"):
             eval_before = objective.eval_instance_loss()
 
-    t_optimizer = time.perf_counter()  # optimizer, schedule, accelerate's prepare, checkpoint lookup
+    t_optimizer = time.perf_counter()  # speed options, optimizer, schedule, accelerate's prepare, checkpoint lookup
     configure_speed(cfg.train, objective.unet)
-    encoders = objective.text_encoders if len(objective.text_encoders) > 1 else objective.text_encoder
-    optimizer = make_optimizer(cfg.optim, objective.unet, encoders, objective.identifier,
-                               train_text_encoder=cfg.train.train_text_encoder, identifier_lr=cfg.identifier.lr)
-    lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.lr_warmup_steps,
-                                 num_training_steps=cfg.train.steps)
-    optimizer = objective.prepare(optimizer)
-    updates = Updates(params, objective.trainable_by_name(), optimizer, lr_scheduler)
+    updates = objective.prepare(params)
     history = read_metrics(opened.path) if acc.is_main_process else []  # cut below at the step resumed from
     # The step the run goes on from: its newest intact checkpoint's (loaded into the LoRA, the optimizer,
     # the schedule and the loss scaler; with a forced change the config's hyperparameters from then on), else 0.
@@ -215,8 +198,8 @@ def set_up(cfg: Config, acc, base: BaseModel, opened: runs.Opened, instance: Ima
         warnings.warn(f"{opened.path}: {choice.message()}", RunWarning, stacklevel=3)
     start = 0
     if choice.path is not None:  # --allow-change (an override): the config's learning rates and optimizer settings
-        start = checkpoint.load(choice.path, updates.named, optimizer.optimizer, lr_scheduler, acc.scaler,
-                                config_hyperparameters=bool(opened.override))
+        start = checkpoint.load(choice.path, updates.named, updates.optimizer.optimizer, updates.lr_scheduler,
+                                acc.scaler, config_hyperparameters=bool(opened.override))
     history = [r for r in history if r["step"] <= start]
     clock.add("optimizer", time.perf_counter() - t_optimizer)
     return Session(cfg=cfg, acc=acc, opened=opened, ident=ident, objective=objective, updates=updates, start=start,
@@ -237,9 +220,8 @@ def make_callbacks(s: Session, on_step, progress: bool) -> list:
     if main and s.cfg.train.save_lora_every:
         from .steps import StepSaver
 
-        out.append(StepSaver(s.acc, s.cfg, s.objective, s.run_dir,
-                             lambda step, path: write_lora(path.parent, s.cfg, s.acc, s.objective, s.ident.dataset_digest,
-                                                           name=path.name, step=step)))
+        out.append(StepSaver(s.acc, s.cfg, s.objective, s.run_dir, lambda step, path: write_lora(
+            path.parent, s.cfg, s.acc, s.objective, s.ident.dataset_digest, name=path.name, step=step)))
     return out
 
 

@@ -22,6 +22,7 @@ from .data import ImageSet, crop_box, indices_for_step
 from .latent_cache import LatentCache, encode_lazily, latent_keys
 from .losses import dreambooth_loss, min_snr_weights, offset_noise, snr, training_target
 from .models import BaseModel, pipeline_class
+from .optim import make_optimizer
 from .prompts import truncation_warning
 from .timing import PhaseTimer
 
@@ -29,6 +30,17 @@ from .timing import PhaseTimer
 def step_seed(seed: int, step: int, micro: int = 0) -> int:
     """A seed for the randomness of one micro-step, derived from the run seed (pure)."""
     return (seed * 1_000_003 + step * 97 + micro) % (2**63)
+
+
+@dataclass
+class Updates:
+    """What each optimizer step changes and how: the trainable parameters (a list, clipped together;
+    by name, what a checkpoint holds), the optimizer and the learning-rate schedule."""
+
+    params: list
+    named: dict
+    optimizer: object
+    lr_scheduler: object
 
 
 # The fixed-noise evaluation (DreamBoothObjective.eval_instance_loss): these timesteps, each photo once.
@@ -192,14 +204,24 @@ class DreamBoothObjective:
         """The modules whose adapters learn: the UNet, and the text encoder(s) when anything in them does."""
         return [self.unet] + (list(self.text_encoders) if self.text_trained else [])
 
-    def prepare(self, optimizer):
-        """Hand the trained modules and the optimizer to the accelerator (accelerate's prepare); the
-        objective holds the prepared modules from then on. Returns the prepared optimizer."""
+    def prepare(self, params: list) -> Updates:
+        """What updates the adapters `params`: the optimizer (optim.make_optimizer) and its learning-rate
+        schedule, with the trained modules handed to the accelerator (accelerate's prepare); the
+        objective holds the prepared modules from then on."""
+        from diffusers.optimization import get_scheduler
+
+        cfg = self.cfg
+        named = self.trainable_by_name()  # the same parameters before and after prepare
+        encoders = self.text_encoders if len(self.text_encoders) > 1 else self.text_encoder
+        optimizer = make_optimizer(cfg.optim, self.unet, encoders, self.identifier,
+                                   train_text_encoder=cfg.train.train_text_encoder, identifier_lr=cfg.identifier.lr)
+        lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.lr_warmup_steps,
+                                     num_training_steps=cfg.train.steps)
         *modules, optimizer = self.acc.prepare(*self.trained_modules, optimizer)
         self.unet = modules[0]
         if self.text_trained:
             self.text_encoders[:] = modules[1:]
-        return optimizer
+        return Updates(params, named, optimizer, lr_scheduler)
 
     def trainable_by_name(self) -> dict[str, torch.nn.Parameter]:
         """The parameters that learn, by name (unet.*, text_encoder.*, text_encoder_2.*): what a

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, tiny_config
 import dreambooth_lab.train as train_mod
+import dreambooth_lab.trainer as trainer_mod
 from dreambooth_lab.runs import read_metrics
 from dreambooth_lab.train import train
 
@@ -29,7 +30,7 @@ from dreambooth_lab.train import train
 def _spy_optimizer(monkeypatch) -> dict:
     """Capture what train() builds its optimizer from, and the optimizer itself."""
     seen: dict = {}
-    real = train_mod.make_optimizer
+    real = trainer_mod.make_optimizer
 
     def spy(cfg, unet, text_encoder, *args, **kwargs):
         opt = real(cfg, unet, text_encoder, *args, **kwargs)
@@ -37,7 +38,7 @@ def _spy_optimizer(monkeypatch) -> dict:
                     start=[[p.detach().clone() for p in g["params"]] for g in opt.param_groups])
         return opt
 
-    monkeypatch.setattr(train_mod, "make_optimizer", spy)
+    monkeypatch.setattr(trainer_mod, "make_optimizer", spy)
     return seen
 
 
