@@ -13,8 +13,8 @@ from . import checkpoint, files, runs
 from .config import Config, _get
 from .runs import TrainingStopped
 
-__all__ = ["TrainingStopped", "NonFiniteLoss", "TrainingInterrupted", "stop_failed", "blown_groups",
-           "large_learning_rate", "stop_disk_full", "discard_untrained", "trained_anything", "interrupted_message"]
+__all__ = ["TrainingStopped", "NonFiniteLoss", "TrainingInterrupted", "stopped", "stop_failed", "blown_groups",
+           "large_learning_rate", "stop_disk_full", "discard_untrained", "trained_anything"]
 
 
 class NonFiniteLoss(TrainingStopped, FloatingPointError):
@@ -30,15 +30,20 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C (or a notebook's stop button) during training; the message says how to resume."""
 
 
-def last_checkpoint_note(run_dir: Path) -> str:
-    ckpts = checkpoint.list_checkpoints(run_dir)
-    return f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written"
-
-
-def interrupted_message(run_dir: Path, start: int, step: int, steps: int) -> str:
-    """Where Ctrl-C stopped a run that began this call at `start` and got to `step` of `steps`."""
+def stopped(exc: FloatingPointError | KeyboardInterrupt, cfg: Config, run_dir: Path, start: int, step: int,
+            named: dict[str, torch.Tensor], identifier: torch.Tensor | None, *,
+            main: bool) -> NonFiniteLoss | TrainingInterrupted:
+    """What train() raises when its loop stops on `exc`, in a run that began this call at `start` and
+    completed `step` steps: a non-finite loss marks the run failed (stop_failed, told which of the
+    trained weights `named` and `identifier` went non-finite); Ctrl-C says where it stopped and how
+    to resume."""
+    if isinstance(exc, FloatingPointError):
+        return stop_failed(cfg, run_dir, step + 1, blown_groups(named, identifier), exc, main=main)
     where = "before the first step" if step == start == 0 else f"at step {step}"
-    return f"interrupted {where} of {steps} ({run_dir}); run the same command to resume ({last_checkpoint_note(run_dir)})"
+    ckpts = checkpoint.list_checkpoints(run_dir)
+    note = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written"
+    return TrainingInterrupted(f"interrupted {where} of {cfg.train.steps} ({run_dir}); run the same command to "
+                               f"resume ({note})")
 
 
 # ---- a non-finite loss ----------------------------------------------------------------------------

@@ -34,8 +34,7 @@ from .callbacks import MetricsFile, OnStep, Progress, RankReport, Tracker
 from .config import Config, run_params
 from .data import ImageSet
 from .dataset_sheet import write_dataset_sheet
-from .faults import (TrainingInterrupted, blown_groups, discard_untrained, interrupted_message, stop_disk_full,
-                     stop_failed, trained_anything)
+from .faults import discard_untrained, stop_disk_full, stopped, trained_anything
 from .lora import adapt, write_lora
 from .models import BaseModel, check_supported, load_pipeline, resolve
 from .optim import hold_lora
@@ -136,12 +135,9 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
                     callbacks = make_callbacks(s, on_step, progress)
                     try:
                         run_loop(s, callbacks)
-                    except FloatingPointError as exc:
-                        blown = blown_groups(s.updates.named, s.objective.identifier)
-                        raise stop_failed(cfg, s.run_dir, s.step + 1, blown, exc, main=acc.is_main_process) from None
-                    except KeyboardInterrupt:
-                        msg = interrupted_message(s.run_dir, s.start, s.step, cfg.train.steps)
-                        raise TrainingInterrupted(msg) from None
+                    except (FloatingPointError, KeyboardInterrupt) as exc:  # a non-finite loss, Ctrl-C
+                        raise stopped(exc, cfg, s.run_dir, s.start, s.step, s.updates.named, s.objective.identifier,
+                                      main=acc.is_main_process) from None
                     finally:
                         for cb in callbacks:
                             getattr(cb, "close", lambda: None)()
