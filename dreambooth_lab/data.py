@@ -327,6 +327,11 @@ class ImageSet:
         name = self.paths[index].name
         return f"{name}\n{self.captions[index]}" if self.captions else name
 
+    @property
+    def labels(self) -> list[str]:
+        """Every photo's label, in order (what the dataset sheet's cache key holds)."""
+        return [self.label(i) for i in range(len(self))]
+
     def __len__(self) -> int:
         return len(self.images)
 

@@ -36,7 +36,7 @@ def write_dataset_sheet(data: DataConfig, resolution: int, instance: ImageSet, d
     key = hashlib.sha256(json.dumps({
         "version": DATASET_SHEET_VERSION, "matplotlib": mpl, "dataset": dataset_digest, "title": title,
         "params": params, "resolution": instance.resolution,
-        "labels": [instance.label(i) for i in range(len(instance))],
+        "labels": instance.labels,
     }, sort_keys=True).encode()).hexdigest()[:24]
     cached = sheet_cache_dir() / f"{key}.png"
     try:
