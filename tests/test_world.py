@@ -245,9 +245,9 @@ def test_near_misses_differ_from_the_subject_in_exactly_one_trait():
 
 # A photo draw, training seed and sampling seeds that neither the recipe's calibration (draws 1-2,
 # seeds 1-2, sampling seeds 100-111) nor the benchmark's held-out runs (draws 3-5, seeds 11-13,
-# sampling seeds 200-211) used. The recipe does not bind every run: on draw 7, training seed 29
-# gave "a <sks> dog" 0.12-0.25 (0.00 with 16 class images), seed 30 0.38-0.62; the held-out runs
-# 0.33-1.00. The test pins seed 30 and its thresholds sit at the floor of that spread.
+# sampling seeds 200-211) used. The recipe does not bind every run equally: on build v6 at scale 0.7
+# the held-out dog runs gave "a <tok> dog" 0.42-1.00, and this run 0.50 (build v4 at 1.0: seed 29
+# 0.12-0.25, seed 30 0.38-0.62). The test pins seed 30 and its thresholds sit at the floor of that spread.
 DRAW, TRAIN_SEED = 7, 30
 SEEDS = list(range(500, 508))
 
@@ -270,16 +270,16 @@ def _short_run(tmp_path, recipe: bool = True, **overrides):
     return cfg, train(cfg, resume=None, progress=False)
 
 
-# Thresholds from the spread of the held-out benchmark runs on build v4 (BENCHMARKS.md "Toy world",
-# held out: 9 dog runs) and of this run, not from their mean.
-SUBJECT_RATE_MIN = 0.25  # "a <sks> dog" shows the subject (held out 0.33-1.00; this run 0.38-0.62); base 0.00
-PHRASING_MIN = 0.125  # "a photo of a <sks> dog", a wording no caption used (held out 0.08-1.00; v3's recipe: 0.00)
-BROKEN_RATE_MAX = 0.2  # the broken objective must stay under
-RANDOM_INIT_RATE_MIN = 0.25  # the identifier started at random (this run: 0.75; calibration 0.42-1.00)
-# "a <class>" after the run / before it (held out, dog runs: cat 0.29-1.6, toy 0.46-0.90, backpack
-# and vase 0.83-1.00; this run: cat 0.50, toy 0.88, backpack and vase 0.75)
-OTHER_CLASS_KEPT = {"cat": 0.25, "toy": 0.4, "backpack": 0.6, "vase": 0.6}
-COMPOSITION_MIN = 0.125  # "a <sks> dog in the forest": subject AND forest (held out 0.00-1.00, 7 of 9 runs > 0)
+# Thresholds from the spread of the held-out runs on build v6 at the recipe's scale 0.7 (BENCHMARKS.md
+# "Toy world, build v6": 9 dog runs, sampling seeds 200-211) and of this run, not from their mean.
+SUBJECT_RATE_MIN = 0.375  # "a <sks> dog" shows the subject (held out 0.42-1.00; this run 0.50); base 0.00
+PHRASING_MIN = 0.125  # "a photo of a <sks> dog", a wording no caption used (held out 0.17-1.00; this run 0.88)
+BROKEN_RATE_MAX = 0.2  # the broken objective must stay under (this run: 0.00)
+RANDOM_INIT_RATE_MIN = 0.25  # the identifier started at random (this run: 1.00; v4's calibration 0.42-1.00)
+# "a <class>" after the run / before it (held out, dog runs: cat 0.67-1.00, toy 0.70-1.10, backpack
+# 1.00, vase 0.92-1.00; this run: 1.00 for each)
+OTHER_CLASS_KEPT = {"cat": 0.6, "toy": 0.6, "backpack": 0.9, "vase": 0.85}
+COMPOSITION_MIN = 0.125  # "a <sks> dog in the forest": subject AND forest (held out 0.08-1.00, this run 0.38)
 
 
 @pytest.fixture(scope="module")
