@@ -108,11 +108,18 @@ def save(folder: str | Path, vectors: torch.Tensor, metadata: dict[str, str], na
                                    {KEY: vectors.detach().to("cpu", torch.float32).contiguous()}, metadata)
 
 
-def embedding_beside(lora_file: str | Path) -> Path | None:
-    """The identifier that goes with a LoRA file: <stem>_learned_embeds.safetensors beside it (a
-    step's, loras/step-N_learned_embeds.safetensors), else learned_embeds.safetensors in its folder."""
+def own_embedding(lora_file: str | Path) -> Path:
+    """A LoRA file's own identifier: <stem>_learned_embeds.safetensors beside it (a step's,
+    loras/step-N_learned_embeds.safetensors) (pure)."""
     lora_file = Path(lora_file)
-    for path in (lora_file.with_name(f"{lora_file.stem}_{EMBEDDING_FILE}"), lora_file.parent / EMBEDDING_FILE):
+    return lora_file.with_name(f"{lora_file.stem}_{EMBEDDING_FILE}")
+
+
+def embedding_beside(lora_file: str | Path) -> Path | None:
+    """The identifier that goes with a LoRA file: its own (`own_embedding`), else
+    learned_embeds.safetensors in its folder."""
+    lora_file = Path(lora_file)
+    for path in (own_embedding(lora_file), lora_file.parent / EMBEDDING_FILE):
         if path.is_file():
             return path
     return None

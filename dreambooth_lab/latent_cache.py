@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from .config import TrainConfig
 
-
-def encode_lazily(train: TrainConfig, device: torch.device) -> bool:
+def encode_lazily(offload_frozen: bool, device: torch.device) -> bool:
     """Are the caches (latents, the frozen text encoder's states) filled as the steps need them,
     rather than all before the first step? Where nothing leaves the accelerator afterwards (a CPU,
     or train.offload_frozen: false): yes. On a GPU with offloading: no, the VAE and text encoder
     leave it before the first step, as the memory model counts."""
-    return device.type == "cpu" or not train.offload_frozen
+    return device.type == "cpu" or not offload_frozen
 
 
 def latent_keys(sets: dict, bucket_of: list | None, flips: tuple[bool, ...]) -> list[tuple]:

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import torch
 
-from . import files
+from . import files, identifier
 from .config import Config, TrainConfig, experiment_axes
 from .config import LoraConfig as LoraSection  # the config's lora section, not peft's LoraConfig
 from .lora_check import PREFIX
-from .sample import LORA_FILE
 
 
 def add_adapters(lora: LoraSection, unet, text_encoder, text_encoder_2=None, *,
@@ -88,12 +87,13 @@ def _state(module) -> dict:
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
 
 
-def write_lora(folder: str | Path, cfg: Config, acc, objective, dataset_digest: str, *, name: str = LORA_FILE,
+def write_lora(path: str | Path, cfg: Config, acc, objective, dataset_digest: str, *,
                step: int | None = None) -> Path:
-    """Write the run's LoRA as it is now to <folder>/pytorch_lora_weights.safetensors (or `name`)
-    atomically, in the diffusers LoRA format, with the run's metadata (`run_metadata`, the photos'
+    """Write the run's LoRA as it is now to `path` (the run's pytorch_lora_weights.safetensors, or a
+    step's) atomically, in the diffusers LoRA format, with the run's metadata (`run_metadata`, the photos'
     digest, and with `step` dreambooth_lab.step) added to the safetensors header; a learned
-    identifier is written beside it first (identifier.save; with `step` under that step's name).
+    identifier is written beside it first (identifier.save: learned_embeds.safetensors, with `step`
+    the LoRA's own, identifier.own_embedding).
     objective: the trainer's DreamBoothObjective (its UNet, text encoders, identifier and family),
     unwrapped from `acc`. With SDXL's second text encoder it is an SDXL file: that encoder's adapters
     go under text_encoder_2.* when the text encoders were trained."""
@@ -116,16 +116,14 @@ def write_lora(folder: str | Path, cfg: Config, acc, objective, dataset_digest: 
     metadata = {**run_metadata(cfg, objective.family), PREFIX + "dataset_digest": dataset_digest}
     if step is not None:
         metadata[PREFIX + "step"] = str(step)
+    path = Path(path)
     if objective.identifier is not None:
-        from . import identifier
-        from .steps import embedding_name
-
         metadata.update({PREFIX + "identifier": cfg.prompt_token,
                          PREFIX + "identifier_vectors": str(cfg.identifier.num_vectors)})
-        identifier.save(folder, objective.identifier, {PREFIX + "placeholder": cfg.prompt_token,
+        identifier.save(path.parent, objective.identifier, {PREFIX + "placeholder": cfg.prompt_token,
                                                        PREFIX + "init": cfg.identifier.init,
                                                        PREFIX + "base_model": cfg.model.name},
-                        name=identifier.EMBEDDING_FILE if step is None else embedding_name(step))
+                        name=identifier.EMBEDDING_FILE if step is None else identifier.own_embedding(path).name)
 
     def write(tmp: Path) -> None:
         (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).save_lora_weights(
@@ -138,7 +136,7 @@ def write_lora(folder: str | Path, cfg: Config, acc, objective, dataset_digest: 
             merged = {**(f.metadata() or {}), **metadata}
         tmp.write_bytes(files.safetensors_bytes(load_file(str(tmp)), merged))
 
-    return files.atomic_write(Path(folder) / name, write)
+    return files.atomic_write(path, write)
 
 
 def run_metadata(cfg: Config, family: str | None = None) -> dict[str, str]:

@@ -229,7 +229,7 @@ def checked_embedding(lora: Path, width: int | None = None) -> tuple[Path, str] 
     [vectors, width] table with a placeholder. None for a LoRA without a learned identifier."""
     from safetensors import SafetensorError, safe_open
 
-    from .identifier import EMBEDDING_FILE, KEY, embedding_beside
+    from .identifier import EMBEDDING_FILE, KEY, embedding_beside, own_embedding
     from .runs import LORA_FILE
 
     lora = Path(lora)
@@ -241,8 +241,7 @@ def checked_embedding(lora: Path, width: int | None = None) -> tuple[Path, str] 
     if emb is None:
         if expected is None:
             return None
-        name = (lora.parent / EMBEDDING_FILE if lora.name == LORA_FILE
-                else lora.with_name(f"{lora.stem}_{EMBEDDING_FILE}"))
+        name = lora.parent / EMBEDDING_FILE if lora.name == LORA_FILE else own_embedding(lora)
         raise _error(f"{name} is missing: {lora} was trained with the learned identifier {expected[0]}, whose "
                      "embedding lives in that file (without it the prompt's identifier is plain text); copy it back "
                      "beside the LoRA, or train the run again")

@@ -55,13 +55,6 @@ def lora_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / LORAS / f"{step_name(step)}.safetensors"
 
 
-def embedding_name(step: int) -> str:
-    """The learned identifier's file of a step, beside its LoRA (sample.load_identifier finds it)."""
-    from .identifier import EMBEDDING_FILE
-
-    return f"{step_name(step)}_{EMBEDDING_FILE}"
-
-
 def images_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / STEP_IMAGES / step_name(step)
 

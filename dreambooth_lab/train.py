@@ -217,7 +217,7 @@ def make_callbacks(s: Session, on_step, progress: bool) -> list:
         from .steps import StepSaver
 
         out.append(StepSaver(s.acc, s.cfg, s.objective, s.run_dir, lambda step, path: write_lora(
-            path.parent, s.cfg, s.acc, s.objective, s.ident.dataset_digest, name=path.name, step=step)))
+            path, s.cfg, s.acc, s.objective, s.ident.dataset_digest, step=step)))
     return out
 
 
@@ -312,7 +312,7 @@ def finish(s: Session, callbacks: list, *, progress: bool, profile: bool) -> Run
             last = checkpoint.save_last(s.run_dir, s.step, u.named, u.optimizer.optimizer, u.lr_scheduler,
                                         scaler=acc.scaler)
         with clock.phase("lora_file"):
-            write_lora(s.run_dir, cfg, acc, objective, ident.dataset_digest)
+            write_lora(s.run_dir / runs.LORA_FILE, cfg, acc, objective, ident.dataset_digest)
         if cfg.train.save_lora_every and cfg.train.step_images:
             from .compare import steps_sheet
 

@@ -155,7 +155,7 @@ class DreamBoothObjective:
         # Lazily (a photo the first time a step draws it, the prompts' states at the first step)
         # where the VAE and text encoder stay put anyway; else all now, so that they can leave the
         # GPU before the first step.
-        self.lazy = encode_lazily(cfg.train, accelerator.device)
+        self.lazy = encode_lazily(cfg.train.offload_frozen, accelerator.device)
         if cfg.train.cache_latents and cfg.data.center_crop:
             flips = (False, True) if cfg.data.random_flip else (False,)
             self.latent_cache = LatentCache(latent_keys(self.sets, self.bucket_of, flips), self._encode_one)

@@ -18,7 +18,7 @@ from conftest import SAMPLE_SUBJECT, poison_loss_after, tiny_config
 from dreambooth_lab import checkpoint, run_lock, runs, trainer
 from dreambooth_lab.models import resolve
 from dreambooth_lab import train as train_mod
-from dreambooth_lab.export import PREFIX, read_metadata
+from dreambooth_lab.lora_check import PREFIX, read_metadata
 from dreambooth_lab.faults import NonFiniteLoss, TrainingInterrupted
 from dreambooth_lab.runs import read_metrics
 from dreambooth_lab.train import train

@@ -143,7 +143,7 @@ def test_a_step_with_a_learned_identifier_keeps_its_embedding_beside_it(tmp_path
     run = train(tiny_config(tmp_path, **{"identifier.learned": True, "train.steps": 2, "prior.enabled": False,
                                          "train.save_lora_every": 1, "train.step_images": False}),
                 resume=None, progress=False).run_dir
-    first = run / "loras" / steps.embedding_name(1)
+    first = run / "loras" / "step-000001_learned_embeds.safetensors"
     assert first.is_file() and first.read_bytes() != (run / "learned_embeds.safetensors").read_bytes()
     assert identifier.embedding_beside(steps.lora_path(run, 1)) == first
     kohya = export.kohya_for_download(run, step=1)

@@ -260,7 +260,7 @@ def test_the_first_step_waits_for_no_photo_and_a_short_run_encodes_only_what_it_
 def test_lazy_caches_train_the_same_lora_bytes_as_filled_up_front(tmp_path, monkeypatch, over):
     cfg = {"train.steps": 4, **over}
     lazy = train(tiny_config(tmp_path / "lazy", **cfg), resume=None, progress=False)
-    monkeypatch.setattr(trainer, "encode_lazily", lambda cfg, device: False)  # a GPU with offloading
+    monkeypatch.setattr(trainer, "encode_lazily", lambda offload_frozen, device: False)  # a GPU with offloading
     seen = inspect_first_step(monkeypatch)
     eager = train(tiny_config(tmp_path / "eager", **cfg), resume=None, progress=False)
     assert seen["entries"] == seen["keys"] and not seen["text_pending"]  # all of them, before the first step
