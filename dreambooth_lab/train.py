@@ -132,15 +132,7 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
                             write_dataset_sheet(cfg.data, cfg.resolution, instance, ident.dataset_digest,
                                                 opened.path / runs.DATASET_SHEET)
                     s = set_up(cfg, acc, base, opened, instance, ident, progress=progress, profile=profile, clock=clock)
-                    callbacks = make_callbacks(s, on_step, progress)
-                    try:
-                        run_loop(s, callbacks)
-                    except (FloatingPointError, KeyboardInterrupt) as exc:  # a non-finite loss, Ctrl-C
-                        raise stopped(exc, cfg, s.run_dir, s.start, s.step, s.updates.named, s.objective.identifier,
-                                      main=acc.is_main_process) from None
-                    finally:
-                        for cb in callbacks:
-                            getattr(cb, "close", lambda: None)()
+                    callbacks = run_loop(s, on_step, progress)
                     return finish(s, callbacks, progress=progress, profile=profile)
                 except OSError as exc:
                     step = s.step if s is not None else None
@@ -221,68 +213,76 @@ def make_callbacks(s: Session, on_step, progress: bool) -> list:
     return out
 
 
-def run_loop(s: Session, callbacks: list) -> None:
-    """The steps from s.start to train.steps; each ends with a record, and every checkpoint_every
-    steps with a checkpoint."""
+def run_loop(s: Session, on_step, progress: bool) -> list:
+    """The steps from s.start to train.steps, reported to the callbacks it makes (`make_callbacks`);
+    each ends with a record (metrics.jsonl's line), and every checkpoint_every steps with a checkpoint.
+    A non-finite loss or Ctrl-C stops it with what faults.stopped says. The callbacks are closed
+    however it ends; returns them (finish writes the rank report)."""
     cfg, acc, objective, u = s.cfg, s.acc, s.objective, s.updates
+    callbacks = make_callbacks(s, on_step, progress)
     k = cfg.train.gradient_accumulation_steps
     on_micro = [cb.on_micro for cb in callbacks if hasattr(cb, "on_micro")]
-    on_step = [cb.on_step for cb in callbacks if hasattr(cb, "on_step")]
-    objective.unet.train()
-    for te in objective.text_encoders:
-        te.train(objective.text_trained)
-    for step in range(s.start, cfg.train.steps):
-        t_step = time.time()
-        if s.clock.first_step is None:
-            s.clock.first_step = time.perf_counter()
-        sums = torch.zeros(3)
-        for micro in range(k):
-            torch.manual_seed(step_seed(cfg.train.seed, step, micro))  # LoRA dropout, if any
-            with acc.accumulate(*objective.trained_modules):
-                with acc.autocast():
-                    out = objective.loss(step, micro)
-                with objective.timer.phase("backward"):
-                    acc.backward(out.loss)
-                with objective.timer.phase("optimizer"):
-                    if acc.sync_gradients:
-                        if step < cfg.identifier.embedding_only_steps:  # the identifier learns alone first
-                            hold_lora(u.params, objective.identifier)
-                        acc.clip_grad_norm_([p for p in u.params if p.grad is not None], cfg.optim.max_grad_norm)
-                    u.optimizer.step()
-                    u.optimizer.zero_grad(set_to_none=True)
-            prior = out.prior.detach() if out.prior is not None else out.loss * 0
-            parts = torch.stack([out.loss.detach(), out.instance.detach(), prior])
-            parts = acc.reduce(parts, "mean") if acc.num_processes > 1 else parts  # log the global batch
-            sums += parts.float().cpu() / k
-            for fn in on_micro:
-                fn(step, micro, out.rows)
-        if not u.optimizer.step_was_skipped:  # fp16 overflow skipped the update: the schedule waits too
-            u.lr_scheduler.step()
-        record = step_record(s, step, sums.tolist(), time.time() - t_step)
-        if not math.isfinite(record["loss"]):
-            raise FloatingPointError(f"loss became {record['loss']} at step {step + 1}")
-        s.history.append(record)
-        s.step = step + 1
-        for fn in on_step:
-            fn(record)
-        if acc.is_main_process and s.step % cfg.train.checkpoint_every == 0 and s.step < cfg.train.steps:
-            checkpoint.save(s.run_dir, s.step, u.named, u.optimizer.optimizer, u.lr_scheduler,
-                            cfg.train.checkpoints_to_keep, scaler=acc.scaler)
-        s.clock.last_step = time.perf_counter()
-
-
-def step_record(s: Session, step: int, sums: list[float], seconds: float) -> dict:
-    """The line metrics.jsonl gets for one optimizer step."""
-    u = s.updates
-    lrs = {g.get("name", "unet"): lr for g, lr in zip(u.optimizer.param_groups, u.lr_scheduler.get_last_lr())}
-    prior = sums[2] if s.objective.sets["class"] is not None or s.objective.base_model_prior else None
-    record = {"step": step + 1, "loss": sums[0], "instance_loss": sums[1], "prior_loss": prior, "lr": lrs["unet"],
-              "lr_text_encoder": lrs.get("text_encoder"), "lr_identifier": lrs.get("identifier"),
-              "loss_scale": s.acc.scaler.get_scale() if s.acc.scaler is not None else None,
-              "step_seconds": round(seconds, 4), "seconds": round(time.time() - s.t0, 3)}
-    if "text_encoder_2" in lrs:  # SDXL with its text encoders trained
-        record["lr_text_encoder_2"] = lrs["text_encoder_2"]
-    return record
+    on_steps = [cb.on_step for cb in callbacks if hasattr(cb, "on_step")]
+    prior_logged = objective.sets["class"] is not None or objective.base_model_prior
+    try:
+        objective.unet.train()
+        for te in objective.text_encoders:
+            te.train(objective.text_trained)
+        for step in range(s.start, cfg.train.steps):
+            t_step = time.time()
+            if s.clock.first_step is None:
+                s.clock.first_step = time.perf_counter()
+            sums = torch.zeros(3)
+            for micro in range(k):
+                torch.manual_seed(step_seed(cfg.train.seed, step, micro))  # LoRA dropout, if any
+                with acc.accumulate(*objective.trained_modules):
+                    with acc.autocast():
+                        out = objective.loss(step, micro)
+                    with objective.timer.phase("backward"):
+                        acc.backward(out.loss)
+                    with objective.timer.phase("optimizer"):
+                        if acc.sync_gradients:
+                            if step < cfg.identifier.embedding_only_steps:  # the identifier learns alone first
+                                hold_lora(u.params, objective.identifier)
+                            acc.clip_grad_norm_([p for p in u.params if p.grad is not None], cfg.optim.max_grad_norm)
+                        u.optimizer.step()
+                        u.optimizer.zero_grad(set_to_none=True)
+                prior = out.prior.detach() if out.prior is not None else out.loss * 0
+                parts = torch.stack([out.loss.detach(), out.instance.detach(), prior])
+                parts = acc.reduce(parts, "mean") if acc.num_processes > 1 else parts  # log the global batch
+                sums += parts.float().cpu() / k
+                for fn in on_micro:
+                    fn(step, micro, out.rows)
+            if not u.optimizer.step_was_skipped:  # fp16 overflow skipped the update: the schedule waits too
+                u.lr_scheduler.step()
+            # The step's record (metrics.jsonl's line): its losses, learning rates (per parameter group) and seconds.
+            seconds = time.time() - t_step
+            loss, instance_loss, prior_loss = sums.tolist()
+            lrs = {g.get("name", "unet"): lr for g, lr in zip(u.optimizer.param_groups, u.lr_scheduler.get_last_lr())}
+            record = {"step": step + 1, "loss": loss, "instance_loss": instance_loss,
+                      "prior_loss": prior_loss if prior_logged else None, "lr": lrs["unet"],
+                      "lr_text_encoder": lrs.get("text_encoder"), "lr_identifier": lrs.get("identifier"),
+                      "loss_scale": acc.scaler.get_scale() if acc.scaler is not None else None,
+                      "step_seconds": round(seconds, 4), "seconds": round(time.time() - s.t0, 3)}
+            if "text_encoder_2" in lrs:  # SDXL with its text encoders trained
+                record["lr_text_encoder_2"] = lrs["text_encoder_2"]
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(f"loss became {record['loss']} at step {step + 1}")
+            s.history.append(record)
+            s.step = step + 1
+            for fn in on_steps:
+                fn(record)
+            if acc.is_main_process and s.step % cfg.train.checkpoint_every == 0 and s.step < cfg.train.steps:
+                checkpoint.save(s.run_dir, s.step, u.named, u.optimizer.optimizer, u.lr_scheduler,
+                                cfg.train.checkpoints_to_keep, scaler=acc.scaler)
+            s.clock.last_step = time.perf_counter()
+    except (FloatingPointError, KeyboardInterrupt) as exc:  # a non-finite loss, Ctrl-C
+        raise stopped(exc, cfg, s.run_dir, s.start, s.step, u.named, objective.identifier,
+                      main=acc.is_main_process) from None
+    finally:
+        for cb in callbacks:
+            getattr(cb, "close", lambda: None)()
+    return callbacks
 
 
 def finish(s: Session, callbacks: list, *, progress: bool, profile: bool) -> RunResult:

@@ -236,11 +236,12 @@ def inspect_first_step(monkeypatch) -> dict:
     seen = {}
     real = train_mod.run_loop
 
-    def spy(s, callbacks):
+    def spy(s, on_step, progress):
         o = s.objective
         seen.update(entries=len(o.latent_cache.entries), keys=len(o.latent_cache.keys), text_pending=o._text_pending)
-        real(s, callbacks)
+        callbacks = real(s, on_step, progress)
         seen.update(after=len(o.latent_cache.entries))
+        return callbacks
 
     monkeypatch.setattr(train_mod, "run_loop", spy)
     return seen
