@@ -194,6 +194,18 @@ def load_pipeline(cfg: ModelConfig, device: torch.device | str | None = None, dt
         return _load_pipeline(cfg, family, device, dtype)
 
 
+def pipeline_in(cfg: ModelConfig, pipe, loaded_in: torch.dtype, dtype: torch.dtype, device,
+                base: BaseModel | None = None):
+    """A pipeline of the model in `dtype`: `pipe` (loaded from it in `loaded_in`) when that is `dtype`,
+    else the model loaded again in `dtype`, with a sliced VAE (class images made in fp16 beside an
+    fp32 training pipeline, say)."""
+    if dtype == loaded_in:
+        return pipe
+    other = load_pipeline(cfg, device=device, dtype=dtype, base=base)
+    other.vae.enable_slicing()
+    return other
+
+
 def _load_pipeline(cfg: ModelConfig, family: str, device, dtype):
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or resolve_dtype(cfg.dtype, device)

@@ -28,7 +28,7 @@ from . import builtin, files
 from .config import Config, PriorConfig
 from .data import ImageSet
 from .cache import cache_root
-from .models import BaseModel, load_pipeline
+from .models import BaseModel, pipeline_in
 from .sample import ImageSpec, generate
 
 MANIFEST = "manifest.json"
@@ -125,21 +125,12 @@ def class_image_set(cfg: Config, acc, base: BaseModel, pipe, weight_dtype: torch
         return None, 0  # no prior, or the base model's own prediction is the prior (trainer.base_prediction)
     dtype = generation_dtype(cfg.prior, acc.device)
     with acc.main_process_first():  # one process generates; the others find the cache full
-        made = ensure_class_images(cfg, lambda: generation_pipe(cfg, acc, base, pipe, weight_dtype, dtype),
+        made = ensure_class_images(cfg, lambda: pipeline_in(cfg.model, pipe, weight_dtype, getattr(torch, dtype),
+                                                            acc.device, base),
                                    progress=progress and acc.is_main_process, dtype=dtype)
     if acc.device.type == "cuda":
         torch.cuda.empty_cache()
     return ImageSet.from_paths(made.paths, cfg.resolution), made.generated
-
-
-def generation_pipe(cfg: Config, acc, base: BaseModel, pipe, weight_dtype: torch.dtype, dtype: str):
-    """The pipeline class images are made with: the training pipeline `pipe` when it has their dtype,
-    else the base model loaded again in it (with a sliced VAE)."""
-    if getattr(torch, dtype) == weight_dtype:
-        return pipe
-    other = load_pipeline(cfg.model, device=acc.device, dtype=getattr(torch, dtype), base=base)
-    other.vae.enable_slicing()
-    return other
 
 
 class ClassCacheError(RuntimeError):
@@ -226,13 +217,7 @@ def _top_up(cfg: Config, pipe_factory, folder: Path, key: dict, names: list[str]
         warnings.warn(f"class images are keyed as {key['dtype']} but the pipeline runs in {made_in}: "
                       "pass dtype=generation_dtype(cfg.prior, device) and a pipeline in that dtype",
                       RuntimeWarning, stacklevel=4)
-    try:
-        return _generate_missing(cfg, pipe, folder, key, names, want, progress)
-    except OSError as exc:  # a full disk: the images made so far stay listed (the manifest lists whole files only)
-        if not files.is_disk_full(exc):
-            raise
-        kept = len(read_manifest(folder, key))
-        raise files.as_disk_full(exc, folder, hint=CACHE_HINT.format(done=kept, want=want)) from None
+    return _generate_missing(cfg, pipe, folder, key, names, want, progress)
 
 
 CACHE_HINT = ("free space there or point prior.cache_dir to another disk, then run the same command "
@@ -241,24 +226,32 @@ CACHE_HINT = ("free space there or point prior.cache_dir to another disk, then r
 
 def _generate_missing(cfg: Config, pipe, folder: Path, key: dict, names: list[str], want: int, progress: bool) -> int:
     """Generate class images len(names)..want-1 into folder, appending each finished name to `names`
-    and listing it in the manifest batch by batch; returns how many were made."""
+    and listing it in the manifest batch by batch; returns how many were made. A full disk stops it
+    saying how many are kept: those the manifest lists (whole files only), made by the same command."""
     from tqdm.auto import tqdm
 
-    folder.mkdir(parents=True, exist_ok=True)
-    todo, batch, generated = list(range(len(names), want)), cfg.prior.batch_size, 0
-    with tqdm(total=len(todo), desc="class images", unit="img", disable=not progress) as bar:
-        for start in range(0, len(todo), batch):
-            idx = todo[start : start + batch]
-            specs = [ImageSpec(prompt=key["prompt"], seed=cfg.prior.seed + i, guidance=cfg.prior.guidance,
-                               steps=cfg.prior.steps, sampler=cfg.prior.sampler, width=cfg.resolution,
-                               height=cfg.resolution, model=cfg.model.name) for i in idx]
-            images = generate(pipe, specs, batch_size=batch, progress=False)
-            for i, image in zip(idx, images):
-                name = f"class_{i:05d}.png"
-                files.save_image(folder / name, image)
-                names.append(name)
-            # The manifest only ever lists finished files, so an interrupted top-up resumes.
-            files.write_json(folder / MANIFEST, {"key": key, "images": names})
-            generated += len(idx)
-            bar.update(len(idx))
+    listed = len(names)  # what the manifest lists: read under the generation lock, then written here alone
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        todo, batch, generated = list(range(len(names), want)), cfg.prior.batch_size, 0
+        with tqdm(total=len(todo), desc="class images", unit="img", disable=not progress) as bar:
+            for start in range(0, len(todo), batch):
+                idx = todo[start : start + batch]
+                specs = [ImageSpec(prompt=key["prompt"], seed=cfg.prior.seed + i, guidance=cfg.prior.guidance,
+                                   steps=cfg.prior.steps, sampler=cfg.prior.sampler, width=cfg.resolution,
+                                   height=cfg.resolution, model=cfg.model.name) for i in idx]
+                images = generate(pipe, specs, batch_size=batch, progress=False)
+                for i, image in zip(idx, images):
+                    name = f"class_{i:05d}.png"
+                    files.save_image(folder / name, image)
+                    names.append(name)
+                # The manifest only ever lists finished files, so an interrupted top-up resumes.
+                files.write_json(folder / MANIFEST, {"key": key, "images": names})
+                listed = len(names)
+                generated += len(idx)
+                bar.update(len(idx))
+    except OSError as exc:  # a full disk: the images made so far stay listed
+        if not files.is_disk_full(exc):
+            raise
+        raise files.as_disk_full(exc, folder, hint=CACHE_HINT.format(done=listed, want=want)) from None
     return generated
