@@ -152,6 +152,15 @@ class DreamBoothObjective:
         if cfg.data.buckets:
             sizes = buckets.bucket_sizes(cfg.resolution, buckets.bucket_step(cfg.resolution))
             self.bucket_of = [buckets.nearest_bucket(im.size, sizes) for im in instance.images]
+        # What eval_instance_loss measures, decided once: each photo centre-cropped, unflipped (in its
+        # own bucket with data.buckets).
+        self.eval_rows: list[Row] = []
+        for i, im in enumerate(instance.images):
+            if self.bucket_of is None:
+                self.eval_rows.append(Row("instance", i, False, crop_box(im.size, instance.resolution, True, None)))
+            else:
+                resized, box = buckets.cover_and_crop_box(im.size, self.bucket_of[i], True, None)
+                self.eval_rows.append(Row("instance", i, False, box, self.bucket_of[i], resized))
         # Lazily (a photo the first time a step draws it, the prompts' states at the first step)
         # where the VAE and text encoder stay put anyway; else all now, so that they can leave the
         # GPU before the first step.
@@ -366,14 +375,6 @@ class DreamBoothObjective:
         """The UNet's prediction, with SDXL's added conditioning when the family has it."""
         return self.unet(noisy, timesteps, cond.states, added_cond_kwargs=added_cond_kwargs(cond, ids)).sample
 
-    def center_row(self, kind: str, i: int) -> Row:
-        """Photo i centre-cropped, unflipped (in its own bucket with data.buckets)."""
-        if self.bucket_of is not None:
-            b = self.bucket_of[i]
-            resized, box = buckets.cover_and_crop_box(self.sets[kind].images[i].size, b, True, None)
-            return Row(kind, i, False, box, b, resized)
-        return Row(kind, i, False, crop_box(self.sets[kind].images[i].size, self.sets[kind].resolution, True, None))
-
     def loss(self, step: int, micro: int) -> MicroLoss:
         """The loss of one micro-batch, its instance and prior parts, and the rows it drew."""
         cfg, lc = self.cfg, self.cfg.loss
@@ -452,8 +453,8 @@ class DreamBoothObjective:
         `evaluates` says whether a run computes it."""
         losses = []
         n = len(timesteps)
-        for i in range(len(self.sets["instance"])):
-            rows = [self.center_row("instance", i)] * n
+        for i, row in enumerate(self.eval_rows):
+            rows = [row] * n
             ids = self.time_ids(rows)  # SDXL's added conditioning (None otherwise)
             mean, _ = self.distribution(rows[:1])
             latents = (mean * self.vae.config.scaling_factor).to(self.latent_dtype).repeat(n, 1, 1, 1)

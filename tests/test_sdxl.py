@@ -69,7 +69,7 @@ def test_training_conditions_like_the_sdxl_pipeline(tmp_path, xl_pipe):
     assert torch.allclose(obj.text_cache.states[0], states[0], atol=1e-6)
     assert torch.allclose(obj.text_cache.pooled[0], pooled[0], atol=1e-6)
     # A photo generated at the training size, centre-cropped: the pipeline's own time ids.
-    row = obj.center_row("instance", 0)
+    row = obj.eval_rows[0]
     photos.original_sizes[0] = (64, 64)
     expected = xl_pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), torch.float32,
                                          xl_pipe.text_encoder_2.config.projection_dim)
