@@ -3,7 +3,9 @@ state (RNGs, TF32 flags) put back when train() returns."""
 
 from __future__ import annotations
 
+import importlib
 import random
+import threading
 from contextlib import contextmanager
 
 import numpy as np
@@ -61,3 +63,19 @@ def preserved_global_state():
         np.random.set_state(npy)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
+
+def prefetch_import(module: str) -> threading.Thread:
+    """Import `module` in a background thread, so that the code that needs it after the steps finds it
+    loaded. The loss plot's matplotlib costs ~0.37 s to import, half the time after the last step on
+    sd15-random (benchmarks/startup.md); during the steps a CPU core or the GPU's idle host has room
+    for it. A failure here is dropped: the real import, where the module is used, raises it then.
+    Python's import lock makes a caller that gets there first wait for this one's import to end."""
+    def run() -> None:
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - raised again by the real import
+            pass
+
+    thread = threading.Thread(target=run, name=f"prefetch {module}", daemon=True)
+    thread.start()
+    return thread

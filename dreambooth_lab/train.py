@@ -41,7 +41,7 @@ from .optim import hold_lora
 from .prior import class_image_set
 from .run_lock import RunLock, RunWarning
 from .runs import RunResult, load_result, read_metrics
-from .runtime import configure_speed, make_accelerator, preserved_global_state
+from .runtime import configure_speed, make_accelerator, prefetch_import, preserved_global_state
 from .timing import Timeline, format_profile, format_timings, profile_report
 from .tokens import warn_about_token
 from .trainer import DreamBoothObjective, Updates, evaluates, step_seed
@@ -220,6 +220,8 @@ def run_loop(s: Session, on_step, progress: bool) -> list:
     however it ends; returns them (finish writes the rank report)."""
     cfg, acc, objective, u = s.cfg, s.acc, s.objective, s.updates
     callbacks = make_callbacks(s, on_step, progress)
+    if acc.is_main_process:
+        prefetch_import(f"{__package__}.viz")  # the loss plot's matplotlib, loaded while the steps run
     k = cfg.train.gradient_accumulation_steps
     on_micro = [cb.on_micro for cb in callbacks if hasattr(cb, "on_micro")]
     on_steps = [cb.on_step for cb in callbacks if hasattr(cb, "on_step")]

@@ -142,6 +142,36 @@ def test_summary_records_the_phases_and_the_two_totals(tmp_path):
     assert "model_load" in text and "to_first_step" in text and "after_last_step" in text
 
 
+
+def test_the_loop_loads_the_loss_plots_library_while_the_steps_run(tmp_path, monkeypatch):
+    """matplotlib (viz) is imported in the background from the loop's start, not after the last step."""
+    asked = []
+    monkeypatch.setattr(train_mod, "prefetch_import", lambda name: asked.append(name))
+    result = train(tiny_config(tmp_path, **SHORT), resume=None, progress=False)
+    assert asked == ["dreambooth_lab.viz"] and (result.run_dir / "loss.png").is_file()
+
+
+def test_prefetch_import_loads_a_module_in_the_background_and_leaves_failures_to_the_real_import(
+        tmp_path, monkeypatch):
+    from dreambooth_lab.runtime import prefetch_import
+
+    (tmp_path / "prefetched_ok.py").write_text("import time\ntime.sleep(0.2)\nVALUE = 7\n")
+    (tmp_path / "prefetched_bad.py").write_text("raise RuntimeError('broken module')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    raised = []
+    monkeypatch.setattr("threading.excepthook", lambda args: raised.append(args))
+    thread = prefetch_import("prefetched_ok")
+    import prefetched_ok  # waits for the thread's import under Python's import lock: one module, loaded once
+
+    assert prefetched_ok.VALUE == 7 and sys.modules["prefetched_ok"] is prefetched_ok
+    thread.join(5)
+    prefetch_import("prefetched_bad").join(5)
+    assert raised == [] and "prefetched_bad" not in sys.modules
+    with pytest.raises(RuntimeError, match="broken module"):
+        import prefetched_bad  # noqa: F401
+    for name in ("prefetched_ok", "prefetched_bad"):
+        sys.modules.pop(name, None)
+
 # ---- the fixed-noise evaluation: where it is cheap, or asked for ------------------------------
 
 def test_a_short_run_skips_the_evaluation_and_its_fields_are_null(tmp_path, monkeypatch):
