@@ -191,16 +191,19 @@ def main(argv=None) -> None:
         dreambooth("backpack5", "backpack", 5)
     # ... and with the world's recipe (study.WORLD_RECIPE: where the subject binds in the world)
     log("DreamBooth runs, the world's recipe ...")
-    res5, cfg5, r5 = dreambooth("dog5-recipe", "dog", 5, te=WORLD_RECIPE_TEXT_ENCODER, scales=(0.6, 1.0), recipe=True)
-    res18, cfg18, r18 = dreambooth("dog18-recipe", "dog", 18, te=WORLD_RECIPE_TEXT_ENCODER, scales=(1.0,), recipe=True)
-    _, _, r5np = dreambooth("dog5-recipe-noprior", "dog", 5, te=WORLD_RECIPE_TEXT_ENCODER, prior=False, scales=(1.0,), recipe=True)
+    rs = WORLD_RECIPE_SCALE  # recipe runs are read where the recipe is used (and dog5 at 0.6 and 1.0 beside it)
+    res5, cfg5, r5 = dreambooth("dog5-recipe", "dog", 5, te=WORLD_RECIPE_TEXT_ENCODER,
+                                scales=tuple(sorted({0.6, rs, 1.0})), recipe=True)
+    res18, cfg18, r18 = dreambooth("dog18-recipe", "dog", 18, te=WORLD_RECIPE_TEXT_ENCODER, scales=(rs,), recipe=True)
+    _, _, r5np = dreambooth("dog5-recipe-noprior", "dog", 5, te=WORLD_RECIPE_TEXT_ENCODER, prior=False, scales=(rs,),
+                            recipe=True)
     if not args.quick:
-        dreambooth("backpack5-recipe", "backpack", 5, te=WORLD_RECIPE_TEXT_ENCODER, scales=(1.0,), recipe=True)
+        dreambooth("backpack5-recipe", "backpack", 5, te=WORLD_RECIPE_TEXT_ENCODER, scales=(rs,), recipe=True)
     photos5 = subject_photos("dog", 5)
-    grids["dreambooth, the world's recipe (dog5, scale 1.0)"] = {"training photos": photos5, **{
-        p: ims for p, ims in r5[1.0]["images"].items()}}
-    grids["the world's recipe (dog18, scale 1.0)"] = {p: ims for p, ims in r18[1.0]["images"].items()}
-    grids["no prior preservation (dog5-recipe-noprior, scale 1.0)"] = {"a dog": r5np[1.0]["images"]["a dog"]}
+    grids[f"dreambooth, the world's recipe (dog5, scale {rs})"] = {"training photos": photos5, **{
+        p: ims for p, ims in r5[rs]["images"].items()}}
+    grids[f"the world's recipe (dog18, scale {rs})"] = {p: ims for p, ims in r18[rs]["images"].items()}
+    grids[f"no prior preservation (dog5-recipe-noprior, scale {rs})"] = {"a dog": r5np[rs]["images"]["a dog"]}
 
     # 4a. LoRA scale sweep on the 18-photo recipe run
     log("LoRA scale sweep ...")
@@ -470,7 +473,7 @@ def markdown(r: dict) -> str:
         both = list(v["test_prompts_subject_and_asked"].values())
         out.append(f"| {s} | {v['subject_rate']:.2f} | " + " | ".join(_pct(x) for x in a)
                    + f" | {sum(both) / len(both):.2f} | {v['drift_subject_rate_in_class_prompt']:.2f} |")
-    out += ["", "**Steps** (dog5, the world's recipe, scale 1.0): subject rate and memorisation (RMS distance of a generation to its "
+    out += ["", f"**Steps** (dog5, the world's recipe, scale {WORLD_RECIPE_SCALE}): subject rate and memorisation (RMS distance of a generation to its "
                 "nearest training photo, 16×16 thumbnails; < 0.05 counted as memorised)", "",
             "| steps | s | subject | forest (traits + asked) | nearest-photo distance | memorised |", "|---|---|---|---|---|---|"]
     for n, v in r["steps_dog5"].items():

@@ -15,7 +15,7 @@ settings where DreamBooth visibly binds in the world) and one axis changed; the 
 table is the same default runs. Figures are the mean with its 95% t-interval over the replicates
 (a run's rate over its sampling seeds is the unit), and under the tables every setting is compared
 with the default by stats.compare: a difference is claimed only where its 95% interval excludes 0,
-else "no difference shown". Columns are the judge's readings at the recipe's LoRA scale (1.0):
+else "no difference shown". Columns are the judge's readings at the recipe's LoRA scale (study.WORLD_RECIPE_SCALE):
 subject fidelity ("a sks dog" shows the subject's traits), prompt fidelity (the four test
 prompts' asked context/outfit/style/car present), subject + prompt (both at once), drift (the
 subject's traits in plain "a dog") and class diversity, plus the run's wall time.
@@ -181,7 +181,7 @@ def markdown(result: dict) -> str:
     wall = f", {result['wall_seconds'] / 60:.1f} min wall time" if result.get("wall_seconds") else ""
     out = [MARK_START, "## Toy world: experiment axes (beyond the paper's recipe)", "",
            f"`python benchmarks/world_axes.py` on the committed `toyworld` model ({result['machine']}); "
-           f"{result['seeds']} seeds per prompt, LoRA scale 1.0, guidance 6.4, the world's recipe "
+           f"{result['seeds']} seeds per prompt, LoRA scale {result.get('scale', 1.0)}, guidance 6.4, the world's recipe "
            f"(`world.study.world_recipe_config`: rank 4, {recipe}, text encoder "
            f"{'trained' if WORLD_RECIPE_TEXT_ENCODER else 'frozen'}, "
            f"{result['steps']} steps, prior preservation) with one "
@@ -269,7 +269,7 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from dreambooth_lab.world.study import WORLD_RECIPE_STEPS, load_world_pipeline
+    from dreambooth_lab.world.study import WORLD_RECIPE_SCALE, WORLD_RECIPE_STEPS, load_world_pipeline
 
     seeds = list(range(args.seeds))
     work = Path(tempfile.mkdtemp(prefix="world-axes-"))
@@ -291,7 +291,7 @@ def main(argv=None) -> None:
             rows[label] = {str(p): row(p, overrides) for p in args.photos}
         axes[axis] = rows
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-                         f"{args.threads}", "seeds": len(seeds), "steps": args.steps or WORLD_RECIPE_STEPS,
+                         f"{args.threads}", "seeds": len(seeds), "steps": args.steps or WORLD_RECIPE_STEPS, "scale": WORLD_RECIPE_SCALE,
               "replicates": args.replicates,
               "training_seeds": [r["training_seed"] for r in default[args.photos[0]]["runs"]],
               "load_average": {"start": [round(x, 2) for x in load0], "end": [round(x, 2) for x in os.getloadavg()]},
