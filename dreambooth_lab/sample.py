@@ -141,7 +141,8 @@ def load_lora(pipe, lora_path: str | Path) -> None:
     from . import lora_check
 
     path = find_lora_file(lora_path)
-    model = _model_name(pipe)
+    name = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    model = f"the base model {name}" if name else "this base model"
     layers = lora_check.read_checked(path)
     embedding = lora_check.checked_embedding(path, width=pipe.text_encoder.get_input_embeddings().weight.shape[1])
     components = {k: getattr(pipe, k, None) for k in ("unet", "text_encoder", "text_encoder_2")}
@@ -163,11 +164,6 @@ def load_lora(pipe, lora_path: str | Path) -> None:
         from . import identifier
 
         identifier.load_into(pipe, embedding[0], embedding[1])
-
-
-def _model_name(pipe) -> str:
-    name = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
-    return f"the base model {name}" if name else "this base model"
 
 
 def _drop_adapter(pipe) -> None:
@@ -194,12 +190,10 @@ def _quiet_missing_text_encoder_keys():
     Every other message of the load still shows."""
     import logging
 
-    class Drop(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return not record.getMessage().startswith("No LoRA keys associated to")
+    def drop(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated to")
 
     handlers = logging.getLogger("diffusers").handlers
-    drop = Drop()
     for h in handlers:
         h.addFilter(drop)
     try:
@@ -207,20 +201,6 @@ def _quiet_missing_text_encoder_keys():
     finally:
         for h in handlers:
             h.removeFilter(drop)
-
-
-def load_identifier(pipe, lora_file: Path) -> str | None:
-    """A run with a learned identifier keeps its embedding beside the LoRA: load it through
-    diffusers' textual-inversion loader; returns the placeholder (None when there is none). A
-    missing or damaged embedding of a LoRA trained with one is a LoraFileError (lora_check)."""
-    from . import identifier, lora_check
-
-    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
-    found = lora_check.checked_embedding(Path(lora_file), width=width)
-    if found is None:
-        return None
-    identifier.load_into(pipe, found[0], found[1])
-    return found[1]
 
 
 def apply_vae_options(pipe, slicing: bool, tiling: bool) -> None:
@@ -235,11 +215,9 @@ def set_lora_scales(pipe, unet: float, text_encoder: float, text_encoder_2: floa
     loaded = pipe.get_list_adapters()
     if ADAPTER not in (loaded.get("unet") or []):
         raise RuntimeError("no LoRA is loaded: call load_lora(pipe, run_dir) first")
-    weights = {"unet": float(unet)}
-    if ADAPTER in (loaded.get("text_encoder") or []):
-        weights["text_encoder"] = float(text_encoder)
-    if ADAPTER in (loaded.get("text_encoder_2") or []):
-        weights["text_encoder_2"] = float(text_encoder if text_encoder_2 is None else text_encoder_2)
+    scales = {"unet": unet, "text_encoder": text_encoder,
+              "text_encoder_2": text_encoder if text_encoder_2 is None else text_encoder_2}
+    weights = {k: float(v) for k, v in scales.items() if ADAPTER in (loaded.get(k) or [])}
     pipe.set_adapters([ADAPTER], adapter_weights=[weights])
 
 
@@ -258,26 +236,21 @@ def generate(pipe, specs: Sequence[ImageSpec], batch_size: int = 4, progress: bo
         key = (s.negative_prompt, s.guidance, s.steps, s.sampler, s.width, s.height,
                s.lora_scale_unet, s.lora_scale_text_encoder, s.lora_scale_text_encoder_2)
         groups.setdefault(key, []).append(i)
-    bar = tqdm(total=len(specs), desc="generating", unit="img", disable=not progress)
-    for (neg, guidance, steps, sampler, w, h, su, ste, ste2), idx in groups.items():
-        pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
-        if ADAPTER in (pipe.get_list_adapters().get("unet") or []):  # a base pipeline has no scales
-            set_lora_scales(pipe, su, ste, ste2)
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start : start + batch_size]
-            result = pipe(
-                prompt=[specs[i].prompt for i in chunk],
-                negative_prompt=[neg] * len(chunk) if neg else None,
-                generator=generators([specs[i].seed for i in chunk]),
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                width=w,
-                height=h,
-            )
-            for i, image in zip(chunk, result.images):
-                out[i] = image
-            bar.update(len(chunk))
-    bar.close()
+    with tqdm(total=len(specs), desc="generating", unit="img", disable=not progress) as bar:
+        for idx in groups.values():
+            s = specs[idx[0]]  # the group's settings
+            pipe.scheduler = make_scheduler(s.sampler, pipe.scheduler.config)
+            if ADAPTER in (pipe.get_list_adapters().get("unet") or []):  # a base pipeline has no scales
+                set_lora_scales(pipe, s.lora_scale_unet, s.lora_scale_text_encoder, s.lora_scale_text_encoder_2)
+            for start in range(0, len(idx), batch_size):
+                chunk = idx[start : start + batch_size]
+                result = pipe(prompt=[specs[i].prompt for i in chunk],
+                              negative_prompt=[s.negative_prompt] * len(chunk) if s.negative_prompt else None,
+                              generator=generators([specs[i].seed for i in chunk]), num_inference_steps=s.steps,
+                              guidance_scale=s.guidance, width=s.width, height=s.height)
+                for i, image in zip(chunk, result.images):
+                    out[i] = image
+                bar.update(len(chunk))
     return out
 
 
@@ -296,9 +269,8 @@ def save_with_sidecars(images: Sequence, specs: Sequence[ImageSpec], folder: str
 
 
 def read_sidecar(path: str | Path) -> ImageSpec:
-    path = Path(path)
-    data = json.loads((path if path.suffix == ".json" else path.with_suffix(".json")).read_text())
-    return ImageSpec(**data)
+    """The spec written beside an image (path: the PNG or its .json sidecar)."""
+    return ImageSpec(**json.loads(Path(path).with_suffix(".json").read_text()))
 
 
 def pipeline_for(spec: ImageSpec, device=None):
