@@ -28,7 +28,7 @@ from . import builtin, files
 from .config import Config, PriorConfig
 from .data import ImageSet
 from .cache import cache_root
-from .models import BaseModel, pipeline_in
+from .models import BaseModel, default_device, pipeline_in
 from .sample import ImageSpec, generate
 
 MANIFEST = "manifest.json"
@@ -57,31 +57,15 @@ def model_key(name: str) -> str:
     return name
 
 
-def cache_key(model: str, prompt: str, resolution: int, sampler: str, steps: int, guidance: float, seed: int, *,
-              revision: str | None = None, variant: str | None = None, dtype: str = "float32",
-              safety_checker: bool = False) -> dict:
-    return {
-        "model": model_key(model),
-        "revision": revision,
-        "variant": variant,
-        "dtype": dtype,
-        "safety_checker": bool(safety_checker),
-        "prompt": prompt,
-        "resolution": int(resolution),
-        "sampler": sampler,
-        "steps": int(steps),
-        "guidance": float(guidance),
-        "seed": int(seed),
-    }
-
-
 def class_image_key(cfg: Config, dtype: str) -> dict:
     """The cache key of cfg's class images generated in `dtype` (an explicit name, not 'auto')."""
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"class images are keyed by an explicit dtype, got {dtype!r}: use generation_dtype(cfg.prior, device)")
-    return cache_key(cfg.model.name, cfg.fill(cfg.data.class_prompt), cfg.resolution, cfg.prior.sampler,
-                     cfg.prior.steps, cfg.prior.guidance, cfg.prior.seed, revision=cfg.model.revision,
-                     variant=cfg.model.variant, dtype=dtype, safety_checker=cfg.model.safety_checker)
+    m, p = cfg.model, cfg.prior
+    return {"model": model_key(m.name), "revision": m.revision, "variant": m.variant, "dtype": dtype,
+            "safety_checker": bool(m.safety_checker), "prompt": cfg.fill(cfg.data.class_prompt),
+            "resolution": int(cfg.resolution), "sampler": p.sampler, "steps": int(p.steps),
+            "guidance": float(p.guidance), "seed": int(p.seed)}
 
 
 def key_digest(key: dict) -> str:
@@ -101,16 +85,10 @@ def cache_root_for(cfg: Config, environ: Mapping[str, str] | None = None, drive:
 
 def cache_folder(cfg: Config, dtype: str | None = None) -> tuple[Path, dict]:
     """The cache folder and key of cfg's class images; dtype None = generation_dtype on this machine."""
-    dtype = dtype or generation_dtype(cfg.prior, _default_device())
+    dtype = dtype or generation_dtype(cfg.prior, default_device())
     key = class_image_key(cfg, dtype)
     slug = "".join(c if c.isalnum() else "_" for c in cfg.data.class_name)[:40]
     return cache_root_for(cfg) / f"{slug}-{key_digest(key)}", key
-
-
-def _default_device():
-    from .models import default_device
-
-    return default_device()
 
 
 def class_image_set(cfg: Config, acc, base: BaseModel, pipe, weight_dtype: torch.dtype,
@@ -183,7 +161,13 @@ def ensure_class_images(cfg: Config, pipe_factory, progress: bool = True, dtype:
         with generation_lock(folder, progress):  # several runs (processes, Ray workers) needing these images at once
             names = read_manifest(folder, key)  # what another process made while we waited
             if len(names) < want:
-                generated = _top_up(cfg, pipe_factory, folder, key, names, want, progress)
+                pipe = pipe_factory()
+                made_in = str(getattr(getattr(pipe, "unet", None), "dtype", "")).removeprefix("torch.")
+                if made_in and made_in != key["dtype"]:
+                    warnings.warn(f"class images are keyed as {key['dtype']} but the pipeline runs in {made_in}: "
+                                  "pass dtype=generation_dtype(cfg.prior, device) and a pipeline in that dtype",
+                                  RuntimeWarning, stacklevel=3)
+                generated = _generate_missing(cfg, pipe, folder, key, names, want, progress)
     return ClassImages(folder, [folder / n for n in names[:want]], generated)
 
 
@@ -209,17 +193,6 @@ def generation_lock(folder: Path, progress: bool = True):
         lock.release()
 
 
-def _top_up(cfg: Config, pipe_factory, folder: Path, key: dict, names: list[str], want: int, progress: bool) -> int:
-    """Generate the missing images (the caller holds the generation lock); returns how many were made."""
-    pipe = pipe_factory()
-    made_in = str(getattr(getattr(pipe, "unet", None), "dtype", "")).removeprefix("torch.")
-    if made_in and made_in != key["dtype"]:
-        warnings.warn(f"class images are keyed as {key['dtype']} but the pipeline runs in {made_in}: "
-                      "pass dtype=generation_dtype(cfg.prior, device) and a pipeline in that dtype",
-                      RuntimeWarning, stacklevel=4)
-    return _generate_missing(cfg, pipe, folder, key, names, want, progress)
-
-
 CACHE_HINT = ("free space there or point prior.cache_dir to another disk, then run the same command "
               "({done} of {want} class images are kept and the rest are made then)")
 
@@ -230,10 +203,10 @@ def _generate_missing(cfg: Config, pipe, folder: Path, key: dict, names: list[st
     saying how many are kept: those the manifest lists (whole files only), made by the same command."""
     from tqdm.auto import tqdm
 
-    listed = len(names)  # what the manifest lists: read under the generation lock, then written here alone
+    listed = first = len(names)  # what the manifest lists: read under the generation lock, then written here alone
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        todo, batch, generated = list(range(len(names), want)), cfg.prior.batch_size, 0
+        todo, batch = list(range(first, want)), cfg.prior.batch_size
         with tqdm(total=len(todo), desc="class images", unit="img", disable=not progress) as bar:
             for start in range(0, len(todo), batch):
                 idx = todo[start : start + batch]
@@ -248,10 +221,9 @@ def _generate_missing(cfg: Config, pipe, folder: Path, key: dict, names: list[st
                 # The manifest only ever lists finished files, so an interrupted top-up resumes.
                 files.write_json(folder / MANIFEST, {"key": key, "images": names})
                 listed = len(names)
-                generated += len(idx)
                 bar.update(len(idx))
     except OSError as exc:  # a full disk: the images made so far stay listed
         if not files.is_disk_full(exc):
             raise
         raise files.as_disk_full(exc, folder, hint=CACHE_HINT.format(done=listed, want=want)) from None
-    return generated
+    return len(names) - first
