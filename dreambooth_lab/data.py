@@ -8,7 +8,10 @@ exactly the data an uninterrupted one would.
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -117,8 +120,6 @@ def load_images(paths: list[Path], target: int | None = None) -> list[Image.Imag
 
 def check_sizes(paths: list[Path], images: list[Image.Image], resolution: int) -> None:
     """Refuse photos far below the resolution; warn about those that will be upscaled."""
-    import warnings
-
     floor = max(8, resolution // MIN_SIDE_FRACTION)
     tiny = [f"{p}: {im.size[0]}x{im.size[1]}" for p, im in zip(paths, images) if min(im.size) < floor]
     if tiny:
@@ -133,8 +134,6 @@ def check_sizes(paths: list[Path], images: list[Image.Image], resolution: int) -
 
 def check_count(folder: str | Path, paths: list[Path]) -> None:
     """Warn when there are fewer than MIN_PHOTOS or more than MAX_PHOTOS photos of the subject."""
-    import warnings
-
     if len(paths) < MIN_PHOTOS:
         warnings.warn(f"only {len(paths)} photo(s) in {folder}: DreamBooth wants {MIN_PHOTOS}–{MAX_PHOTOS} photos of "
                       "the subject (different poses and backgrounds); with fewer the LoRA tends to copy them",
@@ -156,35 +155,22 @@ def _fingerprint(im: Image.Image) -> tuple[np.ndarray, np.ndarray]:
 def near_duplicates(names: list[str], images: list[Image.Image]) -> list[tuple[str, str, float]]:
     """Pairs of photos that are the same shot (identical, re-saved, resized, nudged, re-exposed):
     (name, name, fraction of hash bits that differ), in file order (pure)."""
-    prints = [_fingerprint(im) for im in images]
     out = []
-    for i in range(len(images)):
-        for j in range(i + 1, len(images)):
-            bits = float(np.mean(prints[i][0] != prints[j][0]))
-            colour = float(np.abs(prints[i][1] - prints[j][1]).mean())
-            if bits <= NEAR_DUPLICATE_BITS and colour <= NEAR_DUPLICATE_COLOUR:
-                out.append((names[i], names[j], bits))
+    for (a, (hash_a, thumb_a)), (b, (hash_b, thumb_b)) in combinations(zip(names, map(_fingerprint, images)), 2):
+        bits = float(np.mean(hash_a != hash_b))
+        if bits <= NEAR_DUPLICATE_BITS and float(np.abs(thumb_a - thumb_b).mean()) <= NEAR_DUPLICATE_COLOUR:
+            out.append((a, b, bits))
     return out
 
 
-def check_duplicates(paths: list[Path], images: list[Image.Image]) -> list[tuple[str, str]]:
-    """Warn about photos that are the same picture or the same shot (see near_duplicates); returns the pairs."""
-    import warnings
-
+def check_duplicates(paths: list[Path], images: list[Image.Image]) -> None:
+    """Warn about photos that are the same picture or the same shot (see near_duplicates)."""
     found = near_duplicates([p.name for p in paths], images)
-    same = [f"{a} = {b}" for a, b, bits in found if bits == 0.0]
-    near = [f"{a} ≈ {b}" for a, b, bits in found if bits > 0.0]
-    if same or near:
+    found.sort(key=lambda pair: pair[2] > 0)  # identical pictures first, each group in file order
+    pairs = [f"{a} {'≈' if bits else '='} {b}" for a, b, bits in found]
+    if pairs:
         warnings.warn("duplicate or near-duplicate photos (the same shot weighs double in training and the LoRA "
-                      "learns that pose; remove one of each): " + ", ".join(same + near), DatasetWarning, stacklevel=3)
-    return [(a, b) for a, b, _ in found]
-
-
-def _border(im: Image.Image, size: int = 32, ring: int = 3) -> np.ndarray:
-    arr = np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
-    mask = np.ones((size, size), dtype=bool)
-    mask[ring:-ring, ring:-ring] = False
-    return arr[mask]
+                      "learns that pose; remove one of each): " + ", ".join(pairs), DatasetWarning, stacklevel=3)
 
 
 def median_rows(x: np.ndarray) -> np.ndarray:
@@ -200,23 +186,21 @@ def shared_background(images: list[Image.Image]) -> float | None:
     difference); None for fewer than MIN_PHOTOS photos (pure). Small = one background for all."""
     if len(images) < MIN_PHOTOS:
         return None
-    rings = np.stack([_border(im) for im in images])
-    median = median_rows(rings)
-    return float(np.abs(rings - median).mean(axis=(1, 2)).max())
+    ring = np.ones((32, 32), dtype=bool)  # the outer 3 px of a 32x32 thumbnail
+    ring[3:-3, 3:-3] = False
+    rings = np.stack([np.asarray(im.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR),
+                                 dtype=np.float32)[ring] for im in images])
+    return float(np.abs(rings - median_rows(rings)).mean(axis=(1, 2)).max())
 
 
-def check_background(folder: str | Path, images: list[Image.Image]) -> bool:
+def check_background(folder: str | Path, images: list[Image.Image]) -> None:
     """Warn when every photo has the same background (the subject cannot be told from it)."""
-    import warnings
-
     spread = shared_background(images)
     if spread is not None and spread <= SHARED_BACKGROUND:
         warnings.warn(f"all {len(images)} photos in {folder} have the same background (their borders differ by "
                       f"{spread:.1f}/255 at most): the LoRA cannot tell the subject from the background and will "
                       "paint it into every picture. Add photos in other places (or crop tighter around the subject)",
                       DatasetWarning, stacklevel=3)
-        return True
-    return False
 
 
 CAPTION_SUFFIX = ".txt"  # data.captions: sidecar -- <photo stem>.txt beside each photo
@@ -231,8 +215,6 @@ def read_captions(paths: list[Path], token: str | None = None) -> list[str]:
     """Each photo's sidecar caption as written (placeholders {token} and {class} unfilled), on one
     line. Missing, empty or unreadable caption files, and captions that never name the subject
     ({token} or the token itself), are reported together in one error that names every file."""
-    import re
-
     captions, bad = [], []
     for p in paths:
         f = caption_path(p)
