@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import takewhile
 from pathlib import Path
 
 import torch
@@ -139,12 +140,7 @@ def read_manifest(folder: Path, key: dict) -> list[str]:
                               "to rebuild the class images")
     if data.get("key") != key:
         raise ClassCacheError(f"{path} belongs to another key; delete the folder {folder} to rebuild it")
-    names = []
-    for name in data.get("images", []):
-        if not (folder / name).is_file():
-            break
-        names.append(name)
-    return names
+    return list(takewhile(lambda name: (folder / name).is_file(), data.get("images", [])))
 
 
 def ensure_class_images(cfg: Config, pipe_factory, progress: bool = True, dtype: str | None = None) -> ClassImages:
