@@ -80,9 +80,6 @@ def family_from_configs(index: dict | None, scheduler: dict | None, text_encoder
     return "sd1"
 
 
-_FAMILY_CACHE: dict[tuple, str] = {}
-
-
 @dataclass(frozen=True)
 class BaseModel:
     """The base model, resolved once: what every later step asks instead of looking again."""
@@ -104,31 +101,27 @@ def check_supported(base: BaseModel, cfg: Config) -> None:
     """Refuse what the base model cannot take (ConfigError), before any run folder exists: what its
     family cannot do, then a learned identifier whose tokens (<sks>, <sks>_1, ...) its tokenizer
     already has (only the tokenizer is loaded: a second, before the model)."""
-    if base.family == "sdxl" and cfg.identifier.learned:
+    if not cfg.identifier.learned:
+        return
+    if base.family == "sdxl":
         raise ConfigError("identifier.learned is not supported for SDXL models yet (its tokens would need both "
                           "text encoders): use a rare token (identifier.learned: false)")
-    if cfg.identifier.learned:
-        tokenizer = load_tokenizer(base.name)
-        clash = identifier.taken(tokenizer, cfg.prompt_token, cfg.identifier.num_vectors)
-        if clash:
-            raise ConfigError(f"data.token={cfg.data.token!r}: the learned identifier's token(s) {', '.join(clash)} "
-                              f"are already in {base.name}'s tokenizer, so they cannot be learned: pick another "
-                              "data.token")
+    clash = identifier.taken(load_tokenizer(base.name), cfg.prompt_token, cfg.identifier.num_vectors)
+    if clash:
+        raise ConfigError(f"data.token={cfg.data.token!r}: the learned identifier's token(s) {', '.join(clash)} "
+                          f"are already in {base.name}'s tokenizer, so they cannot be learned: pick another data.token")
 
 
+@lru_cache(maxsize=None)
 def _family_of(name: str, revision: str | None) -> str:
     """The family of a hub id or local folder, read from its configs (remembered)."""
     path = pretrained_path(name)
-    key = (path, revision)
-    if key not in _FAMILY_CACHE:
-        index = _read_config(path, "model_index.json", revision)
-        if index is None:
-            raise FileNotFoundError(f"{name}: no model_index.json, so the model family cannot be told: point "
-                                    "model.name at a diffusers pipeline folder or hub id")
-        sched_dir = "scheduler/scheduler_config.json"
-        _FAMILY_CACHE[key] = family_from_configs(index, _read_config(path, sched_dir, revision),
-                                                 _read_config(path, "text_encoder/config.json", revision))
-    return _FAMILY_CACHE[key]
+    index = _read_config(path, "model_index.json", revision)
+    if index is None:
+        raise FileNotFoundError(f"{name}: no model_index.json, so the model family cannot be told: point "
+                                "model.name at a diffusers pipeline folder or hub id")
+    return family_from_configs(index, _read_config(path, "scheduler/scheduler_config.json", revision),
+                               _read_config(path, "text_encoder/config.json", revision))
 
 
 # ---- loading ----------------------------------------------------------------------------------
@@ -191,7 +184,17 @@ def load_pipeline(cfg: ModelConfig, device: torch.device | str | None = None, dt
     collector spared their objects while the weights load (`collector_spared`)."""
     family = (base or resolve(cfg)).family
     with collector_spared(lambda: pipeline_class(family)):
-        return _load_pipeline(cfg, family, device, dtype)
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or resolve_dtype(cfg.dtype, device)
+        kwargs = dict(dtype=dtype, use_safetensors=True)  # never unpickle downloaded weights
+        kwargs.update({k: v for k, v in (("revision", cfg.revision), ("variant", cfg.variant)) if v})
+        if family == "sdxl":
+            kwargs["add_watermarker"] = False  # an invisible watermark changes pixels: a seed means one image
+        elif not cfg.safety_checker:
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        pipe = pipeline_class(family).from_pretrained(pretrained_path(cfg.name), **kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
 
 
 def pipeline_in(cfg: ModelConfig, pipe, loaded_in: torch.dtype, dtype: torch.dtype, device,
@@ -204,24 +207,6 @@ def pipeline_in(cfg: ModelConfig, pipe, loaded_in: torch.dtype, dtype: torch.dty
     other = load_pipeline(cfg, device=device, dtype=dtype, base=base)
     other.vae.enable_slicing()
     return other
-
-
-def _load_pipeline(cfg: ModelConfig, family: str, device, dtype):
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or resolve_dtype(cfg.dtype, device)
-    kwargs = dict(dtype=dtype, use_safetensors=True)  # never unpickle downloaded weights
-    if cfg.revision:
-        kwargs["revision"] = cfg.revision
-    if cfg.variant:
-        kwargs["variant"] = cfg.variant
-    path = pretrained_path(cfg.name)
-    if family == "sdxl":
-        kwargs["add_watermarker"] = False  # an invisible watermark changes pixels: a seed means one image
-    elif not cfg.safety_checker:
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    pipe = pipeline_class(family).from_pretrained(path, **kwargs)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
 
 
 @lru_cache(maxsize=4)
