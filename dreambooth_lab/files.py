@@ -10,6 +10,7 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -21,12 +22,11 @@ DEFAULT_HINT = "free space there, or write somewhere else"
 
 def human_bytes(n: int | float) -> str:
     """'512 B', '3.4 KB', '1.2 MB', '5.0 GB' (pure)."""
-    n = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+    for unit in ("B", "KB", "MB"):
+        if abs(n) < 1024:
             return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} TB"  # pragma: no cover
+    return f"{n:.1f} GB"
 
 
 def free_bytes(folder: str | Path) -> int | None:
@@ -48,8 +48,7 @@ def is_disk_full(exc: BaseException) -> bool:
 def disk_full_message(folder: Path, needed: int | None, free: int | None, quota: bool, hint: str) -> str:
     """The one line a full disk gets: the folder, what was needed and what is free, what to do (pure)."""
     what = "over its quota" if quota else "full"
-    sizes = ([f"{human_bytes(needed)} needed"] if needed is not None else []) + \
-        ([f"{human_bytes(free)} free"] if free is not None else [])
+    sizes = [f"{human_bytes(n)} {what}" for n, what in ((needed, "needed"), (free, "free")) if n is not None]
     on_colab = " (on Colab: Google Drive's storage is full)" if quota else ""
     return f"the disk of {folder} is {what}{on_colab}" + (f" ({', '.join(sizes)})" if sizes else "") + f": {hint}"
 
@@ -70,7 +69,7 @@ class DiskFull(OSError):
         return self.strerror
 
     def __reduce__(self):  # picklable (multiprocessing and accelerate pass exceptions around)
-        return (_rebuild_disk_full, (str(self.folder), self.needed, self.free, self.quota, self.hint))
+        return partial(DiskFull, free=self.free, quota=self.quota, hint=self.hint), (str(self.folder), self.needed)
 
     def again(self, *, folder: str | Path | None = None, needed: int | None = None,
               hint: str | None = None) -> "DiskFull":
@@ -79,10 +78,6 @@ class DiskFull(OSError):
         free = free_bytes(where) if folder is not None else self.free
         return DiskFull(where, self.needed if needed is None else needed, free=free, quota=self.quota,
                         hint=self.hint if hint is None else hint)
-
-
-def _rebuild_disk_full(folder, needed, free, quota, hint) -> DiskFull:
-    return DiskFull(folder, needed, free=free, quota=quota, hint=hint)
 
 
 def as_disk_full(exc: OSError, folder: str | Path, needed: int | None = None, hint: str | None = None) -> DiskFull:
@@ -152,8 +147,7 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    data = text.encode("utf-8")
-    return atomic_write(path, lambda t: t.write_bytes(data), size=len(data))
+    return write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | Path, data: Any) -> Path:
@@ -174,6 +168,14 @@ def timestamp() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+def _fresh_names(parent: Path, name: str) -> Iterator[Path]:
+    """parent/name-<timestamp>, then -2, -3 ... up to -999; after the last, FileExistsError."""
+    base = f"{name}-{timestamp()}"
+    for i in range(1, 1000):
+        yield parent / (base if i == 1 else f"{base}-{i}")
+    raise FileExistsError(f"could not make a new folder for {base} in {parent}")
+
+
 def new_dir(parent: str | Path, name: str) -> Path:
     """Create parent/name-<timestamp> (with -2, -3... on a clash); never reuse a folder."""
     parent = Path(parent).expanduser()
@@ -186,16 +188,13 @@ def new_dir(parent: str | Path, name: str) -> Path:
                               "choose another train.output_dir (OUTPUT_DIR)") from exc
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"cannot write to {parent}: choose another train.output_dir (OUTPUT_DIR)")
-    base = f"{name}-{timestamp()}"
-    for i in range(1, 1000):
-        path = parent / (base if i == 1 else f"{base}-{i}")
+    for path in _fresh_names(parent, name):
         try:
             with disk_full_as(parent):
                 path.mkdir()
             return path
         except FileExistsError:
             continue
-    raise FileExistsError(f"could not make a new folder for {base} in {parent}")
 
 
 PARTIAL = ".partial"  # suffix of a folder being filled (hidden: its name starts with a dot)
@@ -228,22 +227,21 @@ class Building:
             if isinstance(exc, DiskFull):  # name the folder the user knows, not the hidden one that is gone
                 raise exc.again(folder=self.parent) from None
             return
-        base = f"{self.name}-{timestamp()}"
-        for i in range(1, 1000):
-            path = self.parent / (base if i == 1 else f"{base}-{i}")
-            if path.exists():
-                continue
-            try:
-                os.rename(self.tmp, path)  # fails on a non-empty folder of that name made meanwhile
-            except OSError as err:
-                if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
+        try:
+            for path in _fresh_names(self.parent, self.name):
+                if path.exists():
                     continue
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise
-            self.path = path
-            return
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        raise FileExistsError(f"could not make a new folder for {base} in {self.parent}")
+                try:
+                    os.rename(self.tmp, path)  # fails on a non-empty folder of that name made meanwhile
+                except OSError as err:
+                    if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                        continue
+                    raise
+                self.path = path
+                return
+        except BaseException:  # a failed rename, or no free name left
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
 
     def final(self, inside: Path) -> Path:
         """Where a path inside `tmp` lies now that the folder has its final name."""
@@ -263,7 +261,7 @@ def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> 
     """Serialise tensors (name -> torch.Tensor) to safetensors bytes, deterministically (pure)."""
     import struct
 
-    header: dict = {"__metadata__": dict(sorted((metadata or {}).items()))} if metadata else {}
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     chunks, offset = [], 0
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
@@ -278,5 +276,4 @@ def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> 
 
 
 def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
-    data = safetensors_bytes(tensors, metadata)
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data), size=len(data))
+    return write_bytes(path, safetensors_bytes(tensors, metadata))
