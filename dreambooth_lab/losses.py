@@ -37,13 +37,13 @@ def min_snr_weights(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> 
 
 def per_row_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse", huber_c: float = 0.1) -> torch.Tensor:
     """The loss of each row (mean over channels and pixels)."""
-    pred, target = pred.float(), target.float()
+    diff = pred.float() - target.float()
     if kind == "mse":
-        err = (pred - target) ** 2
+        err = diff ** 2
     elif kind == "l1":
-        err = (pred - target).abs()
+        err = diff.abs()
     elif kind == "huber":
-        err = 2 * huber_c * (torch.sqrt((pred - target) ** 2 + huber_c ** 2) - huber_c)
+        err = 2 * huber_c * (torch.sqrt(diff ** 2 + huber_c ** 2) - huber_c)
     else:
         raise ValueError(f"loss.kind={kind!r}: use one of {', '.join(LOSS_KINDS)}")
     return err.mean(dim=tuple(range(1, err.ndim)))
@@ -73,18 +73,15 @@ def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int, p
     With the defaults this is the paper's: MSE(instance) + prior_weight * MSE(prior). `weights`
     (one per row, e.g. min-SNR-γ) and `kind` (mse | l1 | huber) are the loss axes above.
     """
+    has_prior = pred.shape[0] != n_instance
     if weights is None and kind == "mse":
         pred, target = pred.float(), target.float()
         inst = F.mse_loss(pred[:n_instance], target[:n_instance])
-        if pred.shape[0] == n_instance:
-            return inst, inst, None
-        prior = F.mse_loss(pred[n_instance:], target[n_instance:])
-        return inst + prior_weight * prior, inst, prior
-    rows = per_row_loss(pred, target, kind, huber_c)
-    if weights is not None:
-        rows = rows * weights.to(rows.device, rows.dtype)
-    inst = rows[:n_instance].mean()
-    if rows.shape[0] == n_instance:
-        return inst, inst, None
-    prior = rows[n_instance:].mean()
-    return inst + prior_weight * prior, inst, prior
+        prior = F.mse_loss(pred[n_instance:], target[n_instance:]) if has_prior else None
+    else:
+        rows = per_row_loss(pred, target, kind, huber_c)
+        if weights is not None:
+            rows = rows * weights.to(rows.device, rows.dtype)
+        inst = rows[:n_instance].mean()
+        prior = rows[n_instance:].mean() if has_prior else None
+    return (inst, inst, None) if prior is None else (inst + prior_weight * prior, inst, prior)
