@@ -30,9 +30,6 @@ class Cond:
     def __getitem__(self, index) -> "Cond":
         return Cond(self.states[index], None if self.pooled is None else self.pooled[index])
 
-    def to(self, *args, **kwargs) -> "Cond":
-        return Cond(self.states.to(*args, **kwargs), None if self.pooled is None else self.pooled.to(*args, **kwargs))
-
     @property
     def device(self) -> torch.device:
         return self.states.device
