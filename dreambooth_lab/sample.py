@@ -9,7 +9,7 @@ it again: ``regenerate(sidecar)``.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -153,11 +153,10 @@ def load_lora(pipe, lora_path: str | Path) -> None:
         with _quiet_missing_text_encoder_keys():
             pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER)
         lora_check.check_attached(path, layers, pipe, ADAPTER, model)
-    except LoraFileError:
+    except (LoraFileError, ValueError, RuntimeError, KeyError, IndexError, TypeError) as exc:
         _drop_adapter(pipe)
-        raise
-    except (ValueError, RuntimeError, KeyError, IndexError, TypeError) as exc:  # e.g. another base model's LoRA
-        _drop_adapter(pipe)
+        if isinstance(exc, LoraFileError):  # the checks' own message
+            raise
         raise LoraFileError(f"{path} does not fit this base model ({_reason(exc)}): load it on the model it was "
                             "trained on") from exc
     if embedding is not None:
@@ -168,11 +167,9 @@ def load_lora(pipe, lora_path: str | Path) -> None:
 
 def _drop_adapter(pipe) -> None:
     """Remove a half-loaded adapter so the pipeline draws nothing under the LoRA's name."""
-    try:
+    with suppress(ValueError, RuntimeError, KeyError, AttributeError):
         if ADAPTER in {a for names in pipe.get_list_adapters().values() for a in names}:
             pipe.delete_adapters(ADAPTER)
-    except (ValueError, RuntimeError, KeyError, AttributeError):
-        pass
 
 
 def _reason(exc: BaseException) -> str:
