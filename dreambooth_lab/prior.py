@@ -202,10 +202,10 @@ def _generate_missing(cfg: Config, pipe, folder: Path, key: dict, names: list[st
     listed = first = len(names)  # what the manifest lists: read under the generation lock, then written here alone
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        todo, batch = list(range(first, want)), cfg.prior.batch_size
-        with tqdm(total=len(todo), desc="class images", unit="img", disable=not progress) as bar:
-            for start in range(0, len(todo), batch):
-                idx = todo[start : start + batch]
+        batch = cfg.prior.batch_size
+        with tqdm(total=want - first, desc="class images", unit="img", disable=not progress) as bar:
+            for start in range(first, want, batch):
+                idx = range(start, min(start + batch, want))
                 specs = [ImageSpec(prompt=key["prompt"], seed=cfg.prior.seed + i, guidance=cfg.prior.guidance,
                                    steps=cfg.prior.steps, sampler=cfg.prior.sampler, width=cfg.resolution,
                                    height=cfg.resolution, model=cfg.model.name) for i in idx]
