@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -48,7 +48,7 @@ def is_disk_full(exc: BaseException) -> bool:
 def disk_full_message(folder: Path, needed: int | None, free: int | None, quota: bool, hint: str) -> str:
     """The one line a full disk gets: the folder, what was needed and what is free, what to do (pure)."""
     what = "over its quota" if quota else "full"
-    sizes = [f"{human_bytes(n)} {what}" for n, what in ((needed, "needed"), (free, "free")) if n is not None]
+    sizes = [f"{human_bytes(n)} {label}" for n, label in ((needed, "needed"), (free, "free")) if n is not None]
     on_colab = " (on Colab: Google Drive's storage is full)" if quota else ""
     return f"the disk of {folder} is {what}{on_colab}" + (f" ({', '.join(sizes)})" if sizes else "") + f": {hint}"
 
@@ -129,13 +129,10 @@ _UMASK_LOCK = threading.Lock()
 def current_umask() -> int:
     """The process umask. Read from /proc on Linux (no side effect); elsewhere by setting and
     restoring it, which is the only getter there is (a lock keeps our own threads out of the gap)."""
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
+    with suppress(OSError, ValueError, IndexError), open("/proc/self/status", encoding="ascii", errors="replace") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     with _UMASK_LOCK:
         mask = os.umask(0o022)
         os.umask(mask)
@@ -189,12 +186,9 @@ def new_dir(parent: str | Path, name: str) -> Path:
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"cannot write to {parent}: choose another train.output_dir (OUTPUT_DIR)")
     for path in _fresh_names(parent, name):
-        try:
-            with disk_full_as(parent):
-                path.mkdir()
+        with suppress(FileExistsError), disk_full_as(parent):  # taken meanwhile: the next name
+            path.mkdir()
             return path
-        except FileExistsError:
-            continue
 
 
 PARTIAL = ".partial"  # suffix of a folder being filled (hidden: its name starts with a dot)
