@@ -29,7 +29,7 @@ from . import builtin, files
 from .config import Config, PriorConfig
 from .data import ImageSet
 from .cache import cache_root
-from .models import BaseModel, default_device, pipeline_in
+from .models import BaseModel, default_device, pipeline_in, resolve_dtype
 from .sample import ImageSpec, generate
 
 MANIFEST = "manifest.json"
@@ -37,14 +37,9 @@ DRIVE = Path("/content/drive/MyDrive")  # where Colab mounts Google Drive
 
 
 def generation_dtype(prior: PriorConfig, device) -> str:
-    """prior.dtype with 'auto' made explicit: float16 on CUDA, float32 elsewhere (pure).
-
-    device: a torch.device or a string such as "cuda:0" / "cpu".
-    """
-    if prior.dtype != "auto":
-        return prior.dtype
-    kind = getattr(device, "type", None) or str(device).split(":")[0]
-    return "float16" if kind == "cuda" else "float32"
+    """prior.dtype with 'auto' made explicit as models.resolve_dtype makes it: float16 on CUDA, float32
+    elsewhere (pure). device: a torch.device or a string such as "cuda:0" / "cpu"."""
+    return str(resolve_dtype(prior.dtype, torch.device(device))).removeprefix("torch.")
 
 
 def model_key(name: str) -> str:
