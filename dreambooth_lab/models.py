@@ -1,10 +1,10 @@
 """Resolve and load the base model: a hub id, a local folder or a built-in model's name.
 
 `resolve` tells the model's family (sd1 / sd2 / sdxl, read from its configs: model_index.json, the
-scheduler's and the text encoder's) once, into a `BaseModel` that later steps are handed (the
-resolution data.resolution defaults to is the config's: config.default_resolution); `check_supported` is the one place that refuses what the model cannot take; `load_pipeline`
-loads the family's pipeline through from_pretrained. Built-in models (tiny, toyworld, ...) are the
-registry's (builtin/): their folders are built or found there.
+scheduler's and the text encoder's) once, into a `BaseModel` that later steps are handed (data.resolution
+defaults to config.default_resolution); `check_supported` is the one place that refuses what the model
+cannot take; `load_pipeline` loads the family's pipeline through from_pretrained. Built-in models (tiny,
+toyworld, ...) are the registry's (builtin/): their folders are built or found there.
 """
 
 from __future__ import annotations
