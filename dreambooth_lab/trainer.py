@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 
-from . import buckets
+from . import buckets, identifier
 from .conditioning import Cond, added_cond_kwargs, encode, time_ids
 from .config import Config
-from .data import ImageSet, crop_box, indices_for_step
+from .data import ImageSet, crop_box, indices_for_step, to_tensor
 from .latent_cache import LatentCache, encode_lazily, latent_keys
 from .losses import dreambooth_loss, min_snr_weights, offset_noise, snr, training_target
 from .models import BaseModel, pipeline_class
@@ -53,18 +54,11 @@ def evaluates(cfg: Config, photos: int) -> bool:
     (train.eval_loss)? auto: when the two evaluations' UNet rows (forward only: photos x timesteps,
     twice) are at most EVAL_SHARE of the training's (steps x rows per step, forward and backward
     counted as three forwards). The study's 1300 steps on 18 photos: yes (2%); a 2-step run: no (pure)."""
-    mode = cfg.train.eval_loss
-    if mode != "auto":
-        return mode == "on"
     t = cfg.train
-    prior = cfg.prior.term is not None
-    train_rows = 3 * t.steps * t.batch_size * t.gradient_accumulation_steps * (2 if prior else 1)
+    if t.eval_loss != "auto":
+        return t.eval_loss == "on"
+    train_rows = 3 * t.steps * t.batch_size * t.gradient_accumulation_steps * (2 if cfg.prior.term is not None else 1)
     return 2 * photos * len(EVAL_TIMESTEPS) <= EVAL_SHARE * train_rows
-
-
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
 
 
 @dataclass
@@ -115,18 +109,6 @@ class DreamBoothObjective:
             torch.nn.Module.to(self.vae, torch.float32)  # SDXL's VAE overflows in fp16 (its config says force_upcast): encode in fp32
         self.sets = {"instance": instance, "class": classes}
         self.base_model_prior = cfg.prior.term == "base_model"
-        # A learned identifier (identifier.py): new tokens with a trainable embedding, swapped into
-        # the text encoder before the prompts are tokenized; their states can then not be cached.
-        self.identifier: torch.nn.Parameter | None = None
-        ic = cfg.identifier
-        if ic.learned:  # (not for SDXL: models.check_supported refused it before train() got here)
-            from . import identifier
-
-            table = self.text_encoder.get_input_embeddings().weight.detach()
-            init = identifier.initial_vectors(ic.init, ic.num_vectors, self.tokenizer, table, cfg.data.class_name,
-                                              cfg.data.token, cfg.train.seed)
-            self.identifier = identifier.attach(self.text_encoder, self.tokenizer, cfg.prompt_token,
-                                                ic.num_vectors, init)
         # One prompt per instance photo with sidecar captions (data.captions), else the instance
         # prompt for all; the class prompt comes last. prompt_index() maps a row to its prompt.
         captions = instance.captions if cfg.data.captions == "sidecar" else None
@@ -135,14 +117,22 @@ class DreamBoothObjective:
         prompts.append(cfg.fill(cfg.data.class_prompt))
         self.preserve = [cfg.fill(p) for p in cfg.prior.preserve_prompts]  # prior.preserve_prompts, last
         prompts += self.preserve
-        if ic.learned:
-            from .identifier import expand
-
-            prompts = [expand(p, cfg.prompt_token, ic.num_vectors) for p in prompts]
+        # A learned identifier (identifier.py): new tokens with a trainable embedding, swapped into
+        # the text encoder before the prompts are tokenized; their states can then not be cached.
+        self.identifier: torch.nn.Parameter | None = None
+        ic = cfg.identifier
+        if ic.learned:  # (not for SDXL: models.check_supported refused it before train() got here)
+            table = self.text_encoder.get_input_embeddings().weight.detach()
+            init = identifier.initial_vectors(ic.init, ic.num_vectors, pipe.tokenizer, table, cfg.data.class_name,
+                                              cfg.data.token, cfg.train.seed)
+            self.identifier = identifier.attach(self.text_encoder, pipe.tokenizer, cfg.prompt_token,
+                                                ic.num_vectors, init)
+            prompts = [identifier.expand(p, cfg.prompt_token, ic.num_vectors) for p in prompts]
         for prompt in prompts:
-            if (msg := truncation_warning(self.tokenizer, prompt)) is not None:
+            if (msg := truncation_warning(pipe.tokenizer, prompt)) is not None:
                 warnings.warn(msg, UserWarning, stacklevel=3)
-        self.prompt_ids = [tokenize(tok, prompts) for tok in self.tokenizers]  # one per text encoder
+        self.prompt_ids = [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                               return_tensors="pt").input_ids for tok in self.tokenizers]  # one per text encoder
         self.timer = PhaseTimer(profile, accelerator.device)
         self.latent_cache: LatentCache | None = None
         self._text_cache: Cond | None = None
@@ -200,10 +190,6 @@ class DreamBoothObjective:
         return self.text_encoders[0]
 
     @property
-    def tokenizer(self):
-        return self.tokenizers[0]
-
-    @property
     def text_trained(self) -> bool:
         """Does anything in the text encoder learn (its LoRA, or a learned identifier)?"""
         return self.cfg.train.train_text_encoder or self.identifier is not None
@@ -219,8 +205,13 @@ class DreamBoothObjective:
         objective holds the prepared modules from then on."""
         from diffusers.optimization import get_scheduler
 
-        cfg = self.cfg
-        named = self.trainable_by_name()  # the same parameters before and after prepare
+        cfg, unwrap = self.cfg, self.acc.unwrap_model
+        # The parameters that learn by name (unet.*, text_encoder.*, text_encoder_2.*), what a checkpoint
+        # holds: the same parameters before and after prepare.
+        named = {f"unet.{n}": p for n, p in unwrap(self.unet).named_parameters() if p.requires_grad}
+        if self.text_trained:
+            for prefix, te in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
+                named.update({f"{prefix}.{n}": p for n, p in unwrap(te).named_parameters() if p.requires_grad})
         encoders = self.text_encoders if len(self.text_encoders) > 1 else self.text_encoder
         optimizer = make_optimizer(cfg.optim, self.unet, encoders, self.identifier,
                                    train_text_encoder=cfg.train.train_text_encoder, identifier_lr=cfg.identifier.lr)
@@ -231,16 +222,6 @@ class DreamBoothObjective:
         if self.text_trained:
             self.text_encoders[:] = modules[1:]
         return Updates(params, named, optimizer, lr_scheduler)
-
-    def trainable_by_name(self) -> dict[str, torch.nn.Parameter]:
-        """The parameters that learn, by name (unet.*, text_encoder.*, text_encoder_2.*): what a
-        checkpoint holds."""
-        unwrap = self.acc.unwrap_model
-        named = {f"unet.{n}": p for n, p in unwrap(self.unet).named_parameters() if p.requires_grad}
-        if self.text_trained:
-            for prefix, te in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
-                named.update({f"{prefix}.{n}": p for n, p in unwrap(te).named_parameters() if p.requires_grad})
-        return named
 
     def pipeline(self, scheduler):
         """A pipeline of the family around the models as they are now (for validation images)."""
@@ -274,10 +255,6 @@ class DreamBoothObjective:
         images = self.sets[row.kind]
         if row.resized is None:
             return images.crop(row.index, row.box, row.flip)
-        from PIL import Image, ImageOps
-
-        from .data import to_tensor
-
         img = images.images[row.index].resize(row.resized, Image.Resampling.BICUBIC).crop(row.box)
         return to_tensor(ImageOps.mirror(img) if row.flip else img)
 
