@@ -100,12 +100,12 @@ def attach(text_encoder, tokenizer, placeholder_text: str, n: int, init: torch.T
     return module.vectors
 
 
-def save(folder: str | Path, vectors: torch.Tensor, metadata: dict[str, str], name: str = EMBEDDING_FILE) -> Path:
-    """<folder>/learned_embeds.safetensors (or `name`): {"emb_params": [n, dim]} with string metadata."""
+def save(path: str | Path, vectors: torch.Tensor, metadata: dict[str, str]) -> Path:
+    """Write the identifier to `path` (a run's learned_embeds.safetensors, or a LoRA file's own):
+    {"emb_params": [n, dim]} with string metadata."""
     from . import files
 
-    return files.write_safetensors(Path(folder) / name,
-                                   {KEY: vectors.detach().to("cpu", torch.float32).contiguous()}, metadata)
+    return files.write_safetensors(Path(path), {KEY: vectors.detach().to("cpu", torch.float32).contiguous()}, metadata)
 
 
 def own_embedding(lora_file: str | Path) -> Path:

@@ -74,12 +74,8 @@ def trainable(module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def lora_state_dicts(unet, text_encoder, with_text_encoder: bool) -> tuple[dict, dict | None]:
-    """The adapters' weights with diffusers key names (what load_lora_weights reads)."""
-    return _state(unet), _state(text_encoder) if with_text_encoder else None
-
-
 def _state(module) -> dict:
+    """The adapters' weights with diffusers key names (what load_lora_weights reads)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -120,10 +116,10 @@ def write_lora(path: str | Path, cfg: Config, acc, objective, dataset_digest: st
     if objective.identifier is not None:
         metadata.update({PREFIX + "identifier": cfg.prompt_token,
                          PREFIX + "identifier_vectors": str(cfg.identifier.num_vectors)})
-        identifier.save(path.parent, objective.identifier, {PREFIX + "placeholder": cfg.prompt_token,
-                                                       PREFIX + "init": cfg.identifier.init,
-                                                       PREFIX + "base_model": cfg.model.name},
-                        name=identifier.EMBEDDING_FILE if step is None else identifier.own_embedding(path).name)
+        embedding = path.parent / identifier.EMBEDDING_FILE if step is None else identifier.own_embedding(path)
+        identifier.save(embedding, objective.identifier, {PREFIX + "placeholder": cfg.prompt_token,
+                                                          PREFIX + "init": cfg.identifier.init,
+                                                          PREFIX + "base_model": cfg.model.name})
 
     def write(tmp: Path) -> None:
         (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).save_lora_weights(
