@@ -315,8 +315,7 @@ class ImageSet:
         return len(self.images)
 
     def example(self, index: int, *, center_crop: bool, flip: bool, gen: torch.Generator | None = None) -> torch.Tensor:
-        box = crop_box(self.images[index].size, self.resolution, center_crop, gen)
-        return self.crop(index, box, flip)
+        return self.crop(index, crop_box(self.images[index].size, self.resolution, center_crop, gen), flip)
 
     def crop(self, index: int, box: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
         img = self.images[index].crop(box)
@@ -333,8 +332,7 @@ def indices_for_step(n: int, batch_size: int, seed: int, step: int) -> list[int]
 
     out = []
     for j in range(batch_size):
-        pos = step * batch_size + j
-        epoch, offset = divmod(pos, n)
+        epoch, offset = divmod(step * batch_size + j, n)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63))
         out.append(int(perm[offset]))
     return out
