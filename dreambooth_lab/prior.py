@@ -48,9 +48,8 @@ def model_key(name: str) -> str:
     entry = builtin.get(name)
     if entry is not None:
         return entry.key()
-    if Path(name).expanduser().exists():
-        return str(Path(name).expanduser().resolve())
-    return name
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.exists() else name
 
 
 def class_image_key(cfg: Config, dtype: str) -> dict:
