@@ -17,10 +17,10 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import files
+from . import files, identifier, lora_check
 from .config import TINY_MODEL, ModelConfig
 from .lora_check import LoraFileError  # noqa: F401 (raised by the checks; sample.LoraFileError is its public name)
-from .runs import CONFIG, LORA_FILE  # LORA_FILE re-exported (sample.LORA_FILE): the run-folder layout lives in runs.py
+from .runs import CONFIG, LORA_FILE, read_summary  # LORA_FILE re-exported (sample.LORA_FILE): the run-folder layout lives in runs.py
 
 ADAPTER = "dreambooth"
 
@@ -121,8 +121,6 @@ def find_lora_file(path: str | Path) -> Path:
 
 def unfinished_reason(run: Path) -> str:
     """Why a run folder has no LoRA yet and how to get one, in the CLI's words."""
-    from .runs import read_summary
-
     summary = read_summary(run) or {}
     if summary.get("status") == "failed":
         return (f"the run failed at step {summary.get('failed_at_step', '?')}: go on from its last checkpoint with "
@@ -138,8 +136,6 @@ def load_lora(pipe, lora_path: str | Path) -> None:
     model's modules, the learned identifier's file when it was trained with one) and the adapters
     attached are counted against it afterwards (lora_check): a file that loads nothing, or part of
     itself, raises LoraFileError in one line and leaves no adapter behind."""
-    from . import lora_check
-
     path = find_lora_file(lora_path)
     name = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
     model = f"the base model {name}" if name else "this base model"
@@ -160,8 +156,6 @@ def load_lora(pipe, lora_path: str | Path) -> None:
         raise LoraFileError(f"{path} does not fit this base model ({_reason(exc)}): load it on the model it was "
                             "trained on") from exc
     if embedding is not None:
-        from . import identifier
-
         identifier.load_into(pipe, embedding[0], embedding[1])
 
 
