@@ -24,6 +24,7 @@ from itertools import takewhile
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import builtin, files
 from .config import Config, PriorConfig
@@ -191,8 +192,6 @@ def _generate_missing(cfg: Config, pipe, folder: Path, key: dict, names: list[st
     """Generate class images len(names)..want-1 into folder, appending each finished name to `names`
     and listing it in the manifest batch by batch; returns how many were made. A full disk stops it
     saying how many are kept: those the manifest lists (whole files only), made by the same command."""
-    from tqdm.auto import tqdm
-
     listed = first = len(names)  # what the manifest lists: read under the generation lock, then written here alone
     try:
         folder.mkdir(parents=True, exist_ok=True)
