@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import struct
 import tempfile
 import threading
 from contextlib import contextmanager, suppress
@@ -253,8 +254,6 @@ _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64":
 
 def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
     """Serialise tensors (name -> torch.Tensor) to safetensors bytes, deterministically (pure)."""
-    import struct
-
     header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     chunks, offset = [], 0
     for name in sorted(tensors):
