@@ -81,17 +81,14 @@ def _jsonable(value):
     return None if callable(value) else str(value)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def step_folder(folder: Path, step: int) -> Path:
     """Where a run folder's checkpoint of `step` goes: checkpoints/step-NNNNNN (pure)."""
     return Path(folder) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def step_of(path: Path) -> int:
+    """The step of a checkpoint folder step-NNNNNN (pure)."""
+    return int(_STEP_DIR.match(Path(path).name).group(1))
 
 
 def save(folder: Path, step: int, params: dict[str, torch.Tensor], optimizer, lr_scheduler, keep: int,
@@ -147,18 +144,13 @@ def save_last(folder: Path, step: int, params: dict[str, torch.Tensor], optimize
     return save(folder, step, params, optimizer, lr_scheduler, keep=10**9, scaler=scaler)
 
 
-def clean_temporaries(folder: Path) -> list[Path]:
-    """Remove the temp folders of checkpoint writes that a kill interrupted; return what went.
+def clean_temporaries(folder: Path) -> None:
+    """Remove the temp folders of checkpoint writes that a kill interrupted.
 
     Called when a run is opened (under the run's lock, before anything resumes or writes).
     """
-    root = Path(folder) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    gone = sorted(p for p in root.iterdir() if p.name.startswith(".ckpt-"))
-    for p in gone:
+    for p in (Path(folder) / CHECKPOINTS).glob(".ckpt-*"):
         shutil.rmtree(p, ignore_errors=True)
-    return gone
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
@@ -167,7 +159,7 @@ def list_checkpoints(folder: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=step_of)
 
 
 def verify(path: Path) -> None:
@@ -187,7 +179,9 @@ def verify(path: Path) -> None:
         size = f.stat().st_size
         if size != want["bytes"]:
             raise CheckpointError(f"{f}: {size} bytes, {want['bytes']} expected (truncated or damaged)")
-        if _sha256(f) != want["sha256"]:
+        with open(f, "rb") as data:
+            digest = hashlib.file_digest(data, "sha256").hexdigest()
+        if digest != want["sha256"]:
             raise CheckpointError(f"{f}: contents differ from what was written (sha256 mismatch)")
 
 

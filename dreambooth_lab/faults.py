@@ -138,7 +138,7 @@ def stop_disk_full(cfg: Config, run_dir: Path, step: int | None, exc: OSError, *
     runs.is_open), and say it in one line."""
     full = exc if isinstance(exc, files.DiskFull) else files.as_disk_full(exc, run_dir)
     ckpts = checkpoint.list_checkpoints(run_dir)
-    resume = (f"run the same command to resume from step {int(ckpts[-1].name.split('-')[1])}" if ckpts
+    resume = (f"run the same command to resume from step {checkpoint.step_of(ckpts[-1])}" if ckpts
               else "no checkpoint was written, so the same command starts again from step 0")
     marked = "" if not main else "; " + mark_failed_on_full_disk(cfg, run_dir, step, ckpts, full)
     at = f" at step {step}" if step is not None else ""

@@ -153,11 +153,6 @@ def _scan(cfg: Config, want: str) -> list[tuple[Path, Identity | None]]:
     return found
 
 
-def runs_of(cfg: Config) -> list[Path]:
-    """Run folders of this exact training config (same hash), newest first."""
-    return [run for run, _ in _scan(cfg, cfg.hash())]
-
-
 def _finished(scanned: list[tuple[Path, Identity | None]], ident: Identity) -> tuple[Path | None, list]:
     """(the newest finished run trained on these very photos, the finished runs with an identity)."""
     done = [(run, rec) for run, rec in scanned if rec is not None and is_finished(run)]
@@ -241,7 +236,7 @@ def decide(cfg: Config, ident: Identity, resume="auto", allow_change: bool = Fal
 
 def _decide_path(cfg: Config, ident: Identity, run: Path, allow_change: bool) -> Decision:
     """resume=<path>: that run, if it can go on with this config and these photos."""
-    from .checkpoint import list_checkpoints
+    from .checkpoint import list_checkpoints, step_of
 
     if not (run / CONFIG).is_file():
         raise FileNotFoundError(f"{run} is not a run folder (it has no {CONFIG}): pass the folder that "
@@ -260,7 +255,7 @@ def _decide_path(cfg: Config, ident: Identity, run: Path, allow_change: bool) ->
                           "was started with, start a new run (resume=None / --new-run), or pass "
                           "allow_change=True (--allow-change) to continue it anyway (recorded in summary.json)")
     if diffs and ckpts:  # what a checkpoint cannot take: refused before anything loads
-        problem = resume_change_problem(load(run / CONFIG), cfg, checkpoint_step(ckpts[-1]))
+        problem = resume_change_problem(load(run / CONFIG), cfg, step_of(ckpts[-1]))
         if problem:
             raise RunMismatch(f"cannot resume {run} with this change: {problem}")
     override = {"differences": diffs, "config_hash": ident.config_hash,
@@ -305,11 +300,6 @@ def open_run(cfg: Config, ident: Identity, decision: Decision) -> Opened:
 SHAPE_FIELDS = ("model.name", "model.revision", "lora.rank", "lora.unet_targets", "lora.text_encoder_targets",
                 "lora.conv", "lora.use_dora", "train.train_text_encoder", "identifier.learned",
                 "identifier.num_vectors", "optim.optimizer")
-
-
-def checkpoint_step(path: Path) -> int:
-    """The step of a checkpoint folder step-NNNNNN (pure)."""
-    return int(Path(path).name.rsplit("-", 1)[-1])
 
 
 def resume_change_problem(old: Config, new: Config, step: int | None) -> str | None:
@@ -405,7 +395,8 @@ def load_config(run_dir: str | Path) -> Config:
 
 
 
-def read_metrics(run_dir: Path, up_to_step: int | None = None) -> list[dict]:
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's records, a dict per step (up to a last line that a kill cut short)."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
@@ -415,4 +406,4 @@ def read_metrics(run_dir: Path, up_to_step: int | None = None) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:  # the last line of a run killed mid-write
             break
-    return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
+    return rows
