@@ -360,6 +360,9 @@ def test_an_int8_lora_is_named_for_its_dtype(tmp_path, trained_run, tiny_pipe):
     (["--unet-minutes", "0"], "--unet-minutes 0.0: use a positive number"),
     (["--p-look", "2"], "--p-look 2.0: use a probability from 0 to 1"),
     (["--p-compose", "-0.1"], "--p-compose -0.1: use a probability from 0 to 1"),
+    (["--unet-widths", "32,40"], "--unet-widths 32,40: give 2 to 4 channel counts, each a multiple of 16"),
+    (["--unet-widths", "64"], "--unet-widths 64: give 2 to 4 channel counts, each a multiple of 16"),
+    (["--unet-layers", "0"], "--unet-layers 0: use 1 to 4 ResNet layers per block"),
 ])
 def test_world_build_arguments_are_checked_before_any_folder(tmp_path, argv, message, capsys):
     from dreambooth_lab.world.build import main

@@ -172,6 +172,32 @@ def test_a_build_can_take_the_committed_4x_vae_stage(tmp_path):
         vae_from(tmp_path / "other", tmp_path / "nowhere")
 
 
+def test_a_build_can_make_a_wider_deeper_unet_and_will_not_resume_it_as_another_shape(tmp_path, capsys):
+    """`build --unet-widths 48,96 --unet-layers 2`: the whole UNet phase on a few scenes, saved in the
+    diffusers layout with that shape; going on in the same folder with another shape is refused in one
+    line naming the folder, and with the same shape it goes on from its state."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth_lab.world.build import main
+    from dreambooth_lab.world.paths import WEIGHTS
+
+    out = tmp_path / "wide"
+    common = ["--out", str(out), "--vae-from", str(WEIGHTS / "stages" / "vae4x"), "--scenes", "64",
+              "--snapshot-minutes", "60"]
+    main([*common, "--unet-steps", "2", "--unet-widths", "48,96", "--unet-layers", "2"])
+    unet = UNet2DConditionModel.from_pretrained(out / "final" / "unet")
+    assert list(unet.config.block_out_channels) == [48, 96] and unet.config.layers_per_block == 2
+    assert unet.config.in_channels == 4 and unet.config.sample_size == 16  # the 4x VAE's latents
+    meta = json.loads((out / "unet_state.json").read_text())
+    assert (meta["step"], meta["unet_widths"], meta["unet_layers"]) == (2, [48, 96], 2)
+    with pytest.raises(SystemExit, match=f"{out}: its UNet was built with --unet-widths 48,96 --unet-layers 2"):
+        main([*common, "--unet-steps", "3"])
+    main([*common, "--unet-steps", "3", "--unet-widths", "48,96", "--unet-layers", "2"])
+    assert json.loads((out / "unet_state.json").read_text())["step"] == 3
+
+
 def test_export_checks_its_source_before_touching_the_target(tmp_path):
     """`build --export` with a build folder that has no snapshot leaves the shipped model alone; a
     good export replaces the target whole."""

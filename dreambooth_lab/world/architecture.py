@@ -54,14 +54,35 @@ def make_text_encoder(seed: int = 2):
     ))
 
 
-def make_unet(seed: int = 0, channels: int = LATENT_CHANNELS, side: int = RESOLUTION // 8):
+# The UNet's channels per level and ResNet layers per block (builds v1-v6: (32, 64) and 1, ~1 M
+# parameters); `build --unet-widths/--unet-layers` makes a bigger one (a new build, from scratch
+# or from --init where tensor shapes still match).
+UNET_WIDTHS = (32, 64)
+UNET_LAYERS = 1
+
+
+def unet_shape_problem(widths, layers: int) -> str | None:
+    """What is wrong with a UNet shape, in words naming the option; None when it can be built (pure)."""
+    if not 2 <= len(widths) <= 4 or any(w < 16 or w % 16 for w in widths):
+        return (f"--unet-widths {','.join(map(str, widths))}: give 2 to 4 channel counts, each a multiple of 16 "
+                f"(the world's build: {','.join(map(str, UNET_WIDTHS))})")
+    if not 1 <= layers <= 4:
+        return f"--unet-layers {layers}: use 1 to 4 ResNet layers per block (the world's build: {UNET_LAYERS})"
+    return None
+
+
+def make_unet(seed: int = 0, channels: int = LATENT_CHANNELS, side: int = RESOLUTION // 8,
+              widths: tuple[int, ...] = UNET_WIDTHS, layers: int = UNET_LAYERS):
     from diffusers import UNet2DConditionModel
 
+    problem = unet_shape_problem(tuple(widths), layers)
+    if problem:
+        raise ValueError(problem)
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=side, in_channels=channels, out_channels=channels, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+        sample_size=side, in_channels=channels, out_channels=channels, layers_per_block=layers,
+        block_out_channels=tuple(widths), down_block_types=("CrossAttnDownBlock2D",) * len(widths),
+        up_block_types=("CrossAttnUpBlock2D",) * len(widths), cross_attention_dim=64,
         attention_head_dim=8, norm_num_groups=16,
     )
 

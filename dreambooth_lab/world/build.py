@@ -34,7 +34,8 @@ import torch
 
 from ..builtin.clip_vocab import write_clip_tokenizer
 from ..cache import cache_root
-from .architecture import RESOLUTION, VAE_FACTORS, make_scheduler, make_text_encoder, make_unet, make_vae, vae_shape
+from .architecture import (RESOLUTION, UNET_LAYERS, UNET_WIDTHS, VAE_FACTORS, make_scheduler, make_text_encoder,
+                           make_unet, make_vae, unet_shape_problem, vae_shape)
 from .captions import caption
 from .draw import render
 from .scene import sample_base_scene, sample_open_scene
@@ -251,7 +252,8 @@ def scene_mix_problem(folder: Path, mix: dict) -> str | None:
 
 
 def build_latents(out: Path, seed: int, scenes: int, chunk: int = 4000, mix: dict | None = None) -> None:
-    """Encode `scenes` base-world scenes drawn with `mix` (checked against earlier chunks by main)."""
+    """Encode `scenes` base-world scenes drawn with `mix` (checked against earlier chunks by main), in
+    whole chunks of `chunk` (one chunk of `scenes` when fewer are asked: a quick check of the path)."""
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
     from transformers import CLIPTokenizer
@@ -262,6 +264,7 @@ def build_latents(out: Path, seed: int, scenes: int, chunk: int = 4000, mix: dic
     (folder / "MIX.json").write_text(json.dumps(mix, indent=1, sort_keys=True) + "\n")
     vae = AutoencoderKL.from_pretrained(out / "vae").eval()
     tok = CLIPTokenizer.from_pretrained(tokenizer_dir(out))
+    chunk = min(chunk, scenes)
     for c in range(math.ceil(scenes / chunk)):
         path = folder / f"chunk_{c:03d}.safetensors"
         if path.is_file():
@@ -364,9 +367,24 @@ def _load_init(src: Path, unet, te) -> list[str]:
     return fresh
 
 
+def resumed_shape_problem(state: Path, shape: dict) -> str | None:
+    """A build folder's UNet state made with another --unet-widths/--unet-layers than asked, in one line
+    naming the folder; None when there is no state or it matches (states from before these options
+    are the world's default shape)."""
+    meta_file = state.with_suffix(".json")
+    if not meta_file.is_file():
+        return None
+    meta = json.loads(meta_file.read_text())
+    had = {"unet_widths": meta.get("unet_widths", list(UNET_WIDTHS)), "unet_layers": meta.get("unet_layers", UNET_LAYERS)}
+    if had == shape:
+        return None
+    return (f"{state.parent}: its UNet was built with --unet-widths {','.join(map(str, had['unet_widths']))} "
+            f"--unet-layers {had['unet_layers']}; give those to go on, or use a new --out for another shape")
+
+
 def build_unet(out: Path, minutes: float, seed: int, batch: int = 64, lr: float = 1e-3,
                snapshot_minutes: float = 10, ema_decay: float = 0.999, steps: int | None = None,
-               init: Path | None = None) -> None:
+               init: Path | None = None, widths: tuple[int, ...] = UNET_WIDTHS, layers: int = UNET_LAYERS) -> None:
     import copy
 
     from transformers import CLIPTokenizer
@@ -382,12 +400,17 @@ def build_unet(out: Path, minutes: float, seed: int, batch: int = 64, lr: float 
     tok = CLIPTokenizer.from_pretrained(tokenizer_dir(out))
     empty_ids = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
     channels, side = vae_shape(vae_config)
-    unet, te = make_unet(seed, channels, side), make_text_encoder(seed + 1)
     state = out / "unet_state.safetensors"
+    shape = {"unet_widths": list(widths), "unet_layers": layers}
+    problem = resumed_shape_problem(state, shape)
+    if problem:
+        raise SystemExit(f"error: {problem}")
+    unet, te = make_unet(seed, channels, side, widths, layers), make_text_encoder(seed + 1)
     if init is not None and not state.is_file():
         fresh = _load_init(Path(init), unet, te)
         log(out, f"unet: starting from the weights in {init}"
-                 + (f"; kept fresh (another latent shape): {', '.join(fresh)}" if fresh else ""))
+                 + (f"; kept fresh (another shape): {', '.join(fresh) if len(fresh) <= 6 else f'{len(fresh)} tensors'}"
+                    if fresh else ""))
     ema_unet, ema_te = copy.deepcopy(unet), copy.deepcopy(te)
     for m in (ema_unet, ema_te):
         m.requires_grad_(False)
@@ -442,7 +465,7 @@ def build_unet(out: Path, minutes: float, seed: int, batch: int = 64, lr: float 
                      f"ETA {eta(sps, step, total)}")
         done = total is not None and step >= total
         if time.time() - t_save > 180 or done:
-            save_state(state, mods, opt, {"step": step, "total": total, "loss_ema": loss_ema})
+            save_state(state, mods, opt, {"step": step, "total": total, "loss_ema": loss_ema, **shape})
             t_save = time.time()
         if time.time() - t_snap > snapshot_minutes * 60 or done:
             save_pipeline(out, out / "snapshot", ema_unet, ema_te)
@@ -488,6 +511,14 @@ def export(src: Path, dest: Path, fp16: bool = True) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def widths_arg(text: str) -> tuple[int, ...]:
+    """--unet-widths 32,64 -> (32, 64) (argparse names the option when this raises)."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give channel counts separated by commas, e.g. 32,64") from None
+
+
 def arg_problem(args) -> str | None:
     """What is wrong with the build's arguments, in one line naming the option; None when they can
     run (pure but for looking at the --init / --vae-from folders)."""
@@ -505,6 +536,10 @@ def arg_problem(args) -> str | None:
         value = getattr(args, name, None)
         if value is not None and not (math.isfinite(value) and 0 <= value <= 1):
             return f"--{name.replace('_', '-')} {value}: use a probability from 0 to 1"
+    if getattr(args, "unet_widths", None) is not None:
+        problem = unet_shape_problem(args.unet_widths, args.unet_layers)
+        if problem:
+            return problem
     if args.init is not None and not (Path(args.init).expanduser() / "model_index.json").is_file():
         return (f"--init {args.init}: no model_index.json there; point it at a finished pipeline folder "
                 "(e.g. dreambooth_lab/world/weights/toyworld)")
@@ -539,6 +574,9 @@ def main(argv=None) -> None:
                     help="how often a caption names the body colour, and the marking (builds v1-v4: 0.5)")
     ap.add_argument("--p-compose", type=float, default=None, metavar="P",
                     help="how often a base scene shows a t-shirt, a van Gogh style, a car (each; default 0.18/0.15/0.15)")
+    ap.add_argument("--unet-widths", type=widths_arg, default=UNET_WIDTHS, metavar="C1,C2[,..]",
+                    help="the UNet's channels per level (builds v1-v6: 32,64; ~1 M parameters)")
+    ap.add_argument("--unet-layers", type=int, default=UNET_LAYERS, help="ResNet layers per UNet block (builds v1-v6: 1)")
     ap.add_argument("--stop-after", choices=("vae", "latents", "unet"), default="unet",
                     help="end the build after this phase (a staged build: measure each stage before going on)")
     ap.add_argument("--export", type=Path, default=None, help="write <out>/final (or snapshot) here as fp16 and exit")
@@ -580,7 +618,7 @@ def main(argv=None) -> None:
         log(out, "stopped after the latents phase (--stop-after latents)")
         return
     build_unet(out, args.unet_minutes, args.seed, snapshot_minutes=args.snapshot_minutes,
-               steps=args.unet_steps, init=args.init, lr=args.lr)
+               steps=args.unet_steps, init=args.init, lr=args.lr, widths=args.unet_widths, layers=args.unet_layers)
     log(out, f"build finished in this session after {(time.time() - t0) / 60:.1f} min")
 
 
