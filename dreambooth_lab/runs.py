@@ -167,16 +167,15 @@ def _resumable(scanned: list[tuple[Path, Identity | None]]) -> tuple[Path, Ident
                 None)
 
 
-def find_finished(cfg: Config, ident: Identity | None = None) -> Path | None:
+def find_finished(cfg: Config) -> Path | None:
     """The newest finished run of this config trained on these very photos (None when the photo
     folder is missing: nothing can have been trained on it)."""
     from .data import DatasetError
 
-    if ident is None:
-        try:
-            ident = Identity.of(cfg)
-        except DatasetError:
-            return None
+    try:
+        ident = Identity.of(cfg)
+    except DatasetError:
+        return None
     return _finished(_scan(cfg, ident.config_hash), ident)[0]
 
 

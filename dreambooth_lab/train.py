@@ -78,10 +78,6 @@ class Session:
     def resumed_from(self) -> int | None:
         return self.start or None
 
-    @property
-    def override(self) -> dict | None:
-        return self.opened.override
-
 
 def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bool = False,
           allow_change: bool = False, progress: bool = True, on_step: Callable[[dict], None] | None = None,
@@ -329,7 +325,7 @@ def finish(s: Session, callbacks: list, *, progress: bool, profile: bool) -> Run
             resumed_from=s.resumed_from, seconds=round(time.time() - s.t0, 2), config_hash=cfg.hash(),
             family=objective.family, ident=ident, timings=timings,
             # the changed config trained from the resumed step on (steps before it: the run's own)
-            resume_override={**s.override, "applied_from_step": s.resumed_from or 0} if s.override else None)
+            resume_override={**s.opened.override, "applied_from_step": s.start} if s.opened.override else None)
         shutil.rmtree(last, ignore_errors=True)
         if profile:
             report = profile_report(objective.timer.seconds, cfg.train.steps - s.start)
