@@ -49,8 +49,8 @@ def is_disk_full(exc: BaseException) -> bool:
 def disk_full_message(folder: Path, needed: int | None, free: int | None, quota: bool, hint: str) -> str:
     """The one line a full disk gets: the folder, what was needed and what is free, what to do (pure)."""
     what = "over its quota" if quota else "full"
-    sizes = ([f"{human_bytes(needed)} needed"] if needed is not None else []) + (
-        [f"{human_bytes(free)} free"] if free is not None else [])
+    sizes = ([f"{human_bytes(needed)} needed"] if needed is not None else []) + \
+        ([f"{human_bytes(free)} free"] if free is not None else [])
     on_colab = " (on Colab: Google Drive's storage is full)" if quota else ""
     return f"the disk of {folder} is {what}{on_colab}" + (f" ({', '.join(sizes)})" if sizes else "") + f": {hint}"
 
