@@ -101,8 +101,7 @@ def main(argv=None) -> None:
         other = json.loads(args.merge_robustness.read_text())
         result["robustness"] = other["robustness"]
         (args.out / "world.json").write_text(json.dumps(result, indent=1) + "\n")
-        # one half of the documented two-core run: its Markdown waits for --merge-robustness
-        print(write_markdown(result, args.out) if "base" in old else "\n".join(robustness_markdown(robust)))
+        print(write_markdown(result, args.out))
         return
     if args.token_study_only and not (args.out / "world.json").is_file():
         raise SystemExit(f"--token-study-only: no {args.out / 'world.json'} to add the token study to; run the whole "

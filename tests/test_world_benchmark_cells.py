@@ -28,3 +28,20 @@ def test_a_backpack_in_a_t_shirt_or_driving_is_not_applicable_but_a_dog_is_measu
         assert target_cell(f"test:{prompt}", "dog", sm, 0.6).endswith("✗")
     forest = "test:a {token} {class} in the forest"
     assert target_cell(forest, "backpack", {forest: sp(0.2)}, 0.6).endswith("✗")  # a backpack can be in a forest
+
+
+def test_merging_a_robustness_half_rewrites_the_markdown_of_the_other(tmp_path):
+    """The documented two-core run: `--merge-robustness` copies the held-out section of one world.json
+    into another and writes world.md from the two (into --out only: BENCHMARKS.md is left alone)."""
+    import json
+
+    from benchmarks.world import main
+
+    committed = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "world.json").read_text())
+    half = {**committed, "robustness": {**committed["robustness"], "seconds": 4321.0}}
+    (tmp_path / "world.json").write_text(json.dumps({k: v for k, v in committed.items() if k != "robustness"}))
+    (tmp_path / "rob.json").write_text(json.dumps(half))
+    main(["--merge-robustness", str(tmp_path / "rob.json"), "--out", str(tmp_path)])
+    merged = json.loads((tmp_path / "world.json").read_text())
+    assert merged["robustness"]["seconds"] == 4321.0 and merged["base"] == committed["base"]
+    assert "**Held out: conditions the recipe was never calibrated on** (72 min)" in (tmp_path / "world.md").read_text()
