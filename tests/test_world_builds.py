@@ -39,3 +39,14 @@ def test_the_committed_results_print_again(capsys):
     main(["--table", str(root / "world_builds.jsonl")])
     out = capsys.readouterr().out
     assert "v6 at 0.7" in out and "v4 at 1.0" in out and "(9 runs per column" in out
+
+
+def test_the_scale_check_pairs_each_runs_readings_by_scale():
+    """benchmarks/world_scale_check.py: one row per reading, mean ± sd over the runs at each scale."""
+    from benchmarks.world_scale_check import table
+
+    rows = [{"subject": "dog", "scale": s, "readings": {"subject:a {token} {class}": v, "drift": 0.0, "other": 9}}
+            for s, v in ((0.5, 1.0), (0.7, 0.5), (0.5, 0.5), (0.7, 0.0))]
+    text = table(rows)
+    assert "**dog** (2 runs)" in text and "| reading | scale 0.5 | scale 0.7 |" in text
+    assert "| subject:a {token} {class} | 0.75 ± 0.35 | 0.25 ± 0.35 |" in text and "other" not in text
