@@ -357,6 +357,20 @@ def spread(values) -> dict:
             "min": min(vals), "max": max(vals)}
 
 
+def held_out_runs(subject: str, work: Path, log, draws, train_seeds, tokens):
+    """The world's recipe trained on each held-out photo draw x training seed, the identifiers rotated
+    so each is used once per draw: yields ({draw, train_seed, token, seconds}, config, result)."""
+    from dreambooth_lab.world.study import world_recipe_config
+
+    for i, draw in enumerate(draws):
+        for j, tseed in enumerate(train_seeds):
+            token = tokens[(i + j) % len(tokens)]
+            cfg = world_recipe_config(subject, 5, token, output_dir=work / "runs", draw=draw, seed=tseed,
+                                      overrides={"prior.cache_dir": str(work / "class_cache")})
+            res, secs = run_one(cfg, f"{subject} draw {draw} seed {tseed} {token}", log)
+            yield {"draw": draw, "train_seed": tseed, "token": token, "seconds": round(secs, 1)}, cfg, res
+
+
 def measure_robustness(pipe, work: Path, log, quick: bool = False, held_out: dict = HELD_OUT) -> dict:
     """The world's recipe on held-out photo draws x training seeds (each run with one of the held-out
     identifiers, every identifier once per draw), read by study.robustness; a 4x-steps run per subject
@@ -373,18 +387,12 @@ def measure_robustness(pipe, work: Path, log, quick: bool = False, held_out: dic
         cfg0 = world_recipe_config(subject, 5, tokens[0], output_dir=work / "runs", draw=draws[0])
         base = robustness(pipe, None, cfg0, seeds)["readings"]
         runs, grids = [], {}
-        for i, draw in enumerate(draws):
-            for j, tseed in enumerate(tseeds):
-                token = tokens[(i + j) % len(tokens)]
-                cfg = world_recipe_config(subject, 5, token, output_dir=work / "runs", draw=draw, seed=tseed,
-                                          overrides={"prior.cache_dir": str(work / "class_cache")})
-                res, secs = run_one(cfg, f"{subject} draw {draw} seed {tseed} {token}", log)
-                read = robustness(pipe, res.run_dir, cfg, seeds)
-                runs.append({"draw": draw, "train_seed": tseed, "token": token, "seconds": round(secs, 1),
-                             **read["readings"]})
-                if not grids:
-                    grids = {"training photos": subject_photos(subject, 5, draw),
-                             **{p: ims for p, ims in read["images"].items()}}
+        for run, cfg, res in held_out_runs(subject, work, log, draws, tseeds, tokens):
+            read = robustness(pipe, res.run_dir, cfg, seeds)
+            runs.append({**run, **read["readings"]})
+            if not grids:
+                grids = {"training photos": subject_photos(subject, 5, run["draw"]),
+                         **{p: ims for p, ims in read["images"].items()}}
         keys = [k for k in runs[0] if k not in ("draw", "train_seed", "token")]
         summary = {k: spread([r[k] for r in runs]) for k in keys}
         preservation = {k.split(":", 1)[1]: spread([r[k] / base[k] if base[k] else float(r[k] >= 0) for r in runs])

@@ -17,7 +17,6 @@ import json
 import statistics as st
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,26 +26,18 @@ sys.path.insert(0, str(ROOT))
 def measure(subjects, scales) -> None:
     import torch
 
-    from benchmarks.world import HELD_OUT
-    from dreambooth_lab.train import train
-    from dreambooth_lab.world.study import load_world_pipeline, robustness, world_recipe_config
+    from benchmarks.world import HELD_OUT, held_out_runs
+    from dreambooth_lab.world.study import load_world_pipeline, robustness
 
     torch.set_num_threads(1)
     pipe, work = load_world_pipeline(), Path(tempfile.mkdtemp(prefix="scale-check-"))
-    seeds, tokens = list(range(*HELD_OUT["sample_seeds"])), HELD_OUT["tokens"]
+    seeds = list(range(*HELD_OUT["sample_seeds"]))
     for subject in subjects:
-        for i, draw in enumerate(HELD_OUT["draws"]):
-            for j, tseed in enumerate(HELD_OUT["train_seeds"]):
-                token = tokens[(i + j) % len(tokens)]
-                cfg = world_recipe_config(subject, 5, token, output_dir=work / "runs", draw=draw, seed=tseed,
-                                          overrides={"prior.cache_dir": str(work / "class_cache")})
-                t0 = time.time()
-                res = train(cfg, resume=None, progress=False)
-                secs = round(time.time() - t0, 1)
-                for s in scales:
-                    r = robustness(pipe, res.run_dir, cfg, seeds, scale=s)["readings"]
-                    print(json.dumps({"subject": subject, "draw": draw, "train_seed": tseed, "token": token,
-                                      "scale": s, "seconds": secs, "readings": r}, sort_keys=True), flush=True)
+        for run, cfg, res in held_out_runs(subject, work, lambda msg: print(msg, file=sys.stderr, flush=True),
+                                           HELD_OUT["draws"], HELD_OUT["train_seeds"], HELD_OUT["tokens"]):
+            for s in scales:
+                r = robustness(pipe, res.run_dir, cfg, seeds, scale=s)["readings"]
+                print(json.dumps({"subject": subject, **run, "scale": s, "readings": r}, sort_keys=True), flush=True)
 
 
 def table(rows: list[dict]) -> str:
