@@ -15,10 +15,10 @@ settings where DreamBooth visibly binds in the world) and one axis changed; the 
 table is the same default runs. Figures are the mean with its 95% t-interval over the replicates
 (a run's rate over its sampling seeds is the unit), and under the tables every setting is compared
 with the default by stats.compare: a difference is claimed only where its 95% interval excludes 0,
-else "no difference shown". Columns are the judge's readings at the recipe's LoRA scale (study.WORLD_RECIPE_SCALE):
-subject fidelity ("a sks dog" shows the subject's traits), prompt fidelity (the four test
-prompts' asked context/outfit/style/car present), subject + prompt (both at once), drift (the
-subject's traits in plain "a dog") and class diversity, plus the run's wall time.
+else "no difference shown". Columns are the judge's readings at the recipe's LoRA scale
+(study.WORLD_RECIPE_SCALE): subject fidelity ("a sks dog" shows the subject's traits), prompt
+fidelity (the four test prompts' asked context/outfit/style/car present), subject + prompt (both at
+once), drift (the subject's traits in plain "a dog") and class diversity, plus the run's wall time.
 
 Writes benchmarks/world_axes.json and the "Toy world: experiment axes" section of BENCHMARKS.md.
 """
@@ -223,6 +223,9 @@ def merge(results: list[dict]) -> dict:
     for r in results:
         if (r["seeds"], r["steps"], r.get("replicates", 1)) != (out["seeds"], out["steps"], out.get("replicates", 1)):
             raise SystemExit("--merge: the results differ in seeds, steps or replicates; run them with the same settings")
+        if r.get("scale") != out.get("scale"):
+            raise SystemExit(f"--merge: the results were read at LoRA scales {out.get('scale')} and {r.get('scale')}; "
+                             "run them with the same recipe")
         for axis, rows in r["axes"].items():
             for label, by_photos in rows.items():
                 out["axes"].setdefault(axis, {}).setdefault(label, {}).update(by_photos)
@@ -291,8 +294,8 @@ def main(argv=None) -> None:
             rows[label] = {str(p): row(p, overrides) for p in args.photos}
         axes[axis] = rows
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-                         f"{args.threads}", "seeds": len(seeds), "steps": args.steps or WORLD_RECIPE_STEPS, "scale": WORLD_RECIPE_SCALE,
-              "replicates": args.replicates,
+                         f"{args.threads}", "seeds": len(seeds), "steps": args.steps or WORLD_RECIPE_STEPS,
+              "scale": WORLD_RECIPE_SCALE, "replicates": args.replicates,
               "training_seeds": [r["training_seed"] for r in default[args.photos[0]]["runs"]],
               "load_average": {"start": [round(x, 2) for x in load0], "end": [round(x, 2) for x in os.getloadavg()]},
               "axes": axes, "total_seconds": round(time.time() - t_all, 1)}

@@ -37,6 +37,12 @@ def test_merge_refuses_results_of_different_settings():
         merge([dict(_half("5", 0.4), replicates=3), dict(_half("18", 0.8), replicates=2)])
 
 
+def test_merge_refuses_halves_read_at_different_lora_scales():
+    with pytest.raises(SystemExit, match="read at LoRA scales 0.7 and 1.0"):
+        merge([dict(_half("5", 0.4), scale=0.7), dict(_half("18", 0.8), scale=1.0)])
+    assert merge([dict(_half("5", 0.4), scale=0.7), dict(_half("18", 0.8), scale=0.7)])["scale"] == 0.7
+
+
 def _replicated(photos: str, recipe: list[float], none: list[float]) -> dict:
     """A world_axes result with 3 runs per row (prior axis: the recipe and no prior)."""
     def row(subjects, drift):
