@@ -106,7 +106,8 @@ def check_supported(base: BaseModel, cfg: Config) -> None:
     if base.family == "sdxl":
         raise ConfigError("identifier.learned is not supported for SDXL models yet (its tokens would need both "
                           "text encoders): use a rare token (identifier.learned: false)")
-    clash = identifier.taken(load_tokenizer(base.name), cfg.prompt_token, cfg.identifier.num_vectors)
+    tokenizer = load_tokenizer(base.name)
+    clash = identifier.taken(tokenizer, cfg.prompt_token, cfg.identifier.num_vectors)
     if clash:
         raise ConfigError(f"data.token={cfg.data.token!r}: the learned identifier's token(s) {', '.join(clash)} "
                           f"are already in {base.name}'s tokenizer, so they cannot be learned: pick another data.token")

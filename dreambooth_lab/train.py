@@ -96,7 +96,6 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
     cfg = cfg.resolved().validate()
     with clock.phase("family_detection"):
         base = resolve(cfg.model)  # the family, told once: everything below is handed `base`
-    check_supported(base, cfg)  # what the model cannot take: refused before any run folder exists
     with clock.phase("dataset_hash"):
         ident = runs.Identity.of(cfg)  # reads the photos' bytes: a missing folder fails here, in a second
     with clock.phase("run_folder"):  # which folder, from one scan: refused here, before anything is made
@@ -105,6 +104,7 @@ def train(cfg: Config, *, resume: str | Path | None = "auto", reuse_finished: bo
         if progress:
             print(f"already trained: {decision.path} (pass reuse_finished=False to train again)")
         return load_result(decision.path)
+    check_supported(base, cfg)  # what the model cannot take: refused before any run folder exists
     with clock.phase("dataset_checks"):
         instance = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution, captions=cfg.data.captions,
                                         token=cfg.data.token)  # bad photos (and captions) fail before the model loads
