@@ -56,9 +56,10 @@ def offset_noise(noise: torch.Tensor, offset: float, gen: torch.Generator, posit
     return noise + offset * shift.to(noise.device, noise.dtype)
 
 
-def training_target(scheduler_config, latents, noise, timesteps, scheduler) -> torch.Tensor:
-    """What the UNet must predict: the noise (epsilon) or the velocity (v-prediction)."""
-    kind = scheduler_config.prediction_type
+def training_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
+    """What the UNet must predict: the noise (epsilon) or the velocity (v-prediction), as the noise
+    scheduler's config says."""
+    kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return noise
     if kind == "v_prediction":

@@ -366,7 +366,7 @@ class DreamBoothObjective:
         t_max = lc.timestep_max or self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(lc.timestep_min, t_max, (n,), generator=gen)[positions].to(dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = training_target(self.noise_scheduler.config, latents, noise, timesteps, self.noise_scheduler)
+        target = training_target(self.noise_scheduler, latents, noise, timesteps)
         with self.timer.phase("text_encoder"):
             states = self.states(rows)
         ids = self.time_ids(rows)
@@ -441,6 +441,6 @@ class DreamBoothObjective:
             with self.acc.autocast():
                 noisy = self.noise_scheduler.add_noise(latents, noise, t)
                 pred = self.predict(noisy, t, self.states(rows), ids)
-            target = training_target(self.noise_scheduler.config, latents, noise, t, self.noise_scheduler)
+            target = training_target(self.noise_scheduler, latents, noise, t)
             losses.append(F.mse_loss(pred.float(), target.float()).item())
         return sum(losses) / len(losses)

@@ -28,12 +28,12 @@ def test_target_follows_the_scheduler_prediction_type():
 
     lat, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
     eps = DDPMScheduler(prediction_type="epsilon")
-    assert torch.equal(training_target(eps.config, lat, noise, t, eps), noise)
+    assert torch.equal(training_target(eps, lat, noise, t), noise)
     v = DDPMScheduler(prediction_type="v_prediction")
-    assert torch.allclose(training_target(v.config, lat, noise, t, v), v.get_velocity(lat, noise, t))
+    assert torch.allclose(training_target(v, lat, noise, t), v.get_velocity(lat, noise, t))
     with pytest.raises(ValueError, match="sample"):
         s = DDPMScheduler(prediction_type="sample")
-        training_target(s.config, lat, noise, t, s)
+        training_target(s, lat, noise, t)
 
 
 def test_step_seeds_differ_per_step_and_micro_step():

@@ -144,7 +144,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
 
 
 def test_v_prediction_model_trains_and_samples(tmp_path, monkeypatch):
-    from dreambooth_lab import sample, trainer
+    from dreambooth_lab import inference, sample, trainer
     from dreambooth_lab.builtin.tiny import tiny_model_dir
     from dreambooth_lab.report import load_run_pipeline, sample_run
 
@@ -154,10 +154,10 @@ def test_v_prediction_model_trains_and_samples(tmp_path, monkeypatch):
     kinds = []
     real = trainer.training_target
 
-    def spy(scheduler_config, latents, noise, timesteps, scheduler):
-        kinds.append(scheduler_config.prediction_type)
-        out = real(scheduler_config, latents, noise, timesteps, scheduler)
-        if scheduler_config.prediction_type == "v_prediction":
+    def spy(scheduler, latents, noise, timesteps):
+        kinds.append(scheduler.config.prediction_type)
+        out = real(scheduler, latents, noise, timesteps)
+        if scheduler.config.prediction_type == "v_prediction":
             assert torch.allclose(out, scheduler.get_velocity(latents, noise, timesteps))
         return out
 
@@ -173,7 +173,7 @@ def test_v_prediction_model_trains_and_samples(tmp_path, monkeypatch):
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     image = np.asarray(sample.generate(pipe, [sample.read_sidecar(out.images[0])], progress=False)[0]).astype(int)
     assert image.std() > 0
-    again = np.asarray(sample.regenerate(out.images[0], device="cpu")).astype(int)  # from the sidecar alone
+    again = np.asarray(inference.regenerate(out.images[0], device="cpu")).astype(int)  # from the sidecar alone
     assert np.abs(again - image).max() <= 1
 
 
