@@ -87,17 +87,17 @@ def cache_folder(cfg: Config, dtype: str | None = None) -> tuple[Path, dict]:
     return cache_root_for(cfg) / f"{slug}-{key_digest(key)}", key
 
 
-def class_image_set(cfg: Config, acc, base: BaseModel, pipe, weight_dtype: torch.dtype,
+def class_image_set(cfg: Config, acc, base: BaseModel, pipe, weight_dtype: torch.dtype, dtype: str,
                     progress: bool) -> tuple[ImageSet | None, int]:
     """A run's prior-preservation images (generated once into the keyed cache) and how many this
     call made, or (None, 0) when the run has no class-image prior.
 
-    They are made in prior.dtype (auto: fp16 on a GPU, about twice as fast; fp32 on a CPU), which
-    is part of their cache key; the training pipeline `pipe` is reused when it has that dtype.
+    They are made in `dtype`, generation_dtype(cfg.prior, acc.device) (auto: fp16 on a GPU, about
+    twice as fast; fp32 on a CPU), which is part of their cache key; the training pipeline `pipe`
+    (in weight_dtype) is reused when it has that dtype.
     """
     if cfg.prior.term != "class_images":
         return None, 0  # no prior, or the base model's own prediction is the prior (trainer.base_prediction)
-    dtype = generation_dtype(cfg.prior, acc.device)
     with acc.main_process_first():  # one process generates; the others find the cache full
         made = ensure_class_images(cfg, lambda: pipeline_in(cfg.model, pipe, weight_dtype, getattr(torch, dtype),
                                                             acc.device, base),

@@ -38,7 +38,7 @@ from .faults import discard_untrained, stop_disk_full, stopped, trained_anything
 from .lora import adapt, write_lora
 from .models import BaseModel, check_supported, load_pipeline, resolve
 from .optim import hold_lora
-from .prior import class_image_set
+from .prior import class_image_set, generation_dtype
 from .run_lock import RunLock, RunWarning
 from .runs import RunResult, load_result, read_metrics
 from .runtime import configure_speed, make_accelerator, prefetch_import, preserved_global_state
@@ -150,6 +150,7 @@ def set_up(cfg: Config, acc, base: BaseModel, opened: runs.Opened, instance: Ima
         import diffusers.optimization  # noqa: F401 (timed here; trainer.prepare makes the schedule with it)
     t0 = time.time()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision, torch.float32)
+    prior_dtype = generation_dtype(cfg.prior, acc.device)  # what class images are made (and keyed) in
     set_seed(cfg.train.seed)
     with acc.main_process_first(), clock.phase("model_load"):  # a built-in model is built once, by the main process
         pipe = load_pipeline(cfg.model, device=acc.device, dtype=weight_dtype, base=base)
@@ -157,7 +158,7 @@ def set_up(cfg: Config, acc, base: BaseModel, opened: runs.Opened, instance: Ima
     with clock.phase("token_check"):
         warn_about_token(cfg.data.token, pipe.tokenizer, learned=cfg.identifier.learned)
     with clock.phase("class_images"):
-        classes, generated = class_image_set(cfg, acc, base, pipe, weight_dtype, progress)
+        classes, generated = class_image_set(cfg, acc, base, pipe, weight_dtype, prior_dtype, progress)
 
     with clock.phase("latent_cache"):  # and the text states of the frozen encoder
         objective = DreamBoothObjective(cfg, pipe, instance, classes, acc, profile=profile, base=base)
