@@ -16,7 +16,8 @@ from . import config as config_mod
 from . import files
 from .config import Config, SampleConfig
 from .runs import EVAL_METRICS, LORA_FILE, load_config
-from .sample import ImageSpec, apply_vae_options, generate, load_lora, run_spec, save_with_sidecars
+from .inference import load_lora
+from .sample import ImageSpec, apply_vae_options, generate, run_spec, save_with_sidecars
 from .viz import labeled_grid
 
 SPEC_FIELDS = ("lora_scale_unet", "lora_scale_text_encoder", "guidance", "steps", "seed", "negative_prompt")

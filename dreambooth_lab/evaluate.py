@@ -82,7 +82,7 @@ def evaluate_run(run_dir: str | Path, ev: EvalConfig | None = None, *, settings:
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    from .sample import find_lora_file
+    from .inference import find_lora_file
 
     find_lora_file(run_dir)  # an unfinished run, or a damaged LoRA: one line, before any model loads
     ev = ev or cfg.eval

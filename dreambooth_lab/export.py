@@ -112,7 +112,7 @@ def kohya_for_download(run_dir: str | Path, step: int | None = None, out_dir: st
 def _kohya_source(run_dir: str | Path, step: int | None) -> tuple[Path, Config, Path, int | None]:
     """(run folder, resolved config, LoRA file, step) of a run folder, its LoRA file or a step's file."""
     from .report import load_run_config
-    from .sample import find_lora_file
+    from .inference import find_lora_file
     from .steps import lora_file, run_of, step_of
 
     run_dir = Path(run_dir)
@@ -202,7 +202,7 @@ def export_fused(run_dir: str | Path, scale_unet: float | None = None, scale_tex
     import tempfile
 
     from .report import load_run_config, load_run_pipeline
-    from .sample import find_lora_file
+    from .inference import find_lora_file
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -240,7 +240,7 @@ def export_fused(run_dir: str | Path, scale_unet: float | None = None, scale_tex
 
 def format_info(path: str | Path) -> str:
     """The metadata of a LoRA file (or a run folder's) and a summary of what it holds."""
-    from .sample import find_lora_file
+    from .inference import find_lora_file
 
     path = find_lora_file(path)  # one-line errors for a missing, pickled, truncated or foreign file
     with safe_open(str(path), framework="pt") as f:

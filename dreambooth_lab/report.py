@@ -20,7 +20,8 @@ from .metrics import nearest
 from .viz import dataset_vs_generation, image_grid, tensor_to_pil
 from .runs import LORA_FILE, SAMPLES
 from .runs import load_config as load_run_config  # re-exported: cli, export, evaluate and notebooks use this name
-from .sample import apply_vae_options, generate, load_lora, read_sidecar, run_spec, save_with_sidecars
+from .inference import load_lora
+from .sample import apply_vae_options, generate, read_sidecar, run_spec, save_with_sidecars
 
 
 def load_run_pipeline(run_dir: str | Path, device=None, step: int | None = None):

@@ -109,9 +109,9 @@ def missing_step_message(run_dir: Path, step: int) -> str:
 
 
 def lora_file(run_dir: str | Path, step: int | None = None) -> Path:
-    """The run's final LoRA file (step=None) or the one it saved at `step`, checked (sample.find_lora_file);
+    """The run's final LoRA file (step=None) or the one it saved at `step`, checked (inference.find_lora_file);
     a step the run did not save is a FileNotFoundError naming the steps it did."""
-    from .sample import find_lora_file
+    from .inference import find_lora_file
 
     if step is None:
         return find_lora_file(run_dir)

@@ -58,7 +58,7 @@ def _tiny_pipe_left_without_a_lora(request):
     test, so the next test in the same worker starts from the base model whatever order runs."""
     yield
     if "tiny_pipe" in request.fixturenames:
-        from dreambooth_lab.sample import _drop_adapter
+        from dreambooth_lab.inference import _drop_adapter
 
         _drop_adapter(request.getfixturevalue("tiny_pipe"))
 

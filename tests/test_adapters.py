@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from dreambooth_lab import export, sample
+from dreambooth_lab import export, inference, sample
 from dreambooth_lab.config import ModelConfig
 from dreambooth_lab.lora import add_adapters, unet_targets
 from dreambooth_lab.models import load_pipeline
@@ -57,7 +57,7 @@ def test_locon_trains_conv_adapters_and_round_trips_through_the_kohya_loader(tmp
     kohya = export.export_kohya(run.run_dir)
     assert any("_resnets_0_conv1.lora_down" in k for k in load_file(str(kohya)))
     a = load_pipeline(ModelConfig(name="tiny"), device="cpu")
-    sample.load_lora(a, run.lora_path)
+    inference.load_lora(a, run.lora_path)
     b = load_pipeline(ModelConfig(name="tiny"), device="cpu")
     b.load_lora_weights(str(kohya.parent), weight_name=kohya.name, adapter_name=sample.ADAPTER)
     img_a, img_b = _image(a), _image(b)
@@ -72,7 +72,7 @@ def test_dora_saves_and_reloads_its_magnitudes_and_the_kohya_export_refuses_it(t
     magnitudes = {k: v for k, v in state.items() if "magnitude" in k}
     assert magnitudes, "the DoRA magnitude vectors are in the file"
     pipe = load_pipeline(ModelConfig(name="tiny"), device="cpu")
-    sample.load_lora(pipe, run.lora_path)
+    inference.load_lora(pipe, run.lora_path)
     loaded = {n: p for n, p in pipe.unet.named_parameters() if "lora_magnitude_vector" in n}
     assert len(loaded) == len(magnitudes)
     for key, value in magnitudes.items():
@@ -80,7 +80,7 @@ def test_dora_saves_and_reloads_its_magnitudes_and_the_kohya_export_refuses_it(t
         match = [p for n, p in loaded.items() if n.startswith(module + ".")]
         assert match and torch.equal(match[0].detach().reshape(-1), value.reshape(-1)), key
     again = load_pipeline(ModelConfig(name="tiny"), device="cpu")
-    sample.load_lora(again, run.lora_path)
+    inference.load_lora(again, run.lora_path)
     assert np.array_equal(_image(pipe), _image(again))
     with pytest.raises(export.ExportRefused, match="DoRA"):
         export.export_kohya(run.run_dir)

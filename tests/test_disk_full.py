@@ -245,7 +245,7 @@ def short_run(tmp_path_factory):
 def test_sample_on_a_full_disk_leaves_no_samples_folder_and_compare_never_uses_a_half_one(
         short_run, tmp_path, monkeypatch, tiny_pipe):
     from dreambooth_lab.report import compare_run, latest_samples, sample_run
-    from dreambooth_lab.sample import load_lora
+    from dreambooth_lab.inference import load_lora
 
     load_lora(tiny_pipe, short_run)
     disk = fill_disk(monkeypatch, lambda p: p.name.startswith("img-01-"))
@@ -273,7 +273,7 @@ def test_sample_on_a_full_disk_leaves_no_samples_folder_and_compare_never_uses_a
 
 def test_sheet_on_a_full_disk_leaves_nothing(short_run, tmp_path, monkeypatch, tiny_pipe):
     from dreambooth_lab.compare import parameter_grid
-    from dreambooth_lab.sample import load_lora
+    from dreambooth_lab.inference import load_lora
 
     load_lora(tiny_pipe, short_run)
     fill_disk(monkeypatch, lambda p: p.suffix == ".png" and "_x_" in p.name)  # the sheet itself, last

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_config
-from dreambooth_lab.sample import LORA_FILE, LoraFileError
+from dreambooth_lab.inference import LORA_FILE, LoraFileError
 
 
 def _copy_run(run: Path, dest: Path) -> Path:
@@ -67,7 +67,8 @@ def test_adapters_attached_are_counted_against_the_file(tiny_pipe, trained_run):
     """A file whose layers diffusers attaches only in part is refused after loading, and the
     half-loaded adapter is removed (the pipeline draws nothing under the LoRA's name)."""
     from dreambooth_lab import lora_check
-    from dreambooth_lab.sample import ADAPTER, load_lora
+    from dreambooth_lab.inference import load_lora
+    from dreambooth_lab.sample import ADAPTER
 
     lora = trained_run.run_dir / LORA_FILE
     load_lora(tiny_pipe, lora)  # the good file loads whole
@@ -342,7 +343,7 @@ def test_token_tools_refuse_impossible_counts_in_one_line(argv, message, capsys)
 
 
 def test_an_int8_lora_is_named_for_its_dtype(tmp_path, trained_run, tiny_pipe):
-    from dreambooth_lab.sample import load_lora
+    from dreambooth_lab.inference import load_lora
 
     lora = tmp_path / LORA_FILE
     shutil.copy(trained_run.run_dir / LORA_FILE, lora)

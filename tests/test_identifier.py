@@ -27,7 +27,7 @@ def test_only_the_new_rows_learn_and_the_file_round_trips_through_diffusers(tmp_
     from diffusers import StableDiffusionPipeline
 
     from dreambooth_lab.models import load_pipeline
-    from dreambooth_lab.sample import load_lora
+    from dreambooth_lab.inference import load_lora
     from dreambooth_lab.train import train
 
     table_before = tiny_pipe.text_encoder.get_input_embeddings().weight.detach().clone()
@@ -103,7 +103,7 @@ def test_a_second_run_with_the_same_identifier_loads_its_own_embedding(tmp_path)
     from safetensors.torch import load_file
 
     from dreambooth_lab.models import load_pipeline
-    from dreambooth_lab.sample import load_lora
+    from dreambooth_lab.inference import load_lora
     from dreambooth_lab.train import train
 
     over = {"identifier.learned": True, "identifier.init": "random", "train.steps": 2, "prior.enabled": False}

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, tiny_config
-from dreambooth_lab import export, sample
+from dreambooth_lab import export, inference, sample
 from dreambooth_lab.config import ModelConfig, to_yaml
 from dreambooth_lab.models import load_pipeline
 from dreambooth_lab.runs import read_metrics
@@ -64,10 +64,10 @@ def test_kohya_export_loads_in_diffusers_and_gives_the_same_images(tmp_path, alp
     assert export.read_metadata(kohya)["dreambooth_lab.format"] == "kohya"
 
     a = load_pipeline(ModelConfig(name="tiny"), device="cpu")
-    sample.load_lora(a, run.lora_path)
+    inference.load_lora(a, run.lora_path)
     b = load_pipeline(ModelConfig(name="tiny"), device="cpu")
     b.load_lora_weights(str(kohya.parent), weight_name=kohya.name, adapter_name=sample.ADAPTER)  # kohya loader
-    assert sample.has_text_encoder_lora(b)
+    assert inference.has_text_encoder_lora(b)
     spec = _spec()
     img_a = np.asarray(sample.generate(a, [spec], progress=False)[0]).astype(int)
     img_b = np.asarray(sample.generate(b, [spec], progress=False)[0]).astype(int)
@@ -84,7 +84,7 @@ def test_fused_export_matches_the_lora_at_that_scale(trained_run, tmp_path):
     fused = load_pipeline(ModelConfig(name=str(out)), device="cpu")
     assert not fused.get_list_adapters()
     lora = load_pipeline(ModelConfig(name="tiny"), device="cpu")
-    sample.load_lora(lora, trained_run.lora_path)
+    inference.load_lora(lora, trained_run.lora_path)
     spec = _spec(lora_scale_unet=0.7, lora_scale_text_encoder=0.3)
     a = np.asarray(sample.generate(lora, [spec], progress=False)[0]).astype(int)
     b = np.asarray(sample.generate(fused, [_spec(lora_scale_unet=0.0, lora_scale_text_encoder=0.0)],

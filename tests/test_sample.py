@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from dreambooth_lab import sample
+from dreambooth_lab import inference, sample
 from dreambooth_lab.config import ModelConfig
 from dreambooth_lab.models import load_pipeline
 from dreambooth_lab.report import compare_run, load_run_pipeline, sample_run
@@ -52,7 +52,7 @@ def test_reloaded_lora_gives_identical_pixels(lora_pipe, trained_run):
     spec = _spec(lora_scale_unet=0.8, lora_scale_text_encoder=0.8)
     first = sample.generate(lora_pipe, [spec], progress=False)[0]
     fresh = load_pipeline(ModelConfig(name="tiny"), device="cpu")
-    sample.load_lora(fresh, trained_run.lora_path)
+    inference.load_lora(fresh, trained_run.lora_path)
     again = sample.generate(fresh, [spec], progress=False)[0]
     assert np.array_equal(_pixels(first), _pixels(again))
 
@@ -72,7 +72,7 @@ def test_sidecar_regenerates_the_same_image(lora_pipe, trained_run, tmp_path):
     png = sample.save_with_sidecars([image], [spec], tmp_path, "x")[0]
     side = json.loads(png.with_suffix(".json").read_text())
     assert side["seed"] == 3 and side["lora_scale_text_encoder"] == 0.3 and side["sampler"] == "euler_a"
-    again = sample.regenerate(png, device="cpu")  # loads base model + LoRA from the sidecar alone
+    again = inference.regenerate(png, device="cpu")  # loads base model + LoRA from the sidecar alone
     assert np.abs(_pixels(again) - _pixels(image)).max() <= 1
     with pytest.raises(FileExistsError):
         sample.save_with_sidecars([image], [spec], tmp_path, "x")
@@ -82,7 +82,7 @@ def test_pickle_lora_is_refused(base_pipe, tmp_path):
     bad = tmp_path / "lora.bin"
     bad.write_bytes(b"\x80\x04")
     with pytest.raises(ValueError, match="safetensors"):
-        sample.load_lora(base_pipe, bad)
+        inference.load_lora(base_pipe, bad)
 
 
 def test_every_sampler_runs(base_pipe):
@@ -108,7 +108,7 @@ def test_a_lora_with_alpha_not_rank_reloads_at_its_trained_scale(tmp_path):
     run = train(tiny_config(tmp_path, **{"train.steps": 4, "lora.alpha": 16.0, "optim.lr_unet": 1e-2}),
                 resume=None, progress=False)
     pipe = load_pipeline(ModelConfig(name="tiny"), device="cpu")
-    sample.load_lora(pipe, run.lora_path)
+    inference.load_lora(pipe, run.lora_path)
     sample.set_lora_scales(pipe, 1.0, 1.0)
     layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
     assert layer.scaling[sample.ADAPTER] == pytest.approx(16.0 / 4)
@@ -119,7 +119,7 @@ def test_a_unet_only_lora_loads_without_diffusers_missing_key_noise(tmp_path, ca
     print diffusers' "No LoRA keys associated to CLIPTextModel" line (expected, not a problem)."""
     import logging
 
-    from dreambooth_lab.sample import load_lora
+    from dreambooth_lab.inference import load_lora
     from dreambooth_lab.train import train
 
     res = train(tiny_config(tmp_path, **{"train.steps": 2, "prior.enabled": False}), progress=False)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config
 from dreambooth_lab import config as C
-from dreambooth_lab import export, identifier, sample, steps
+from dreambooth_lab import export, identifier, inference, sample, steps
 from dreambooth_lab.train import train
 
 # Text encoder trained, a high lr and sample scales other than 1: the LoRA shows in the pictures,
@@ -70,9 +70,9 @@ def test_a_run_writes_a_loadable_lora_and_pictures_at_each_saved_step(stepped, t
     assert last.keys() == final.keys() and all((last[k] == final[k]).all() for k in final)
     early = load_file(str(steps.lora_path(run, 2)))
     assert any(not (early[k] == final[k]).all() for k in final)
-    sample.load_lora(tiny_pipe, steps.lora_path(run, 2))  # loads as any LoRA file does
+    inference.load_lora(tiny_pipe, steps.lora_path(run, 2))  # loads as any LoRA file does
     try:
-        assert sample.has_text_encoder_lora(tiny_pipe)
+        assert inference.has_text_encoder_lora(tiny_pipe)
     finally:
         tiny_pipe.delete_adapters(sample.ADAPTER)
     pngs = sorted(p.name for p in steps.images_dir(run, 4).glob("*.png"))
@@ -86,10 +86,10 @@ def test_a_run_writes_a_loadable_lora_and_pictures_at_each_saved_step(stepped, t
 def test_step_pictures_are_what_sample_draws_with_that_steps_lora(stepped):
     png = steps.images_dir(stepped.run_dir, 4) / "img-00-seed0.png"
     drawn = np.asarray(Image.open(png)).astype(int)
-    again = np.asarray(sample.regenerate(png)).astype(int)  # a fresh pipeline with loras/step-000004
+    again = np.asarray(inference.regenerate(png)).astype(int)  # a fresh pipeline with loras/step-000004
     assert np.abs(drawn - again).max() <= 1
     spec = sample.read_sidecar(png)
-    pipe = sample.pipeline_for(spec)
+    pipe = inference.pipeline_for(spec)
     full = np.asarray(sample.generate(pipe, [replace(spec, lora_scale_unet=1.0, lora_scale_text_encoder=1.0)],
                                       progress=False)[0]).astype(int)
     assert np.abs(drawn - full).max() > 1  # drawn at the sample scales, not as trained
@@ -201,9 +201,9 @@ def test_download_files_carry_the_run_and_step_and_load_back(stepped, tmp_path):
     keys = load_file(str(step_file)).keys()
     assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_") for k in keys)
     assert export.read_metadata(step_file)["dreambooth_lab.step"] == "2"
-    pipe = sample.pipeline_for(sample.ImageSpec(prompt="A sks dog", seed=0))
-    sample.load_lora(pipe, step_file)  # what A1111 / ComfyUI read; diffusers reads it too
-    assert sample.has_text_encoder_lora(pipe)
+    pipe = inference.pipeline_for(sample.ImageSpec(prompt="A sks dog", seed=0))
+    inference.load_lora(pipe, step_file)  # what A1111 / ComfyUI read; diffusers reads it too
+    assert inference.has_text_encoder_lora(pipe)
     # the step's own file exports to the same bytes as the run folder with step=
     assert export.export_kohya(steps.lora_path(stepped.run_dir, 2), tmp_path / "x.safetensors").read_bytes() == \
         step_file.read_bytes()
@@ -223,7 +223,7 @@ def test_sdxl_step_pictures_scale_both_text_encoders_as_sample_does(tmp_path):
     png = steps.images_dir(run, 2) / "img-00-seed3.png"
     assert sample.read_sidecar(png).lora_scale_text_encoder_2 == 0.3
     drawn = np.asarray(Image.open(png)).astype(int)
-    assert np.abs(drawn - np.asarray(sample.regenerate(png)).astype(int)).max() <= 1
+    assert np.abs(drawn - np.asarray(inference.regenerate(png)).astype(int)).max() <= 1
 
 
 def test_load_run_pipeline_loads_a_chosen_steps_lora(stepped):

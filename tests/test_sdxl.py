@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from dreambooth_lab import checkpoint, export, sample
+from dreambooth_lab import checkpoint, export, inference, sample
 from dreambooth_lab.models import resolve
 from dreambooth_lab.conditioning import time_ids
 from dreambooth_lab.config import ModelConfig
@@ -159,8 +159,8 @@ def test_text_encoder_2_lora_only_when_the_text_encoder_trains(tmp_path, tmp_pat
 
 def test_scale_zero_everywhere_reproduces_the_base_pixels(xl_run, xl_pipe):
     lora = load_pipeline(ModelConfig(name=XL), device="cpu")
-    sample.load_lora(lora, xl_run.lora_path)
-    assert sample.has_text_encoder_lora(lora, "text_encoder_2")
+    inference.load_lora(lora, xl_run.lora_path)
+    assert inference.has_text_encoder_lora(lora, "text_encoder_2")
     base = _pixels(xl_pipe, _spec(lora_scale_unet=0.0, lora_scale_text_encoder=0.0))
     zero = _pixels(lora, _spec(lora_scale_unet=0.0, lora_scale_text_encoder=0.0, lora_scale_text_encoder_2=0.0))
     assert np.array_equal(base, zero)
@@ -178,10 +178,10 @@ def test_kohya_export_round_trips_through_diffusers_kohya_loader(xl_run, tmp_pat
     assert meta["dreambooth_lab.family"] == "sdxl" and meta["ss_base_model_version"] == "sdxl_base_v1-0"
 
     a = load_pipeline(ModelConfig(name=XL), device="cpu")
-    sample.load_lora(a, xl_run.lora_path)
+    inference.load_lora(a, xl_run.lora_path)
     b = load_pipeline(ModelConfig(name=XL), device="cpu")
     b.load_lora_weights(str(kohya.parent), weight_name=kohya.name, adapter_name=sample.ADAPTER)  # kohya loader
-    assert sample.has_text_encoder_lora(b) and sample.has_text_encoder_lora(b, "text_encoder_2")
+    assert inference.has_text_encoder_lora(b) and inference.has_text_encoder_lora(b, "text_encoder_2")
     spec = _spec(lora_scale_text_encoder_2=0.5)
     img_a, img_b = _pixels(a, spec), _pixels(b, spec)
     base = _pixels(a, _spec(lora_scale_unet=0.0, lora_scale_text_encoder=0.0))
@@ -198,7 +198,7 @@ def test_sample_run_takes_the_family_from_the_run(xl_run):
                      progress=False)
     side = json.loads(out.images[0].with_suffix(".json").read_text())
     assert side["model"] == XL and side["lora_scale_text_encoder_2"] == 0.2
-    again = sample.regenerate(out.images[0], pipe=pipe)  # the sidecar alone makes the picture again
+    again = inference.regenerate(out.images[0], pipe=pipe)  # the sidecar alone makes the picture again
     assert np.abs(np.asarray(again).astype(int) - _png(out.images[0])).max() <= 1
 
 

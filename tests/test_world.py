@@ -326,7 +326,7 @@ def _subject_rate(pipe, prompt, scale):
 @pytest.fixture(scope="module")
 def good_run(world_pipe, tmp_path_factory):
     """One recipe run on a held-out draw of the 5-photo dog, read like the benchmark reads it."""
-    from dreambooth_lab.sample import load_lora
+    from dreambooth_lab.inference import load_lora
     from dreambooth_lab.world.study import load_world_pipeline, robustness, sample_prompts
 
     cfg, res = _short_run(tmp_path_factory.mktemp("world-good"))
@@ -367,7 +367,7 @@ def test_the_subject_goes_somewhere_no_photo_showed(good_run):
 def test_a_broken_objective_is_caught(world_pipe, good_run, tmp_path):
     """Prior rows trained on the instance prompt: 'sks dog' learns generic dogs too. The check
     is only meaningful where the correct objective passes it."""
-    from dreambooth_lab.sample import load_lora
+    from dreambooth_lab.inference import load_lora
     from dreambooth_lab.world.study import load_world_pipeline
 
     assert good_run["tuned"]["subject:a {token} {class}"] >= SUBJECT_RATE_MIN, "the correct objective fails too"
@@ -382,7 +382,7 @@ def test_a_broken_objective_is_caught(world_pipe, good_run, tmp_path):
 def test_a_random_start_for_the_identifier_binds_too(good_run, tmp_path):
     """The recipe starts the learned identifier at the rare token's embedding; started at random it
     binds as well (calibration: 0.42-1.00 over 4 runs against 0.75-1.00)."""
-    from dreambooth_lab.sample import load_lora
+    from dreambooth_lab.inference import load_lora
     from dreambooth_lab.world.study import load_world_pipeline
 
     cfg, res = _short_run(tmp_path, **{"identifier.init": "random"})

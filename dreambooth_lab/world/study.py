@@ -212,7 +212,7 @@ def read_run(pipe, lora: str | Path | None, cfg: Config, seeds: Sequence[int], s
 
     With `lora` None the base pipeline is read (the "before" column).
     """
-    from ..sample import load_lora
+    from ..inference import load_lora
 
     token, cls = cfg.prompt_token, cfg.data.class_name  # <sks> with a learned identifier
     fill = lambda t: t.replace("{token}", token).replace("{class}", cls)  # noqa: E731
@@ -284,7 +284,7 @@ def robustness(pipe, lora: str | Path | None, cfg: Config, seeds: Sequence[int],
     accessory              "a http <tok> <class>": subject with the cap
     property_change        "a <tok> cat" (dog) / "a <tok> vase" (backpack): a cat/vase with the subject's look
     """
-    from ..sample import load_lora
+    from ..inference import load_lora
     from .judge import read_images
 
     roles = robustness_prompts(cfg)
