@@ -21,8 +21,6 @@ TEST_PROMPTS = (
     "A {token} {class} in the forest",
     "A {token} {class} driving car",
 )
-
-
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # diffusers.optimization.SchedulerType (a test keeps the two equal), known here without importing diffusers.
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
@@ -192,20 +190,17 @@ class PriorConfig:
         return self.target if self.enabled and self.loss_weight > 0 else None
 
     def errors(self) -> list[str]:
-        checks = [
+        return problems(self, "prior", [
             dtype_check("prior.dtype", self.dtype),
             (all(isinstance(p, str) and p.strip() for p in self.preserve_prompts),
              f"prior.preserve_prompts={self.preserve_prompts!r}: give a list of non-empty prompts, e.g. "
              "['a photo of a cat', 'a photo of a backpack']"),
             (self.target in PRIOR_TARGETS, f"prior.target={self.target!r}: use class_images (the paper's) or base_model"),
-        ]
-        if self.enabled and self.target == "class_images":
-            checks.append((self.num_class_images > 0,
-                           f"prior.num_class_images={self.num_class_images}: prior preservation needs class "
-                           "images (e.g. 100–200), or set prior.enabled: false"))
-        if self.enabled:
-            checks.append((self.loss_weight >= 0, f"prior.loss_weight={self.loss_weight}: use a value >= 0 (1.0 in the paper)"))
-        return problems(self, "prior", checks + [
+            (not self.enabled or self.target != "class_images" or self.num_class_images > 0,
+             f"prior.num_class_images={self.num_class_images}: prior preservation needs class images (e.g. 100–200), "
+             "or set prior.enabled: false"),
+            (not self.enabled or self.loss_weight >= 0,
+             f"prior.loss_weight={self.loss_weight}: use a value >= 0 (1.0 in the paper)"),
             (self.steps > 0, f"prior.steps={self.steps}: use a positive number of sampler steps (25)"),
             _guidance("prior.guidance", self.guidance),
             _seed("prior.seed", self.seed),
@@ -270,9 +265,7 @@ class LoraConfig:
     use_dora: bool = False  # DoRA (peft): weight-decomposed LoRA; the kohya export refuses it
     conv: bool = False  # LoCon: also adapt the UNet's ResNet convolutions (conv1, conv2, conv_shortcut)
     unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    text_encoder_targets: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
-    )
+    text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
 
     @property
     def effective_alpha(self) -> float:
