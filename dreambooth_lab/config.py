@@ -22,16 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from . import config_io
-from .config_io import ConfigError, Typed, parse_yaml, plain, read_yaml  # noqa: F401 (re-exported)
-from .config_sections import (CAPTION_MODES, CLIP_SPECIAL_TOKENS, DTYPES, EVAL_LOSS_MODES,  # noqa: F401 (re-exported)
-                              LR_SCHEDULERS, NO_HASH, NUM_TRAIN_TIMESTEPS, PRIOR_TARGETS, SAMPLERS, TEST_PROMPTS,
-                              TEXT_ENCODER_MODULES, UNET_MODULES, DataConfig, EvalConfig, IdentifierConfig,
-                              LoraConfig, LossConfig, OptimConfig, PriorConfig, SampleConfig, TrainConfig, dtype_check,
-                              name_problem, problems, unhashed)
+from .config_io import ConfigError, Typed, plain, read_yaml  # noqa: F401 (re-exported)
+from .config_sections import (DTYPES, LR_SCHEDULERS, TEST_PROMPTS, TEXT_ENCODER_MODULES,  # noqa: F401 (re-exported)
+                              UNET_MODULES, DataConfig, EvalConfig, IdentifierConfig, LoraConfig, LossConfig,
+                              OptimConfig, PriorConfig, SampleConfig, TrainConfig, dtype_check, name_problem,
+                              problems, unhashed)
 
 from . import builtin
-# The built-in offline models' names (the registry, builtin/, says what each one is).
-from .builtin import SD15_SHAPED, SDXL_SHAPED, TINY_MODEL, TINY_MODELS, TINY_SD2V, TINY_SDXL, TOYWORLD  # noqa: F401
+from .builtin import TINY_MODEL, TINY_MODELS, TOYWORLD  # noqa: F401 (re-exported; builtin/ says what each is)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -75,9 +73,7 @@ class Config:
 
     @property
     def resolution(self) -> int:
-        if self.data.resolution is not None:
-            return self.data.resolution
-        return default_resolution(self.model.name)
+        return self.data.resolution if self.data.resolution is not None else default_resolution(self.model.name)
 
     @property
     def run_name(self) -> str:
@@ -123,12 +119,16 @@ class Config:
 
     def validate(self) -> "Config":
         """The config itself when valid, else a ConfigError listing every problem (validation_errors)."""
-        errors = validation_errors(self)
-        if len(errors) == 1:  # one line, as the CLI prints it
-            raise ConfigError(errors[0])
-        if errors:
-            raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+        _refuse(validation_errors(self), "Invalid config")
         return self
+
+
+def _refuse(errors: list[str], what: str) -> None:
+    """A ConfigError for the problems found, if any: one line for one (as the CLI prints it), else a list."""
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
+    if errors:
+        raise ConfigError(f"{what}:\n  - " + "\n  - ".join(errors))
 
 
 def _hashed(obj: Any) -> dict[str, Any]:
@@ -248,11 +248,7 @@ def validation_errors(cfg: Config) -> list[str]:
 def validate_sample(sample: SampleConfig) -> SampleConfig:
     """The sample section alone through its checks (the `sample` command's options, a notebook's
     form); a ConfigError names each bad field."""
-    errors = sample.errors()
-    if len(errors) == 1:
-        raise ConfigError(errors[0])
-    if errors:
-        raise ConfigError("Invalid sample settings:\n  - " + "\n  - ".join(errors))
+    _refuse(sample.errors(), "Invalid sample settings")
     return sample
 
 
@@ -279,11 +275,6 @@ def to_yaml(cfg: Config) -> str:
 def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     """Apply dotted overrides such as {"train.steps": 10}; same checks as YAML keys."""
     return from_dict(config_io.nest(overrides), base=cfg)
-
-
-def field_type(dotted: str) -> Any:
-    """The type hint of a config field by its dotted name; None when there is no such leaf field."""
-    return config_io.field_type(Config(), dotted)
 
 
 def coerce_field(dotted: str, value: Any) -> Any:
