@@ -241,9 +241,9 @@ def _decide_path(cfg: Config, ident: Identity, run: Path, allow_change: bool) ->
         raise FileNotFoundError(f"{run} is not a run folder (it has no {CONFIG}): pass the folder that "
                                 f"train() printed, or resume='auto'")
     ckpts = list_checkpoints(run)
-    failed = (read_summary(run) or {}).get("status") == "failed" and bool(ckpts)  # e.g. a NaN: go on from
-    if not is_open(run) and not failed:                                            # its last good checkpoint
-        status = (read_summary(run) or {}).get("status", "finished")
+    status = (read_summary(run) or {}).get("status", "finished")
+    failed = status == "failed" and bool(ckpts)  # e.g. a NaN: go on from its last good checkpoint
+    if not is_open(run) and not failed:
         raise RunMismatch(f"{run} has already ended ({status}"
                           f"{' with no checkpoint to go on from' if status == 'failed' else ''}); it cannot be "
                           "resumed: start a new run")
@@ -348,13 +348,8 @@ def write_summary(run: Path, status: str, *, config_hash: str, steps: int, error
                   eval_after: float | None = None, class_images_generated: int = 0, resumed_from: int | None = None,
                   seconds: float = 0.0, family: str | None = None, ident: Identity | None = None,
                   timings: dict | None = None, resume_override: dict | None = None) -> Path:
-    """Write <run>/summary.json, how the run ended: every field it can hold is named here.
-
-    status "finished": the loss, the fixed-noise evaluation before and after, the class images made,
-    the step resumed from, seconds, the config hash, the model family, the photos' digest and count,
-    the timings, and `resume_override` when a changed config went on from a resumed step. status
-    "failed": the error, the step, its last checkpoint (found here), and with a `reason` (e.g.
-    disk_full) whether the same command resumes it (`resumable`, read by is_open)."""
+    """Write <run>/summary.json, how the run ended: every field it can hold is named here. A failed
+    run with a `reason` (e.g. disk_full) says whether the same command resumes it (`resumable`, read by is_open)."""
     if status == "finished":
         data = {"status": status, "steps": steps, "final_loss": final_loss, "eval_instance_loss_before": eval_before,
                 "eval_instance_loss_after": eval_after, "class_images_generated": class_images_generated,
@@ -391,7 +386,6 @@ def load_config(run_dir: str | Path) -> Config:
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no {CONFIG}): pass a folder under runs/")
     return load(path)
-
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
