@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -200,12 +200,9 @@ def check_background(folder: str | Path, images: list[Image.Image]) -> None:
                       DatasetWarning, stacklevel=3)
 
 
-CAPTION_SUFFIX = ".txt"  # data.captions: sidecar -- <photo stem>.txt beside each photo
-
-
 def caption_path(photo: str | Path) -> Path:
-    """Where a photo's sidecar caption lives: the same stem with .txt (dog_01.jpg -> dog_01.txt)."""
-    return Path(photo).with_suffix(CAPTION_SUFFIX)
+    """Where a photo's sidecar caption (data.captions: sidecar) lives: dog_01.jpg -> dog_01.txt."""
+    return Path(photo).with_suffix(".txt")
 
 
 def read_captions(paths: list[Path], token: str | None = None) -> list[str]:
@@ -297,9 +294,7 @@ class ImageSet:
         texts = read_captions(paths, token) if captions == "sidecar" else None  # fails before the photos load
         if check:
             check_count(folder, paths)
-        out = cls.from_paths(paths, resolution, check=check)
-        out.captions = texts
-        return out
+        return replace(cls.from_paths(paths, resolution, check=check), captions=texts)
 
     def label(self, index: int) -> str:
         """How sheets name photo `index`: its file name, and its caption when it has one."""
