@@ -59,8 +59,7 @@ def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]
 
 def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     root: dict = {}
-    items = list(meta["scalars"].items()) + list(tensors.items())
-    for key, value in items:
+    for key, value in [*meta["scalars"].items(), *tensors.items()]:
         parts = key.rstrip("/").split("/")
         node = root
         for part in parts[:-1]:
@@ -69,16 +68,12 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> d
             node.setdefault(parts[-1], {})
         else:
             node[parts[-1]] = value
-    state = {int(pid): slots for pid, slots in root.items()}
-    return {"state": state, "param_groups": meta["param_groups"]}
+    return {"state": {int(pid): slots for pid, slots in root.items()}, "param_groups": meta["param_groups"]}
 
 
-def _json(data) -> str:
-    return json.dumps(data, sort_keys=True, default=_jsonable)
-
-
-def _jsonable(value):
-    return None if callable(value) else str(value)
+def _json(data) -> bytes:
+    """Sorted JSON; a function (a scheduler's lr_lambda) as null, anything else unknown as its str."""
+    return json.dumps(data, sort_keys=True, default=lambda v: None if callable(v) else str(v)).encode()
 
 
 def step_folder(folder: Path, step: int) -> Path:
@@ -108,16 +103,16 @@ def save(folder: Path, step: int, params: dict[str, torch.Tensor], optimizer, lr
         written["lora_params.safetensors"] = files.safetensors_bytes(params)
         tensors, meta = flatten_optimizer_state(optimizer.state_dict())
         written["optimizer.safetensors"] = files.safetensors_bytes(tensors)
-        written["optimizer.json"] = _json(meta).encode()
-        written["scheduler.json"] = _json(lr_scheduler.state_dict()).encode()
+        written["optimizer.json"] = _json(meta)
+        written["scheduler.json"] = _json(lr_scheduler.state_dict())
         if scaler is not None:
-            written["scaler.json"] = _json(scaler.state_dict()).encode()
+            written["scaler.json"] = _json(scaler.state_dict())
         for name, data in written.items():
             files.write_bytes(tmp / name, data)
         manifest = {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
                     for name, data in sorted(written.items())}
-        files.write_bytes(tmp / MANIFEST, _json(manifest).encode())
-        files.write_bytes(tmp / "state.json", _json({"step": step}).encode())  # last: marks it complete
+        files.write_bytes(tmp / MANIFEST, _json(manifest))
+        files.write_bytes(tmp / "state.json", _json({"step": step}))  # last: marks it complete
         final = step_folder(folder, step)
         if final.exists():
             shutil.rmtree(final)
@@ -145,10 +140,8 @@ def save_last(folder: Path, step: int, params: dict[str, torch.Tensor], optimize
 
 
 def clean_temporaries(folder: Path) -> None:
-    """Remove the temp folders of checkpoint writes that a kill interrupted.
-
-    Called when a run is opened (under the run's lock, before anything resumes or writes).
-    """
+    """Remove the temp folders of checkpoint writes that a kill interrupted (called when a run is
+    opened, under the run's lock, before anything resumes or writes)."""
     for p in (Path(folder) / CHECKPOINTS).glob(".ckpt-*"):
         shutil.rmtree(p, ignore_errors=True)
 
