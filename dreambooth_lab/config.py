@@ -278,12 +278,10 @@ def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
 
 
 def coerce_field(dotted: str, value: Any) -> Any:
-    """`value` read as the config field `dotted` reads it (as from_dict would); a ConfigError names
-    the field when it does not fit (pure)."""
+    """`value` as from_dict reads it into the field `dotted`; a ConfigError names the field if it does not fit."""
     return config_io.coerce_field(Config(), dotted, value)
 
 
 def parse_override(key: str, text: str) -> Any:
-    """The value of `--set key=text`, read by the field's type (config_io.parse_override: a string
-    field takes the text as typed, every other field reads it as YAML) (pure)."""
+    """The value of `--set key=text`, read by the field's type (config_io.parse_override says how)."""
     return config_io.parse_override(Config(), key, text)
