@@ -76,8 +76,7 @@ class DiskFull(OSError):
     def again(self, *, folder: str | Path | None = None, needed: int | None = None,
               hint: str | None = None) -> "DiskFull":
         """The same fault told better: another folder (free space measured there), size or hint."""
-        where = Path(folder) if folder is not None else self.folder
-        free = free_bytes(where) if folder is not None else self.free
+        where, free = (Path(folder), free_bytes(folder)) if folder is not None else (self.folder, self.free)
         return DiskFull(where, self.needed if needed is None else needed, free=free, quota=self.quota,
                         hint=self.hint if hint is None else hint)
 
