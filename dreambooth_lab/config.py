@@ -109,11 +109,7 @@ class Config:
         return cfg
 
     def hash(self) -> str:
-        """Hash of what decides the training; two runs with equal hashes train the same LoRA.
-
-        Which fields count is declared on the fields (NO_HASH): the sample and eval sections,
-        paths and names, logging and checkpoint cadence, and speed switches are left out.
-        """
+        """Hash of what decides the training: equal hashes train the same LoRA (which fields count: NO_HASH)."""
         blob = json.dumps(_hashed(self.resolved()), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
