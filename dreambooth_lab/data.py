@@ -318,11 +318,8 @@ class ImageSet:
 
 
 def indices_for_step(n: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """Which examples step `step` sees: shuffled epochs laid end to end, a pure function.
-
-    Every epoch is a fresh permutation (seeded by seed and epoch number), so each photo is seen
-    equally often and a resumed run picks up at exactly the same place.
-    """
+    """Which examples step `step` sees (pure): epochs laid end to end, each a fresh permutation seeded
+    by (seed, epoch number), so each photo is seen equally often (resume: see the module's docstring)."""
     import torch
 
     out = []
