@@ -55,24 +55,13 @@ def unhashed(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
 
 # ---- checks -----------------------------------------------------------------------------------
 
-def numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
-    """(dotted name, value) of every float field of a config tree (pure)."""
-    out: list[tuple[str, float]] = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            out += numbers(value, f"{prefix}{f.name}.")
-        elif isinstance(value, float):
-            out.append((f"{prefix}{f.name}", value))
-    return out
-
-
 def problems(section: Any, prefix: str, checks: Iterable[tuple[bool, str]]) -> list[str]:
     """A section's errors: each NaN or inf number named once ("prior.guidance=nan: use a finite
     number"), then the message of every failed check that is not about one of those fields (NaN
     passes no comparison and would fail the field's own check too, or slip through one written as
     `not x < 0`, e.g. into a cache key) (pure)."""
-    unusable = {name: value for name, value in numbers(section, f"{prefix}.") if not math.isfinite(value)}
+    unusable = {f"{prefix}.{f.name}": value for f in dataclasses.fields(section)
+                if isinstance(value := getattr(section, f.name), float) and not math.isfinite(value)}
     return [f"{name}={value}: use a finite number" for name, value in unusable.items()] + [
         msg for ok, msg in checks if not ok and msg.split("=", 1)[0] not in unusable]
 
