@@ -148,10 +148,8 @@ def clean_temporaries(folder: Path) -> None:
 
 def list_checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints, oldest first (half-written temp folders are ignored)."""
-    root = Path(folder) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").is_file()]
+    found = [p for p in (Path(folder) / CHECKPOINTS).glob("step-*")  # none when the folder does not exist
+             if _STEP_DIR.match(p.name) and (p / "state.json").is_file()]
     return sorted(found, key=step_of)
 
 
