@@ -36,9 +36,7 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 @dataclass
 class ModelConfig:
-    # "tiny" builds the offline SD-shaped test model; anything else goes to from_pretrained
-    # unchanged (a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5 or a local folder).
-    name: str = DEFAULT_MODEL
+    name: str = DEFAULT_MODEL  # a built-in offline model (builtin/: tiny, toyworld, ...), a hub id or a local folder
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" to download the half-size weights
     # How `sample` etc. load the model (training uses train.mixed_precision): no weight changes.
