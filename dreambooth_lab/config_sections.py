@@ -113,7 +113,7 @@ class DataConfig:
     class_name: str = "dog"
     instance_prompt: str = "a photo of {token} {class}"
     class_prompt: str = "a photo of {class}"
-    resolution: int | None = None  # None = 512 for real models, 64 for the tiny one
+    resolution: int | None = None  # None = the model's own (config.default_resolution: 512 for SD1.x, 1024 for SDXL)
     center_crop: bool = True  # False = random crop
     random_flip: bool = False
     # Aspect-ratio bucketing (buckets.py): non-square photos keep their shape; a batch comes from one
