@@ -137,8 +137,9 @@ def is_open(run: Path) -> bool:
 
 def _scan(cfg: Config, want: str) -> list[tuple[Path, Identity | None]]:
     """Run folders of this exact training config (`want`: its hash), newest first, with their recorded identity."""
+    out = Path(cfg.train.output_dir).expanduser()
     found = []  # (glob finds nothing in a folder that does not exist)
-    for run in sorted(Path(cfg.train.output_dir).expanduser().glob(f"{cfg.run_name}-*"), reverse=True):
+    for run in sorted(out.glob(f"{cfg.run_name}-*"), reverse=True):
         ident = read_identity(run)
         try:
             same = ident.config_hash == want if ident else (
