@@ -104,7 +104,7 @@ def test_collector_is_off_while_importing_and_objects_are_set_aside_while_loadin
     assert gc.isenabled() and gc.get_freeze_count() == 0  # as before, once loaded
 
 
-def test_collector_state_is_restored_after_a_failure_and_a_callers_state_is_left_alone():
+def test_collector_state_is_restored_after_a_failure_and_a_callers_state_is_left_alone(monkeypatch):
     import gc
 
     def fail():
@@ -124,14 +124,18 @@ def test_collector_state_is_restored_after_a_failure_and_a_callers_state_is_left
         assert not gc.isenabled()
     finally:
         gc.enable()
+    unfrozen = []
+    real_unfreeze = gc.unfreeze
+    monkeypatch.setattr(gc, "unfreeze", lambda: unfrozen.append(True) or real_unfreeze())
     gc.freeze()
     try:
-        frozen = gc.get_freeze_count()
         with models.collector_spared(lambda: None):
             assert gc.isenabled()
-        assert gc.get_freeze_count() == frozen  # the caller's freeze is not undone
+        # the caller's freeze is not undone. Not an exact count: a frozen object whose last
+        # reference goes is freed and leaves the count (CI saw 832568 -> 832566 on another thread)
+        assert not unfrozen and gc.get_freeze_count() > 0
     finally:
-        gc.unfreeze()
+        real_unfreeze()
 
 
 def test_load_pipeline_leaves_the_collector_as_it_found_it():
