@@ -47,6 +47,10 @@ CLASS_PROMPT = "a {class}"
 # A run that "does not bind" (v4, draw 1, seed 2) draws the subject with its dots merged into one
 # yellow patch, in its snow photo's setting every seed, and "a cat" draws that dog: it overfits, and
 # the judge rightly rejects the merged dots.
+# Build v8 (2026-12-06, a 4x wider UNet) keeps 0.7: its calibration (dog, draws 1-2 x seeds 1-2 on the
+# build's step-20404 snapshot, read at 0.5 / 0.7 / 1.0) bound at all three (1.00) and traded van Gogh
+# (0.62 / 0.88 / 0.98) and the forest (0.48 / 0.77 / 0.94) against driving (0.90 / 0.83 / 0.38) and
+# cats (0.96 / 0.94 / 0.79 of the runs' pictures); 0.7 is the only scale with each above 0.75.
 WORLD_RECIPE = {"optim.lr_unet": 5e-3, "lora.conv": True, "loss.timestep_min": 500, "identifier.learned": True,
                 "identifier.init": "token", "identifier.lr": 5e-3}
 WORLD_RECIPE_STEPS = 400
