@@ -334,6 +334,7 @@ def finish(s: Session, callbacks: list, *, progress: bool, profile: bool) -> Run
             if progress:
                 print(format_profile(report))
                 print(format_timings(timings))
+    acc.wait_for_everyone()  # every rank tears its process group down together, none while the main one writes
     acc.end_training()
     return RunResult(run_dir=s.run_dir, lora_path=s.run_dir / runs.LORA_FILE, steps=cfg.train.steps,
                      final_loss=s.history[-1]["loss"] if s.history else float("nan"), eval_loss_before=s.eval_before,
