@@ -177,16 +177,10 @@ def run_params(cfg: Config) -> dict:
     }
 
 
-def looks_like_sdxl(name: str) -> bool:
-    """Does a model name say SDXL (stabilityai/stable-diffusion-xl-base-1.0, a folder whose
-    model_index.json names an XL pipeline)? A guess for the default resolution of a model that is
-    not built in (pure but for reading a local model_index.json); models.resolve reads the family."""
-    index = Path(name).expanduser() / "model_index.json"
-    if index.is_file():
-        try:
-            return "XL" in str(json.loads(index.read_text()).get("_class_name", ""))
-        except (OSError, ValueError):
-            return False
+def names_sdxl(name: str) -> bool:
+    """Does a hub id say SDXL (stabilityai/stable-diffusion-xl-base-1.0, ...-xl)? Only a guess at the
+    default resolution of a model nothing has been fetched of; its family is models.resolve's alone,
+    from its configs, and a local folder's resolution is its own (native_resolution)."""
     low = name.lower()
     return "sdxl" in low or "stable-diffusion-xl" in low or low.endswith("-xl")
 
@@ -211,7 +205,7 @@ def default_resolution(name: str) -> int:
     entry = builtin.get(name)
     if entry is not None:
         return entry.resolution
-    return native_resolution(name) or (1024 if looks_like_sdxl(name) else 512)
+    return native_resolution(name) or (1024 if names_sdxl(name) else 512)
 
 
 def fill_prompt(template: str, token: str, class_name: str) -> str:
