@@ -272,14 +272,13 @@ def test_near_misses_differ_from_the_subject_in_exactly_one_trait():
 
 # ---- DreamBooth in the world ---------------------------------------------------------------------
 
-# A photo draw, training seed and sampling seeds that neither the recipe's calibration (draws 1-2,
-# seeds 1-2, sampling seeds 100-111) nor the benchmark's held-out runs (draws 3-5, seeds 11-13,
-# sampling seeds 200-211) used. The recipe does not bind every run: on build v8 the held-out dog runs
-# gave "a <tok> dog" 0.08-1.00 (mean 0.82), and on this draw training seeds 30-34 gave 0.12, 1.00,
-# 0.12, 0.00, 0.25 (build v6: seed 30 0.50). The test pins seed 31, the run that binds, and checks it
-# keeps binding, composing and sparing the other classes; that most runs on this draw do not bind is
-# reported in BENCHMARKS.md ("Toy world, build v8"), not hidden by a threshold.
-DRAW, TRAIN_SEED = 7, 31
+# A photo draw, training seeds and sampling seeds that neither the recipe's calibration (draws 1-2 and
+# 7, seeds 1-2 and 30-34, sampling seeds 100-111) nor the benchmark's held-out runs (draws 3-5, seeds
+# 11-13, sampling seeds 200-211) used. On build v8 with the batch-4 recipe, draw 9 with training seeds
+# 60-63 gave "a <sks> dog" 1.00 in all four, the forest 0.62 / 0.50 / 1.00 / 1.00 and cats 0.88-1.00
+# (benchmarks/world_v8_batch.jsonl, label testdraw). The test trains the first of them, seed 60 (not
+# the best: its forest is the second lowest).
+DRAW, TRAIN_SEED = 9, 60
 SEEDS = list(range(500, 508))
 
 
@@ -301,16 +300,17 @@ def _short_run(tmp_path, recipe: bool = True, **overrides):
     return cfg, train(cfg, resume=None, progress=False)
 
 
-# Thresholds below this run's readings on build v8 (sampling seeds 500-507: 8 pictures, so a step is
-# 0.125), at or under the floor of the binding held-out runs' spread (BENCHMARKS.md "Toy world"), not at their mean.
-SUBJECT_RATE_MIN = 0.5  # "a <sks> dog" shows the subject (this run 1.00); base 0.00
-PHRASING_MIN = 0.5  # "a photo of a <sks> dog", a wording no caption used (this run 0.88)
+# Thresholds below the four runs' spread on build v8 (sampling seeds 500-507: 8 pictures, so a step is
+# 0.125) and at or under the floor of the held-out runs (BENCHMARKS.md "the recipe re-calibrated"), not
+# at their mean.
+SUBJECT_RATE_MIN = 0.5  # "a <sks> dog" shows the subject (draw 9: 1.00 x4; held out 0.50-1.00); base 0.00
+PHRASING_MIN = 0.5  # "a photo of a <sks> dog", a wording no caption used (draw 9: 1.00 x4)
 BROKEN_RATE_MAX = 0.2  # the broken objective must stay under
 RANDOM_INIT_RATE_MIN = 0.25  # the identifier started at random (v4's calibration 0.42-1.00)
-# "a <class>" after the run / before it (held out on v8, dog runs: worst cat 0.83 on average; this run:
-# cat 0.88, toy 0.88, backpack 1.00, vase 1.00 of a base 1.00 each)
+# "a <class>" after the run / before it (held out, dog runs: worst cat 0.84 on average; draw 9 seed 60:
+# cat 0.88, toy 0.88, backpack 1.00, vase 1.00 of a base 1.00 each; the other seeds 1.00)
 OTHER_CLASS_KEPT = {"cat": 0.6, "toy": 0.6, "backpack": 0.9, "vase": 0.85}
-COMPOSITION_MIN = 0.375  # "a <sks> dog in the forest": subject AND forest (held out 0.17-0.92; this run 0.75)
+COMPOSITION_MIN = 0.375  # "a <sks> dog in the forest": subject AND forest (draw 9: 0.50-1.00; held out 0.08-1.00)
 
 
 @pytest.fixture(scope="module")
