@@ -91,7 +91,7 @@ def world_config(subject: str = "dog", photos: int = 5, token: str = "sks", *, o
     """A DreamBooth run on a world subject with the study's settings scaled to the world.
 
     The study's rank 4, lr 3e-4 (UNet) / 1e-4 (text encoder), prior preservation and guidance
-    6.4 carry over; steps and class images shrink with the model (a 64 px, 1 M-parameter UNet).
+    6.4 carry over; steps and class images shrink with the model (a 64 px UNet of 4.2 M parameters).
     """
     if subject not in SUBJECTS:
         raise KeyError(f"unknown world subject {subject!r}; choose one of {sorted(SUBJECTS)}")
