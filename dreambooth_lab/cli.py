@@ -232,7 +232,8 @@ def run_sheet_command(args) -> Path:
         from .experiments import axis_sheet
 
         return axis_sheet(args.registry, args.axis, args.metric, args.out)
-    from .compare import parameter_grid, runs_by_prompts, steps_sheet
+    from .compare import parameter_grid, runs_by_prompts
+    from .steps import steps_sheet
 
     if args.sheet_command == "steps":
         return steps_sheet(args.run_dir, args.out)

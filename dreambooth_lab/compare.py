@@ -7,7 +7,6 @@ not the noise. Each image is saved with its sidecar beside the sheet.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -232,39 +231,3 @@ def parameter_grid(run_dir: str | Path, out: str | Path | None = None, *,
                              title=f'{run_dir.name}: "{first.prompt}"', params={**fixed, "sampler": first.sampler},
                              cell_files=cells)
     return b.final(sheet)
-
-
-def steps_sheet(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Rows: the run's saved steps; columns: its seeds; each cell the picture drawn at that step
-    (train.save_lora_every with train.step_images). Written to <run>/steps/steps_x_seeds.png (or
-    `out`) with its .json layout beside; each cell's sidecar is in steps/step-NNNNNN/."""
-    from PIL import Image
-
-    from .sample import read_sidecar
-    from .steps import SHEET, STEP_IMAGES, step_image_dirs
-
-    run_dir = Path(run_dir)
-    found = step_image_dirs(run_dir)
-    if not found:
-        raise FileNotFoundError(f"{run_dir} has no step pictures ({STEP_IMAGES}/step-NNNNNN/): train with "
-                                "train.save_lora_every=N (and train.step_images: true) to draw them every N steps")
-    rows = {step: {(sp := read_sidecar(png)).seed: (png, sp) for png in sorted(folder.glob("*.png"))}
-            for step, folder in found.items()}
-    seeds = list(dict.fromkeys(seed for cells in rows.values() for seed in cells))
-    first = next(sp for cells in rows.values() for _, sp in cells.values())
-    target = Path(out) if out else run_dir / STEP_IMAGES / SHEET
-    grid, names = [], []  # each cell's file, relative to the sheet
-    for cells in rows.values():
-        grid.append([Image.open(cells[s][0]).convert("RGB") if s in cells else None for s in seeds])
-        names.append([os.path.relpath(cells[s][0], target.parent) if s in cells else None for s in seeds])
-    params = {"guidance": first.guidance, "sampling_steps": first.steps, "sampler": first.sampler,
-              "lora_scale_unet": first.lora_scale_unet, "lora_scale_text_encoder": first.lora_scale_text_encoder}
-    if first.lora_scale_text_encoder_2 is not None:
-        params["lora_scale_text_encoder_2"] = first.lora_scale_text_encoder_2
-    if first.negative_prompt:
-        params["negative_prompt"] = first.negative_prompt
-    params.update(run=run_dir.name, model=first.model, size=first.width)
-    last = load_config(run_dir).train.steps
-    labels = [f"step {step}" + ("\n(final)" if step == last else "") for step in rows]
-    return labeled_grid(grid, labels, [f"seed {s}" for s in seeds], target,
-                        title=f'{run_dir.name}: "{first.prompt}" — steps × seeds', params=params, cell_files=names)

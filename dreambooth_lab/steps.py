@@ -32,6 +32,7 @@ import torch
 from . import files
 from .config import Config
 from .runs import CONFIG
+from .timing import Timeline
 
 LORAS = "loras"
 STEP_IMAGES = "steps"
@@ -212,8 +213,10 @@ class StepSaver:
     """A training callback: at each saved step, the LoRA file (`write_lora(step, path)`), then the
     pictures; a file or folder the run already has is kept as it is (a resumed run)."""
 
-    def __init__(self, acc, cfg: Config, objective, run_dir: Path, write_lora: Callable[[int, Path], object]):
+    def __init__(self, acc, cfg: Config, objective, run_dir: Path, write_lora: Callable[[int, Path], object],
+                 clock: Timeline):
         self.acc, self.cfg, self.objective, self.run_dir, self.write_lora = acc, cfg, objective, run_dir, write_lora
+        self.clock = clock
         self.wanted = set(saved_steps(cfg.train.steps, cfg.train.save_lora_every))
         clean_temporaries(run_dir)
 
@@ -226,3 +229,47 @@ class StepSaver:
             self.write_lora(step, target)
         if self.cfg.train.step_images and not images_dir(self.run_dir, step).is_dir():
             draw_step_images(self.acc, self.cfg, self.objective, self.run_dir, step)
+
+    def close(self) -> None:
+        """Once every saved step has its pictures (the run reached its last step, in this call or an
+        earlier one), the steps x seeds sheet; a run stopped before then has none yet."""
+        if self.cfg.train.step_images and self.wanted <= set(step_image_dirs(self.run_dir)):
+            with self.clock.phase("steps_sheet"):
+                steps_sheet(self.run_dir)
+
+
+def steps_sheet(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Rows: the run's saved steps; columns: its seeds; each cell the picture drawn at that step
+    (train.save_lora_every with train.step_images). Written to <run>/steps/steps_x_seeds.png (or
+    `out`) with its .json layout beside; each cell's sidecar is in steps/step-NNNNNN/."""
+    from PIL import Image
+
+    from .runs import load_config
+    from .sample import read_sidecar
+    from .viz import labeled_grid
+
+    run_dir = Path(run_dir)
+    found = step_image_dirs(run_dir)
+    if not found:
+        raise FileNotFoundError(f"{run_dir} has no step pictures ({STEP_IMAGES}/step-NNNNNN/): train with "
+                                "train.save_lora_every=N (and train.step_images: true) to draw them every N steps")
+    rows = {step: {(sp := read_sidecar(png)).seed: (png, sp) for png in sorted(folder.glob("*.png"))}
+            for step, folder in found.items()}
+    seeds = list(dict.fromkeys(seed for cells in rows.values() for seed in cells))
+    first = next(sp for cells in rows.values() for _, sp in cells.values())
+    target = Path(out) if out else run_dir / STEP_IMAGES / SHEET
+    grid, names = [], []  # each cell's file, relative to the sheet
+    for cells in rows.values():
+        grid.append([Image.open(cells[s][0]).convert("RGB") if s in cells else None for s in seeds])
+        names.append([os.path.relpath(cells[s][0], target.parent) if s in cells else None for s in seeds])
+    params = {"guidance": first.guidance, "sampling_steps": first.steps, "sampler": first.sampler,
+              "lora_scale_unet": first.lora_scale_unet, "lora_scale_text_encoder": first.lora_scale_text_encoder}
+    if first.lora_scale_text_encoder_2 is not None:
+        params["lora_scale_text_encoder_2"] = first.lora_scale_text_encoder_2
+    if first.negative_prompt:
+        params["negative_prompt"] = first.negative_prompt
+    params.update(run=run_dir.name, model=first.model, size=first.width)
+    last = load_config(run_dir).train.steps
+    labels = [f"step {step}" + ("\n(final)" if step == last else "") for step in rows]
+    return labeled_grid(grid, labels, [f"seed {s}" for s in seeds], target,
+                        title=f'{run_dir.name}: "{first.prompt}" — steps × seeds', params=params, cell_files=names)

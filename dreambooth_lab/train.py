@@ -206,7 +206,7 @@ def make_callbacks(s: Session, on_step, progress: bool) -> list:
         from .steps import StepSaver
 
         out.append(StepSaver(s.acc, s.cfg, s.objective, s.run_dir, lambda step, path: write_lora(
-            path, s.cfg, s.acc, s.objective, s.ident.dataset_digest, step=step)))
+            path, s.cfg, s.acc, s.objective, s.ident.dataset_digest, step=step), s.clock))
     return out
 
 
@@ -312,11 +312,6 @@ def finish(s: Session, callbacks: list, *, progress: bool, profile: bool) -> Run
                                         scaler=acc.scaler)
         with clock.phase("lora_file"):
             write_lora(s.run_dir / runs.LORA_FILE, cfg, acc, objective, ident.dataset_digest)
-        if cfg.train.save_lora_every and cfg.train.step_images:
-            from .compare import steps_sheet
-
-            with clock.phase("steps_sheet"):
-                steps_sheet(s.run_dir)
         with clock.phase("loss_plot"):
             plot_loss_curve(s.history, s.run_dir / runs.LOSS_PLOT, title=f"{s.run_dir.name}", params=params)
         timings = clock.report()  # the same dict as the result's

@@ -123,6 +123,7 @@ def test_a_resumed_run_keeps_its_files_and_writes_the_same_bytes(stepped, tmp_pa
         train(cfg, resume="auto", progress=False, on_step=stop_at_5)
     run = next((tmp_path / "runs").iterdir())
     assert list(steps.step_loras(run)) == [2, 4]  # step 4 came after the checkpoint at 3
+    assert not (run / "steps" / steps.SHEET).exists()  # stopped before its last step: no sheet yet
     kept = {p: p.stat().st_mtime_ns for p in [*steps.step_loras(run).values(), *steps.images_dir(run, 2).iterdir()]}
     import shutil
 
@@ -137,6 +138,9 @@ def test_a_resumed_run_keeps_its_files_and_writes_the_same_bytes(stepped, tmp_pa
         for png in steps.images_dir(stepped.run_dir, step).glob("*.png"):
             assert (steps.images_dir(run, step) / png.name).read_bytes() == png.read_bytes(), (step, png.name)
     assert resumed.lora_path.read_bytes() == stepped.lora_path.read_bytes()
+    sheet = run / "steps" / steps.SHEET  # drawn once the resumed call drew the last step's pictures
+    layout, whole = (json.loads(p.with_suffix(".json").read_text()) for p in (sheet, stepped.run_dir / "steps" / steps.SHEET))
+    assert layout["row_labels"] == whole["row_labels"] and layout["cells"] == whole["cells"]  # the titles name the runs
 
 
 def test_a_step_with_a_learned_identifier_keeps_its_embedding_beside_it(tmp_path):
@@ -153,9 +157,9 @@ def test_a_step_with_a_learned_identifier_keeps_its_embedding_beside_it(tmp_path
 # ---- the sheet ----------------------------------------------------------------------------------------
 
 def test_steps_sheet_has_a_row_per_step_and_a_column_per_seed(stepped, tmp_path):
-    from dreambooth_lab.compare import steps_sheet
+    from dreambooth_lab.steps import steps_sheet
 
-    sheet = stepped.run_dir / "steps" / "steps_x_seeds.png"  # train() draws it at the end
+    sheet = stepped.run_dir / "steps" / "steps_x_seeds.png"  # train() draws it after the last step
     assert sheet.is_file()
     layout = json.loads(sheet.with_suffix(".json").read_text())
     assert layout["row_labels"] == ["step 2", "step 4", "step 5\n(final)"]
@@ -167,7 +171,7 @@ def test_steps_sheet_has_a_row_per_step_and_a_column_per_seed(stepped, tmp_path)
 
 
 def test_steps_sheet_of_a_run_without_step_pictures_says_what_to_set(trained_run):
-    from dreambooth_lab.compare import steps_sheet
+    from dreambooth_lab.steps import steps_sheet
 
     with pytest.raises(FileNotFoundError, match=r"no step pictures .*train\.save_lora_every=N"):
         steps_sheet(trained_run.run_dir)
