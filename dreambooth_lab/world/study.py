@@ -52,14 +52,8 @@ CLASS_PROMPT = "a {class}"
 # (0.62 / 0.88 / 0.98) and the forest (0.48 / 0.77 / 0.94) against driving (0.90 / 0.83 / 0.38) and
 # cats (0.96 / 0.94 / 0.79 of the runs' pictures); 0.7 is the only scale with each above 0.75.
 # Batch 4, 300 steps (build v8, 2026-12-06; batch 1 and 400 steps before): calibrated on the runs that did
-# not bind (dog draw 7, training seeds 30/32/33/34: 0.12/0.12/0.00/0.25 at batch 1) with draws 1-2 x seeds
-# 1-2 of the dog and the backpack beside them (benchmarks/world_calibrate.py --steps 300 --set
-# train.batch_size=4 --scale 0.5 0.6 0.7; readings in benchmarks/world_v8_batch.jsonl). One photo per step
-# let the seed's order of photos and noises decide whether the subject bound (it memorised one photo with
-# its dots merged); four per step bound draw 7 at 0.75-1.00 (mean 0.92) and the 8 other runs at 1.00.
-# 400 steps at batch 4 bound as well but drew the forest in 0.35 of pictures and the dog driving in 0.37;
-# 300 gave 0.56-0.83 and 0.56-0.90. Batch 2 (400 steps) still failed on seed 32 (0.42), with a cosine
-# schedule too (0.00). Scale 0.7 stays: 0.6 and 0.5 bound draw 7 at 0.77 and 0.69.
+# not bind (dog draw 7, seeds 30/32/33/34) beside draws 1-2 x seeds 1-2; what was tried and measured is in
+# BENCHMARKS.md ("the recipe re-calibrated") and benchmarks/world_v8_batch.jsonl.
 WORLD_RECIPE = {"optim.lr_unet": 5e-3, "lora.conv": True, "loss.timestep_min": 500, "identifier.learned": True,
                 "identifier.init": "token", "identifier.lr": 5e-3, "train.batch_size": 4}
 WORLD_RECIPE_STEPS = 300
