@@ -25,6 +25,22 @@ def test_form_fills_the_config(monkeypatch):
     assert os.path.isabs(cfg.data.instance_dir) and cfg.data.instance_dir.endswith("datasets/sample_subject")
 
 
+def test_preserve_prompts_field_keeps_other_classes(monkeypatch, tmp_path):
+    """PRESERVE_PROMPTS: prompts split on ';' into prior.preserve_prompts; left at its default ("")
+    under a preset it is the preset's (none); empty pieces and spaces are dropped."""
+    monkeypatch.delenv(nb.SMOKE_ENV, raising=False)
+    cfg, sources = nb.configure(dict(FORM, PRESERVE_PROMPTS=" a photo of a cat ;; a photo of a {class} toy; "))
+    assert cfg.prior.preserve_prompts == ["a photo of a cat", "a photo of a {class} toy"]
+    assert sources["prior.preserve_prompts"] == "form"
+    assert nb.configure(dict(FORM))[0].prior.preserve_prompts == []
+    form = dict(nb.FORM_DEFAULTS, OUTPUT_DIR=str(tmp_path), DATASET_DIR="datasets/sample_subject")
+    cfg, sources = nb.configure(form, "configs/colab_t4.yaml")
+    assert cfg.prior.preserve_prompts == [] and "prior.preserve_prompts" not in sources
+    cfg, _ = nb.configure(dict(form, PRESERVE_PROMPTS="a photo of a cat"), "configs/colab_t4.yaml")
+    assert cfg.prior.preserve_prompts == ["a photo of a cat"]
+    assert nb.prompt_list(["a", " ", "b "]) == ["a", "b"] and nb.prompt_list("") == []
+
+
 def test_form_missing_a_field_is_named():
     form = dict(FORM)
     del form["RANK"]

@@ -18,7 +18,7 @@ from .display import LiveLoss, format_sources, leaves, memory_note, show, show_d
 from .form import (ALWAYS_FORM, BASE_MODELS, FORM_DEFAULTS, FORM_FIELDS, FORM_SWITCHES, GRADIENT_CHECKPOINTING_CHOICES,
                    MACHINE_FIELDS, MACHINE_KEYS, MEMORY_MARGIN, SDXL_BASE, configure, field_overrides, fits,
                    form_overrides, form_wins, machine_overrides, machine_settings, merge_form, preset_choices,
-                   preset_keys, preset_path, smoke_overrides)
+                   preset_keys, preset_path, prompt_list, smoke_overrides)
 from .photos import PhotosMissing, add_photos, check_photos, drive_location, photos_message
 from .runtime import (COLAB_CHECKOUT, DRIVE, DRIVE_DATASETS, DRIVE_HOME, DRIVE_RUNS, INSTALL_COMMANDS, INSTALL_MARKER,
                       MODEL_CACHE, OUTPUT_ENV, SMOKE_ENV, T4_GIB, NotebookStop, bf16_supported, default_output_dir,
@@ -37,7 +37,7 @@ __all__ = [
     "eval_settings", "evaluate_finished", "export_lora", "field_overrides", "find_repo_root", "finished_runs", "fits",
     "form_overrides", "form_wins", "format_sources", "hub_login", "in_colab", "install_key", "intervals", "leaves",
     "load_study", "locked_message", "machine_overrides", "machine_settings", "memory_note", "merge_form",
-    "mismatch_message", "output_folder", "photos_message", "preset_choices", "preset_keys", "preset_path",
+    "mismatch_message", "output_folder", "photos_message", "preset_choices", "preset_keys", "preset_path", "prompt_list",
     "restore_checkout", "runtime_settings", "setup", "show", "show_dataset", "smoke", "smoke_overrides", "summary",
     "sweep_results", "sweep_status", "this_gpu", "train_run", "versions", "write_registry",
 ]

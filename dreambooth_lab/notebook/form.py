@@ -35,6 +35,7 @@ FORM_FIELDS = {
     "PRIOR_PRESERVATION": "prior.enabled",
     "NUM_CLASS_IMAGES": "prior.num_class_images",
     "PRIOR_LOSS_WEIGHT": "prior.loss_weight",
+    "PRESERVE_PROMPTS": "prior.preserve_prompts",
     "RANK": "lora.rank",
     "RESOLUTION": "data.resolution",
     "MIXED_PRECISION": "train.mixed_precision",
@@ -70,6 +71,9 @@ FORM_DEFAULTS: dict[str, Any] = {
     "PRIOR_PRESERVATION": True,
     "NUM_CLASS_IMAGES": 100,
     "PRIOR_LOSS_WEIGHT": 1.0,
+    # other prompts the base model should keep drawing, separated by ";" (e.g. "a photo of a cat"):
+    # the class prior guards the trained class only
+    "PRESERVE_PROMPTS": "",
     "RANK": 4,
     "RESOLUTION": 512,
     "MIXED_PRECISION": "fp16",
@@ -134,12 +138,21 @@ def field_overrides(name: str, value: Any) -> dict[str, Any]:
         if value == "auto":
             return {}  # decided by `_auto_checkpointing` once the config is known
         raise ValueError(f"GRADIENT_CHECKPOINTING={value!r}: choose one of {', '.join(GRADIENT_CHECKPOINTING_CHOICES)}")
+    if name == "PRESERVE_PROMPTS":
+        return {path: prompt_list(value)}
     if name == "RESOLUTION":
         return {path: int(value) if value else None}  # 0 / None = the model's own size
     if name in ("LR_UNET", "LR_TEXT_ENCODER", "PRIOR_LOSS_WEIGHT", "LORA_SCALE_UNET", "LORA_SCALE_TEXT_ENCODER",
                 "GUIDANCE"):
         return {path: float(value)}
     return {path: value}
+
+
+def prompt_list(value: Any) -> list[str]:
+    """PRESERVE_PROMPTS as a list: "a photo of a cat; a photo of a toy" (or a list), each prompt
+    stripped, empty ones dropped (pure)."""
+    parts = value.split(";") if isinstance(value, str) else list(value or [])
+    return [str(p).strip() for p in parts if str(p).strip()]
 
 
 def _check_fields(form: Mapping[str, Any]) -> None:
