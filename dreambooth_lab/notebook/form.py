@@ -151,8 +151,9 @@ def field_overrides(name: str, value: Any) -> dict[str, Any]:
 def prompt_list(value: Any) -> list[str]:
     """PRESERVE_PROMPTS as a list: "a photo of a cat; a photo of a toy" (or a list), each prompt
     stripped, empty ones dropped (pure)."""
-    parts = value.split(";") if isinstance(value, str) else list(value or [])
-    return [str(p).strip() for p in parts if str(p).strip()]
+    parts = value.split(";") if isinstance(value, str) else (value or [])
+    stripped = (str(p).strip() for p in parts)
+    return [p for p in stripped if p]
 
 
 def _check_fields(form: Mapping[str, Any]) -> None:
