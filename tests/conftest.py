@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
 # Keep the suite hermetic: the tiny model and class images go to a fresh cache, never ~/.cache.
-os.environ.setdefault("DREAMBOOTH_LAB_CACHE", tempfile.mkdtemp(prefix="dreambooth-lab-test-cache-"))
+# The process that makes it (pytest itself; xdist's workers and the notebooks' kernels inherit the
+# variable) removes it when the session ends: ~70 MB per run would pile up in the temp folder.
+_OWN_CACHE = None
+if "DREAMBOOTH_LAB_CACHE" not in os.environ:
+    _OWN_CACHE = os.environ["DREAMBOOTH_LAB_CACHE"] = tempfile.mkdtemp(prefix="dreambooth-lab-test-cache-")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # `make test` runs two pytest workers (pytest-xdist) on CI's two cores: one torch thread each, as
 # two threads per worker on two cores run several times slower (measured). Set before torch loads;
@@ -18,6 +23,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from dreambooth_lab.config import Config  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    """The cache this process made goes with the session (not a worker's: the controller's, last)."""
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_SUBJECT = REPO / "datasets" / "sample_subject"
