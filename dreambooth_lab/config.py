@@ -159,7 +159,8 @@ def experiment_axes(cfg: Config) -> dict[str, Any]:
         "timesteps": f"{lc.timestep_min}-{lc.timestep_max or 'max'}",
         "lora_dropout": cfg.lora.dropout, "dora": cfg.lora.use_dora, "locon": cfg.lora.conv,
         "buckets": cfg.data.buckets,
-        **({"preserve_prompts": len(cfg.prior.preserve_prompts)} if cfg.prior.preserve_prompts else {}),
+        **({"preserve_prompts": len(cfg.prior.preserve_prompts), "preserve_on": cfg.prior.preserve_on}
+           if cfg.prior.preserve_prompts else {}),
         **({"captions": cfg.data.captions} if cfg.data.captions != "none" else {}),
     }
 

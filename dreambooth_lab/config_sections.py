@@ -35,6 +35,7 @@ TEXT_ENCODER_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", 
                         "position_embedding", "text_projection")
 CLIP_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 PRIOR_TARGETS = ("class_images", "base_model")
+PRESERVE_ON = ("photos", "class_images")  # prior.preserve_on
 CAPTION_MODES = ("none", "sidecar")
 EVAL_LOSS_MODES = ("auto", "on", "off")  # train.eval_loss
 
@@ -171,6 +172,10 @@ class PriorConfig:
     # guards the trained class only; on a small model a LoRA that learns the subject also turns
     # neighbouring classes into it. Empty = the paper's objective.
     preserve_prompts: list[str] = field(default_factory=list, metadata={"hash": True, "omit_if": []})
+    # Whose noisy latents the kept prompts train on: "photos" (the step's instance rows) or
+    # "class_images" (the step's class rows: the subject's own latents then learn only the subject;
+    # needs target class_images). Measured in BENCHMARKS ("keeping the other classes").
+    preserve_on: str = field(default="photos", metadata={"hash": True, "omit_if": "photos"})
 
     @property
     def term(self) -> str | None:
@@ -185,6 +190,12 @@ class PriorConfig:
              f"prior.preserve_prompts={self.preserve_prompts!r}: give a list of non-empty prompts, e.g. "
              "['a photo of a cat', 'a photo of a backpack']"),
             (self.target in PRIOR_TARGETS, f"prior.target={self.target!r}: use class_images (the paper's) or base_model"),
+            (self.preserve_on in PRESERVE_ON,
+             f"prior.preserve_on={self.preserve_on!r}: use photos (the subject's latents) or class_images"),
+            (self.preserve_on != "class_images" or not self.preserve_prompts or self.term == "class_images",
+             f"prior.preserve_on=class_images trains the kept prompts on the class images' latents, but this run has "
+             f"none (prior.enabled={self.enabled}, prior.target={self.target}, prior.loss_weight={self.loss_weight}): "
+             "use prior.preserve_on: photos, or the class-image prior"),
             (not self.enabled or self.target != "class_images" or self.num_class_images > 0,
              f"prior.num_class_images={self.num_class_images}: prior preservation needs class images (e.g. 100–200), "
              "or set prior.enabled: false"),

@@ -377,17 +377,18 @@ class DreamBoothObjective:
             states = states.cat(self.class_states(len(rows)))
             ids = None if ids is None else torch.cat([ids, ids])
             target = torch.cat([target, prior_target])
-        if self.preserve:  # prior.preserve_prompts: one of them per step, on the instance rows' noisy latents
+        if self.preserve:  # prior.preserve_prompts: one of them per step, on the instance (or class) rows' latents
             k = sum(r.kind == "instance" for r in rows)
+            on = slice(k, 2 * k) if cfg.prior.preserve_on == "class_images" else slice(0, k)  # class rows follow
             keep = [Row("preserve", (step * self.cfg.train.gradient_accumulation_steps + micro) % len(self.preserve),
                         False, (0, 0, 0, 0))] * k
             with self.timer.phase("base_model_prior"):
-                keep_target = self.base_prediction(noisy[:k], timesteps[:k], None if ids is None else ids[:k],
+                keep_target = self.base_prediction(noisy[on], timesteps[on], None if ids is None else ids[on],
                                                    rows=keep)
                 keep_states = self.states(keep)
-            noisy, timesteps = torch.cat([noisy, noisy[:k]]), torch.cat([timesteps, timesteps[:k]])
+            noisy, timesteps = torch.cat([noisy, noisy[on]]), torch.cat([timesteps, timesteps[on]])
             states = states.cat(keep_states)
-            ids = None if ids is None else torch.cat([ids, ids[:k]])
+            ids = None if ids is None else torch.cat([ids, ids[on]])
             target = torch.cat([target, keep_target])
         weights = None
         if lc.min_snr_gamma:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -186,6 +187,41 @@ def test_preserve_prompts_are_pulled_toward_the_base_model(tmp_path):
     assert t.loss(1, 0).prior.item() > 1e-6
 
 
+@pytest.mark.parametrize("on", ["photos", "class_images"])
+def test_preserve_on_picks_whose_latents_the_kept_prompts_train_on(tmp_path, on):
+    """prior.preserve_on: the kept prompts' rows take the noisy latents (and timesteps) of the step's
+    instance rows (photos) or of its class rows (class_images), and nothing else changes."""
+    from accelerate import Accelerator
+    from PIL import Image
+
+    from dreambooth_lab.config import ModelConfig
+    from dreambooth_lab.models import load_pipeline
+    from dreambooth_lab.trainer import DreamBoothObjective
+
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(class_dir / f"c{i}.png")
+    cfg = tiny_config(tmp_path, **{"train.batch_size": 2, "prior.preserve_on": on,
+                                   "prior.preserve_prompts": ["a photo of a cat"]}).resolved().validate()
+    pipe = load_pipeline(ModelConfig(name="tiny"), device="cpu")
+    photos = ImageSet.from_folder(cfg.data.instance_dir, cfg.resolution)
+    classes = ImageSet.from_folder(class_dir, cfg.resolution, check=False)
+    t = DreamBoothObjective(cfg, pipe, photos, classes, Accelerator(), base=resolve(cfg.model))
+    seen = {}
+    t.base_prediction = lambda noisy, timesteps, ids=None, rows=None: seen.update(keep=(noisy, timesteps)) or noisy * 0
+    t.predict = lambda noisy, timesteps, cond, ids: seen.update(all=(noisy, timesteps)) or noisy * 0
+    out = t.loss(0, 0)
+    assert [r.kind for r in out.rows] == ["instance", "instance", "class", "class"]
+    noisy, timesteps = seen["all"]
+    assert noisy.shape[0] == 6  # 2 instance, 2 class, 2 kept-prompt rows
+    rows = slice(2, 4) if on == "class_images" else slice(0, 2)
+    assert torch.equal(seen["keep"][0], noisy[rows]) and torch.equal(noisy[4:], noisy[rows])
+    assert torch.equal(timesteps[4:], timesteps[rows])
+    assert not torch.equal(noisy[0:2], noisy[2:4])  # the two kinds of rows differ: the test can tell them apart
+
+
 def test_preserve_prompts_are_validated_and_recorded(tmp_path):
     from dreambooth_lab.config import ConfigError, experiment_axes
 
@@ -194,3 +230,9 @@ def test_preserve_prompts_are_validated_and_recorded(tmp_path):
     cfg = tiny_config(tmp_path, **{"prior.preserve_prompts": ["a photo of a cat"], "data.captions": "sidecar"})
     assert experiment_axes(cfg)["preserve_prompts"] == 1 and experiment_axes(cfg)["captions"] == "sidecar"
     assert "preserve_prompts" not in experiment_axes(tiny_config(tmp_path))
+    assert experiment_axes(cfg)["preserve_on"] == "photos"
+    with pytest.raises(ConfigError, match="prior.preserve_on=class_images .*prior.target=base_model"):
+        tiny_config(tmp_path, **{"prior.preserve_prompts": ["a cat"], "prior.preserve_on": "class_images",
+                                 "prior.target": "base_model"}).validate()
+    with pytest.raises(ConfigError, match="prior.preserve_on='latents': use photos"):
+        tiny_config(tmp_path, **{"prior.preserve_on": "latents"}).validate()

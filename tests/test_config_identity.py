@@ -60,6 +60,7 @@ TRAINING_KNOBS = [
     ("data.buckets", True),
     ("data.captions", "sidecar"),
     ("prior.preserve_prompts", ["a photo of a cat"]),
+    ("prior.preserve_on", "class_images"),
     ("lora.conv", True),
     ("identifier.learned", True),
     ("identifier.num_vectors", 2),
