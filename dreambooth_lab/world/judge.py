@@ -26,7 +26,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from PIL import Image, ImageFilter
 from torch import nn
 
 from .draw import render
-from .scene import (CLASSES, CONTEXTS, NEAR_MISS_TRAITS, SUBJECTS, Scene, has_subject_look, look_scene,
+from .scene import (ANIMATE, CLASSES, CONTEXTS, NEAR_MISS_TRAITS, SUBJECTS, Scene, has_subject_look, look_scene,
                     near_miss_scene, sample_open_scene)
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -235,18 +235,21 @@ def accuracy(judge: JudgeNet | None = None, n: int = 2000, seed: int = 12345, de
 
 @torch.no_grad()
 def near_miss_rates(judge: JudgeNet | None = None, n: int = 100, seed: int = 777, vae=None,
-                    degraded: float = 0.5) -> dict[str, float]:
+                    degraded: float = 0.5, outfit: bool = False) -> dict[str, float]:
     """Per subject and trait, the fraction of single-trait near misses the judge reads as "not the
     subject" (`<subject>/<trait>`), and the fraction of the true look it reads as the subject
-    (`<subject>/look`). Pictures are blurred/noised like generations, or decoded by `vae`."""
+    (`<subject>/look`). Pictures are blurred/noised like generations, or decoded by `vae`; with
+    `outfit`, every one wears the world's t-shirt (subjects that cannot wear one are left out)."""
     judge = judge or load_judge()
     out = {}
     for name, sub in SUBJECTS.items():
+        if outfit and sub.cls not in ANIMATE:
+            continue
         for trait in NEAR_MISS_TRAITS + ("look",):
             rng = np.random.default_rng([seed, NEAR_MISS_TRAITS.index(trait) if trait != "look" else 9,
                                          list(SUBJECTS).index(name)])
-            scenes = [near_miss_scene(sub, trait, rng) if trait != "look" else look_scene(sub, rng)
-                      for _ in range(n)]
+            scenes = [replace(near_miss_scene(sub, trait, rng) if trait != "look" else look_scene(sub, rng),
+                              outfit=outfit) for _ in range(n)]
             images = [degrade(render(sc), rng) if rng.random() < degraded else render(sc) for sc in scenes]
             x = to_batch(images)
             if vae is not None:
