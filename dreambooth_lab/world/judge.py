@@ -98,27 +98,32 @@ def degrade(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
 
-def _training_scene(rng: np.random.Generator, near_miss: float) -> Scene:
+def _training_scene(rng: np.random.Generator, near_miss: float, dressed: float = 0.0) -> Scene:
     """An open-world scene; with probability `near_miss`, a subject's look with one trait changed
-    (half the time), or the subject's own look, on its own class or another."""
+    (half the time), or the subject's own look, on its own class or another; of those, a fraction
+    `dressed` wears the t-shirt where the class can (its marking then shows only in part)."""
     if rng.random() >= near_miss:
         return sample_open_scene(rng)
     sub = list(SUBJECTS.values())[int(rng.integers(len(SUBJECTS)))]
     cls = sub.cls if rng.random() < 0.7 else str(rng.choice(CLASSES))
     if rng.random() < 0.5:
-        return near_miss_scene(sub, str(rng.choice(NEAR_MISS_TRAITS)), rng, cls=cls)
-    return look_scene(sub, rng, cls=cls)
+        scene = near_miss_scene(sub, str(rng.choice(NEAR_MISS_TRAITS)), rng, cls=cls)
+    else:
+        scene = look_scene(sub, rng, cls=cls)
+    if dressed and scene.cls in ANIMATE and rng.random() < dressed:
+        scene = replace(scene, outfit=True)
+    return scene
 
 
 def make_dataset(n: int, seed: int, degraded: float = 0.7, vae=None, through_vae: float = 0.0,
-                 near_miss: float = 0.0):
+                 near_miss: float = 0.0, dressed: float = 0.0):
     """n open-world scenes and their labels; a fraction `degraded` blurred/noised, a fraction
     `through_vae` encoded and decoded by `vae` (what every generated picture goes through), and a
     fraction `near_miss` of single-trait near misses of the subjects (and their true looks)."""
     rng = np.random.default_rng([seed, 31])
     images, labels = [], []
     for _ in range(n):
-        s = _training_scene(rng, near_miss)
+        s = _training_scene(rng, near_miss, dressed)
         im = render(s)
         if rng.random() < degraded:
             im = degrade(im, rng)
@@ -142,13 +147,13 @@ def _log(msg: str) -> None:
 
 def train_judge(n_train: int = 16000, steps: int = 2000, batch: int = 48, seed: int = 0, log=_log,
                 init: JudgeNet | None = None, vae=None, through_vae: float = 0.5, lr: float = 2e-3,
-                near_miss: float = 0.0) -> JudgeNet:
+                near_miss: float = 0.0, dressed: float = 0.0) -> JudgeNet:
     """Train a judge from scratch, or go on from `init` (e.g. on pictures decoded by the world's VAE,
     with a fraction `near_miss` of the subjects' single-trait near misses)."""
     torch.manual_seed(seed)
     t0 = time.time()
     x, y = make_dataset(n_train, seed, vae=vae, through_vae=through_vae if vae is not None else 0.0,
-                        near_miss=near_miss)
+                        near_miss=near_miss, dressed=dressed)
     log(f"judge: rendered {n_train} scenes in {time.time() - t0:.0f} s")
     net = init.train() if init is not None else JudgeNet(JudgeConfig())
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
@@ -270,6 +275,8 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--near-miss", type=float, default=0.0,
                     help="fraction of training scenes that are the subjects' single-trait near misses (or looks)")
+    ap.add_argument("--dressed", type=float, default=0.0,
+                    help="fraction of those near misses and looks that wear the t-shirt (where the class can)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     vae = None
@@ -278,12 +285,15 @@ def main(argv=None) -> None:
 
         vae = AutoencoderKL.from_pretrained(args.vae).eval()
     init = load_judge(args.init) if args.init else None
-    net = train_judge(args.n_train, args.steps, init=init, vae=vae, lr=args.lr, near_miss=args.near_miss)
+    net = train_judge(args.n_train, args.steps, init=init, vae=vae, lr=args.lr, near_miss=args.near_miss,
+                      dressed=args.dressed)
     report = {"fresh_samples": 2000, "accuracy_clean_or_blurred": accuracy(net),
-              "near_miss_rejected_clean_or_blurred": near_miss_rates(net)}
+              "near_miss_rejected_clean_or_blurred": near_miss_rates(net),
+              "near_miss_rejected_in_tshirt": near_miss_rates(net, outfit=True)}
     if vae is not None:
         report["accuracy_through_vae"] = accuracy(net, vae=vae, through_vae=1.0)
         report["near_miss_rejected_through_vae"] = near_miss_rates(net, vae=vae)
+        report["near_miss_rejected_in_tshirt_through_vae"] = near_miss_rates(net, vae=vae, outfit=True)
         report["vae"] = str(args.vae)
     report["command"] = "python -m dreambooth_lab.world.judge " + " ".join(argv if argv is not None else sys.argv[1:])
     print(json.dumps(report, indent=1), flush=True)
