@@ -271,6 +271,18 @@ def test_judge_reads_the_look_in_a_t_shirt():
     assert rates["dog/look"] >= NEAR_MISS_MIN and min(rates.values()) >= NEAR_MISS_IN_TSHIRT_MIN, rates
 
 
+def test_judge_training_can_dress_the_near_misses():
+    """judge --dressed: that fraction of the near misses and looks wears the t-shirt, where the class can."""
+    from dreambooth_lab.world.judge import _training_scene
+    from dreambooth_lab.world.scene import ANIMATE
+
+    rng = np.random.default_rng(5)
+    scenes = [_training_scene(rng, near_miss=1.0, dressed=1.0) for _ in range(200)]
+    assert all(sc.outfit == (sc.cls in ANIMATE) for sc in scenes)
+    plain = [_training_scene(rng, near_miss=1.0) for _ in range(400)]  # only the base world's share of shirts
+    assert np.mean([sc.outfit for sc in plain if sc.cls in ANIMATE]) < 0.4
+
+
 def test_near_misses_differ_from_the_subject_in_exactly_one_trait():
     from dreambooth_lab.world.scene import NEAR_MISS_TRAITS, near_miss_scene
 
