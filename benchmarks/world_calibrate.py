@@ -45,6 +45,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--label", default="")
     ap.add_argument("--sheet", type=Path, default=None, help="write the first run's pictures here (PNG)")
+    ap.add_argument("--judge", type=Path, default=None,
+                    help="read the pictures with this judge folder instead of the committed one (runs are "
+                         "deterministic: the same call with another judge reads the same pictures)")
     args = ap.parse_args(argv)
 
     import torch
@@ -57,6 +60,11 @@ def main(argv=None) -> None:
 
     overrides = _overrides(args.set)  # the CLI's own reading of --set
     pipe = load_world_pipeline()
+    judge = None
+    if args.judge is not None:
+        from dreambooth_lab.world.judge import load_judge
+
+        judge = load_judge(args.judge)
     seeds = list(range(*args.sample_seeds))
     work = Path(tempfile.mkdtemp(prefix="world-cal-"))
     rows = []
@@ -76,7 +84,7 @@ def main(argv=None) -> None:
                 res = train(cfg, resume=None, progress=False)
                 secs = time.time() - t0
                 for scale in args.scale if args.scale is not None else [WORLD_RECIPE_SCALE]:
-                    reading = robustness(pipe, res.run_dir, cfg, seeds, scale=scale)
+                    reading = robustness(pipe, res.run_dir, cfg, seeds, scale=scale, judge=judge)
                     read = reading["readings"]
                     if args.sheet and not rows:
                         from dreambooth_lab.world.sheets import seed_grid
@@ -84,7 +92,8 @@ def main(argv=None) -> None:
 
                         seed_grid({"training photos": subject_photos(args.subject, args.photos, draw),
                                    **reading["images"]}, args.sheet)
-                    row = {"label": args.label, "subject": args.subject, "token": token, "draw": draw,
+                    row = {"label": args.label, **({"judge": str(args.judge)} if args.judge else {}),
+                           "subject": args.subject, "token": token, "draw": draw,
                            "train_seed": tseed, "captions": cfg.data.captions, "te": cfg.train.train_text_encoder,
                            "overrides": overrides, "steps": cfg.train.steps, "scale": scale,
                            "seconds": round(secs, 1), **{k: round(v, 3) for k, v in read.items()}}

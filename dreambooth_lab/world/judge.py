@@ -270,6 +270,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n-train", type=int, default=16000)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="the training scenes' and the initial weights' seed")
     ap.add_argument("--init", type=Path, default=None, help="go on from this judge folder")
     ap.add_argument("--vae", type=Path, default=None, help="a VAE folder: half the pictures go through it")
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -285,8 +286,8 @@ def main(argv=None) -> None:
 
         vae = AutoencoderKL.from_pretrained(args.vae).eval()
     init = load_judge(args.init) if args.init else None
-    net = train_judge(args.n_train, args.steps, init=init, vae=vae, lr=args.lr, near_miss=args.near_miss,
-                      dressed=args.dressed)
+    net = train_judge(args.n_train, args.steps, seed=args.seed, init=init, vae=vae, lr=args.lr,
+                      near_miss=args.near_miss, dressed=args.dressed)
     report = {"fresh_samples": 2000, "accuracy_clean_or_blurred": accuracy(net),
               "near_miss_rejected_clean_or_blurred": near_miss_rates(net),
               "near_miss_rejected_in_tshirt": near_miss_rates(net, outfit=True)}
