@@ -240,11 +240,12 @@ def accuracy(judge: JudgeNet | None = None, n: int = 2000, seed: int = 12345, de
 
 @torch.no_grad()
 def near_miss_rates(judge: JudgeNet | None = None, n: int = 100, seed: int = 777, vae=None,
-                    degraded: float = 0.5, outfit: bool = False) -> dict[str, float]:
+                    degraded: float = 0.5, outfit: bool | None = None) -> dict[str, float]:
     """Per subject and trait, the fraction of single-trait near misses the judge reads as "not the
     subject" (`<subject>/<trait>`), and the fraction of the true look it reads as the subject
     (`<subject>/look`). Pictures are blurred/noised like generations, or decoded by `vae`; with
-    `outfit`, every one wears the world's t-shirt (subjects that cannot wear one are left out)."""
+    `outfit` True, every one wears the world's t-shirt (subjects that cannot wear one are left out);
+    False, none does; None, as the scenes come (the base world's share of shirts)."""
     judge = judge or load_judge()
     out = {}
     for name, sub in SUBJECTS.items():
@@ -253,8 +254,10 @@ def near_miss_rates(judge: JudgeNet | None = None, n: int = 100, seed: int = 777
         for trait in NEAR_MISS_TRAITS + ("look",):
             rng = np.random.default_rng([seed, NEAR_MISS_TRAITS.index(trait) if trait != "look" else 9,
                                          list(SUBJECTS).index(name)])
-            scenes = [replace(near_miss_scene(sub, trait, rng) if trait != "look" else look_scene(sub, rng),
-                              outfit=outfit) for _ in range(n)]
+            scenes = [near_miss_scene(sub, trait, rng) if trait != "look" else look_scene(sub, rng)
+                      for _ in range(n)]
+            if outfit is not None:
+                scenes = [replace(sc, outfit=outfit) for sc in scenes]
             images = [degrade(render(sc), rng) if rng.random() < degraded else render(sc) for sc in scenes]
             x = to_batch(images)
             if vae is not None:
