@@ -24,9 +24,11 @@ picture through sample.generate; every number is the judge's reading of those pi
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -116,6 +118,7 @@ def main(argv=None) -> None:
 
     seeds = list(range(8 if args.quick else 16))
     work = Path(tempfile.mkdtemp(prefix="world-bench-"))
+    atexit.register(shutil.rmtree, work, True)  # the runs are scratch: gone when the script ends, however it ends
     lines: list[str] = []
 
     def log(msg):

@@ -11,7 +11,9 @@ One JSON line per run (appended to --out), then the mean of every reading over t
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -67,6 +69,7 @@ def main(argv=None) -> None:
         judge = load_judge(args.judge)
     seeds = list(range(*args.sample_seeds))
     work = Path(tempfile.mkdtemp(prefix="world-cal-"))
+    atexit.register(shutil.rmtree, work, True)  # the runs are scratch: gone when the script ends, however it ends
     rows = []
     for token in args.token:
         for draw in args.draws:
