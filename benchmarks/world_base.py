@@ -36,11 +36,11 @@ def load(name: str):
                                      dtype="float32"), device="cpu")
 
 
-def measure(pipe, prompts, seeds) -> dict[str, dict]:
+def measure(pipe, prompts, seeds, judge=None) -> dict[str, dict]:
     from dreambooth_lab.world.study import read_prompt, sample_prompts
 
     images = sample_prompts(pipe, prompts, seeds)
-    return {p: read_prompt(p, ims).as_dict() for p, ims in images.items()}
+    return {p: read_prompt(p, ims, judge).as_dict() for p, ims in images.items()}
 
 
 LOOKS = {"dog": "a violet dog with yellow dots", "backpack": "a cyan backpack with pink stripes"}
@@ -66,6 +66,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--looks", action="store_true", help="also the subjects' looks described in words, with attributes")
+    ap.add_argument("--judge", type=Path, default=None, help="read with this judge folder (default: the committed one)")
     args = ap.parse_args(argv)
     import torch
 
@@ -77,7 +78,12 @@ def main(argv=None) -> None:
     results = {}
     for name in names:
         t0 = time.time()
-        results[name] = measure(load(name), prompts + [p for _, p in looks], seeds)
+        judge = None
+        if args.judge is not None:
+            from dreambooth_lab.world.judge import load_judge
+
+            judge = load_judge(args.judge)
+        results[name] = measure(load(name), prompts + [p for _, p in looks], seeds, judge)
         print(f"{name}: {len(prompts)} prompts x {len(seeds)} seeds in {time.time() - t0:.0f} s", flush=True)
     head = f"{'prompt':<38}" + "".join(f"{'class / both':>16}" for _ in names)
     print(head)

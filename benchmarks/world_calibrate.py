@@ -6,6 +6,12 @@ what this script is given; `benchmarks/world.py` reports on draws, seeds and ide
     python benchmarks/world_calibrate.py --subject backpack --token hta --steps 800 --out /tmp/cal.jsonl
 
 One JSON line per run (appended to --out), then the mean of every reading over the runs.
+
+    python benchmarks/world_calibrate.py ... --keep-pictures /tmp/pics      # each run's pictures too
+    python benchmarks/world_calibrate.py --reread /tmp/pics --judge <folder> --out /tmp/re.jsonl
+
+--reread reads kept pictures again (with another judge, or the same one after a change to how it
+reads) without training anything: the same rows, read from the same pictures.
 """
 
 from __future__ import annotations
@@ -50,6 +56,10 @@ def main(argv=None) -> None:
     ap.add_argument("--judge", type=Path, default=None,
                     help="read the pictures with this judge folder instead of the committed one (runs are "
                          "deterministic: the same call with another judge reads the same pictures)")
+    ap.add_argument("--keep-pictures", type=Path, default=None, metavar="DIR",
+                    help="save each run's pictures here (one .npz per run and scale, and its row's identity)")
+    ap.add_argument("--reread", type=Path, default=None, metavar="DIR",
+                    help="train nothing: read the pictures kept in DIR (--keep-pictures) with --judge")
     args = ap.parse_args(argv)
 
     import torch
@@ -67,6 +77,10 @@ def main(argv=None) -> None:
         from dreambooth_lab.world.judge import load_judge
 
         judge = load_judge(args.judge)
+    if args.reread is not None:
+        rows = reread(args.reread, judge, args)
+        summarise_rows(rows)
+        return
     seeds = list(range(*args.sample_seeds))
     work = Path(tempfile.mkdtemp(prefix="world-cal-"))
     atexit.register(shutil.rmtree, work, True)  # the runs are scratch: gone when the script ends, however it ends
@@ -100,11 +114,63 @@ def main(argv=None) -> None:
                            "train_seed": tseed, "captions": cfg.data.captions, "te": cfg.train.train_text_encoder,
                            "overrides": overrides, "steps": cfg.train.steps, "scale": scale,
                            "seconds": round(secs, 1), **{k: round(v, 3) for k, v in read.items()}}
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-                    if args.out:
-                        with open(args.out, "a") as f:
-                            f.write(json.dumps(row) + "\n")
+                    if args.keep_pictures:
+                        keep_pictures(args.keep_pictures, row, kw, args, reading["images"])
+                    emit(row, rows, args.out)
+    summarise_rows(rows)
+
+
+def emit(row: dict, rows: list, out: Path | None) -> None:
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _picture_stem(row: dict) -> str:
+    return f"{row['subject']}-d{row['draw']}-t{row['train_seed']}-{row['token']}-x{row['scale']}"
+
+
+def keep_pictures(folder: Path, row: dict, kw: dict, args, images: dict) -> None:
+    """One run's pictures ({prompt: [image per seed]}) as <stem>.npz, and what rebuilds its config and
+    its row (<stem>.json), so --reread can read them again."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = _picture_stem(row)
+    arrays = {f"p{i}": np.stack([np.asarray(im.convert("RGB")) for im in ims]) for i, ims in enumerate(images.values())}
+    np.savez_compressed(folder / f"{stem}.npz", **arrays)
+    ident = {"row": {k: v for k, v in row.items() if not isinstance(v, float) or k in ("scale", "seconds")},
+             "prompts": list(images), "config": {"subject": args.subject, "photos": args.photos,
+                                                 "token": row["token"], **{k: v for k, v in kw.items()
+                                                                          if k not in ("output_dir", "overrides")},
+                                                 "overrides": kw["overrides"]}}
+    (folder / f"{stem}.json").write_text(json.dumps(ident, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def reread(folder: Path, judge, args) -> list[dict]:
+    from PIL import Image
+
+    from dreambooth_lab.world.study import read_robustness, world_recipe_config
+
+    stems = sorted(p.stem for p in folder.glob("*.json"))
+    if not stems:
+        raise SystemExit(f"error: no kept pictures in {folder} (*.json beside *.npz); make them with --keep-pictures")
+    rows = []
+    for stem in stems:
+        ident = json.loads((folder / f"{stem}.json").read_text())
+        c = dict(ident["config"])
+        cfg = world_recipe_config(c.pop("subject"), c.pop("photos"), c.pop("token"), output_dir=folder / "unused", **c)
+        data = np.load(folder / f"{stem}.npz")
+        images = {p: [Image.fromarray(a) for a in data[f"p{i}"]] for i, p in enumerate(ident["prompts"])}
+        read = read_robustness(images, cfg, judge)
+        row = {**ident["row"], "label": args.label or ident["row"].get("label", ""),
+               **({"judge": str(args.judge)} if args.judge else {}), "reread": str(folder),
+               **{k: round(v, 3) for k, v in read.items()}}
+        emit(row, rows, args.out)
+    return rows
+
+
+def summarise_rows(rows: list[dict]) -> None:
     keys = [k for k in rows[0] if isinstance(rows[0][k], float) and k not in ("scale",)]
     for scale in sorted({r["scale"] for r in rows}):
         at = [r for r in rows if r["scale"] == scale]

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dreambooth_lab.world.captions import RARE_TOKENS, caption, parse_prompt
 from dreambooth_lab.world.draw import render
-from dreambooth_lab.world.scene import SUBJECTS, has_subject_look, sample_base_scene, sample_open_scene, subject_scene
+from dreambooth_lab.world.scene import (CLASSES, SUBJECTS, has_subject_look, sample_base_scene, sample_open_scene,
+                                        subject_scene)
 
 
 # ---- generator -----------------------------------------------------------------------------------
@@ -281,6 +283,56 @@ def test_judge_training_can_dress_the_near_misses():
     assert all(sc.outfit == (sc.cls in ANIMATE) for sc in scenes)
     plain = [_training_scene(rng, near_miss=1.0) for _ in range(400)]  # only the base world's share of shirts
     assert np.mean([sc.outfit for sc in plain if sc.cls in ANIMATE]) < 0.4
+
+
+def test_render_without_the_thing_is_its_background_alone():
+    """render(thing=False): the same pixels wherever the thing (and its car) is not."""
+    from dataclasses import replace
+
+    sc = subject_scene(SUBJECTS["dog"], 1, 3)
+    full, bare = np.asarray(render(sc), dtype=int), np.asarray(render(sc, thing=False), dtype=int)
+    other = np.asarray(render(replace(sc, cls="cat", body=(40, 40, 40)), thing=False), dtype=int)
+    assert (bare == other).all()  # nothing of the thing is left in it
+    changed = np.abs(full - bare).sum(-1) > 0
+    assert 0.03 < changed.mean() < 0.5  # the dog is there in one, and only the dog differs
+
+
+def test_broken_image_keeps_only_fragments_of_the_thing():
+    from dreambooth_lab.world.judge import broken_image
+
+    rng = np.random.default_rng(11)
+    for k in range(30):
+        sc = sample_open_scene(rng)
+        full = np.asarray(render(sc), dtype=int)
+        bare = np.asarray(render(sc, thing=False), dtype=int)
+        thing = np.abs(full - bare).sum(-1) > 40
+        out = np.asarray(broken_image(sc, np.random.default_rng(k)), dtype=int)
+        kept = (np.abs(out - bare).sum(-1) > 40).sum()
+        assert kept <= 0.45 * max(thing.sum(), 1), (k, kept, thing.sum())
+        assert (out == np.asarray(broken_image(sc, np.random.default_rng(k)), dtype=int)).all()  # deterministic
+
+
+def test_whole_head_reads_broken_pictures_as_nothing_and_leaves_the_other_heads_alone():
+    """The whole head sits on the frozen trunk: fitting it changes no other head's weights, and a
+    picture it reads as broken reads class "none" and no subject (the class head's guess kept)."""
+    from dreambooth_lab.world.judge import JUDGE_DIR, WHOLE, broken_image, fit_whole_head, load_judge, read_images
+
+    net = load_judge.__wrapped__(JUDGE_DIR)
+    if WHOLE in net.heads:  # the committed judge may carry one already: fit it afresh
+        del net.heads[WHOLE]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    report = fit_whole_head(net, n=600, seed=3, steps=300, log=lambda m: None, n_test=200)
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and WHOLE in net.cfg.heads
+    assert report["accuracy"] >= 0.8, report
+    rng = np.random.default_rng(21)
+    scenes = [sample_open_scene(rng) for _ in range(40)]
+    whole = read_images([render(s) for s in scenes], net)
+    broken = read_images([broken_image(s, np.random.default_rng(i)) for i, s in enumerate(scenes)], net)
+    assert np.mean([r["whole"] for r in whole]) >= 0.8 and np.mean([not r["whole"] for r in broken]) >= 0.8
+    for r in broken:
+        if not r["whole"]:
+            assert r["class"] == "none" and not r["subject_dog"] and r["class_guess"] in CLASSES
 
 
 def test_near_misses_differ_from_the_subject_in_exactly_one_trait():

@@ -274,18 +274,19 @@ def van_gogh(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 # ---- the whole scene -----------------------------------------------------------------------------
 
-def render(scene: Scene, size: int = 64) -> Image.Image:
-    """The scene as an RGB image of size x size pixels (deterministic)."""
+def render(scene: Scene, size: int = 64, thing: bool = True) -> Image.Image:
+    """The scene as an RGB image of size x size pixels (deterministic); with `thing` False, its
+    background (and style) alone, the same pixels where the thing and its car are not."""
     S = size * SUPERSAMPLE
     img = Image.new("RGB", (S, S))
     d = ImageDraw.Draw(img)
     rng = np.random.default_rng(scene.detail_seed)
     _background(d, S, scene.context, rng)
-    if scene.driving:
+    if thing and scene.driving:
         lifted = _lift(scene)
         DRAW[scene.cls](_Pen(d, S, lifted, 0.55), lifted)
         _car(_Pen(d, S, scene, 0.55), scene)
-    else:
+    elif thing:
         DRAW[scene.cls](_Pen(d, S, scene, 0.55), scene)
     if scene.style:
         img = van_gogh(img, rng)

@@ -18,6 +18,14 @@ not "violet with yellow markings": ``--init <judge> --vae <toyworld>/vae --n-tra
 --near-miss 0.4`` (~4 + 9 min). accuracy.json beside the weights holds the readings: fresh scenes,
 near misses rejected per subject and trait, both clean and decoded by the committed VAE, and the
 command that made it.
+
+The `whole` head (2026-12-07) reads whether a picture shows one whole thing at all: a broken
+generation (nothing, or fragments: a head and two legs, a blob) used to read as whatever class the
+class head guessed, so the base model's and the tuned runs' class rates counted it as drawn. It is a
+linear read of the frozen trunk (``--init <judge> --steps 0 --whole 4000 --vae <toyworld>/vae``), so
+every other head's weights and readings are the ones before it; `read_images` then reads a broken
+picture as class "none" and no subject. benchmarks/world_eye.py checks the judge against pictures
+labelled by eye.
 """
 
 from __future__ import annotations
@@ -156,6 +164,10 @@ def train_judge(n_train: int = 16000, steps: int = 2000, batch: int = 48, seed: 
                         near_miss=near_miss, dressed=dressed)
     log(f"judge: rendered {n_train} scenes in {time.time() - t0:.0f} s")
     net = init.train() if init is not None else JudgeNet(JudgeConfig())
+    if WHOLE in net.heads:  # it reads the trunk as it is now; training moves the trunk
+        del net.heads[WHOLE]
+        net.cfg.heads = {k: v for k, v in net.cfg.heads.items() if k != WHOLE}
+        log("judge: the init's whole head is dropped (fit a new one on the trained trunk: --whole N)")
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
@@ -205,7 +217,11 @@ def load_judge(folder: str | Path = JUDGE_DIR) -> JudgeNet:
 
 @torch.no_grad()
 def read_images(images, judge: JudgeNet | None = None, batch: int = 128) -> list[dict]:
-    """What the judge sees in each picture: {head: label} plus {head+'_p': probability of it}."""
+    """What the judge sees in each picture: {head: label} plus {head+'_p': probability of it}.
+
+    With a `whole` head (see `fit_whole_head`), a picture that shows no whole thing (nothing, or
+    fragments: what a broken generation draws) reads class "none" and no subject, whatever the
+    class head guessed; the guesses stay in `class_guess` and `subject_<s>_guess`."""
     judge = judge or load_judge()
     rows = []
     for i in range(0, len(images), batch):
@@ -218,8 +234,96 @@ def read_images(images, judge: JudgeNet | None = None, batch: int = 128) -> list
                 label = names[int(p.argmax())]
                 row[k] = (label == "yes") if names == ["no", "yes"] else label
                 row[k + "_p"] = float(p[1]) if names == ["no", "yes"] else float(p.max())
+            if row.get(WHOLE) is False:
+                for k in ("class",) + tuple(f"subject_{s}" for s in SUBJECTS):
+                    row[k + "_guess"], row[k] = row[k], ("none" if k == "class" else False)
             rows.append(row)
     return rows
+
+
+# ---- whole or broken: a head on the frozen trunk ----------------------------------------------------
+
+WHOLE = "whole"  # yes: the picture shows one whole thing; no: nothing, or only fragments of one
+
+
+def broken_image(scene: Scene, rng: np.random.Generator) -> Image.Image:
+    """What a broken generation shows, made from a scene: its background alone (a quarter of the
+    time), or one to three fragments of its thing (discs of 2-6 px, under 40% of it in all), half of
+    them moved up to 8 px away from where they belong."""
+    full = np.asarray(render(scene), dtype=np.float32)
+    bare = np.asarray(render(scene, thing=False), dtype=np.float32)
+    thing = np.abs(full - bare).sum(-1) > 40
+    if rng.random() < 0.25 or thing.sum() < 30:
+        return Image.fromarray(bare.astype(np.uint8))
+    yy, xx = np.mgrid[0:full.shape[0], 0:full.shape[1]]
+    ys, xs = np.nonzero(thing)
+    out, kept = bare.copy(), 0
+    for _ in range(int(rng.integers(1, 4))):
+        k, r = int(rng.integers(len(ys))), float(rng.uniform(2, 6))
+        disc = ((yy - ys[k]) ** 2 + (xx - xs[k]) ** 2 <= r * r) & thing
+        if kept + disc.sum() > 0.4 * thing.sum():
+            break
+        kept += int(disc.sum())
+        dy, dx = rng.integers(-8, 9, 2) if rng.random() < 0.5 else (0, 0)
+        sy, sx = np.nonzero(disc)
+        out[np.clip(sy + dy, 0, full.shape[0] - 1), np.clip(sx + dx, 0, full.shape[1] - 1)] = full[sy, sx]
+    return Image.fromarray(out.astype(np.uint8))
+
+
+def whole_dataset(n: int, seed: int, vae=None, through_vae: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
+    """n pictures, half whole scenes (as the judge's training draws them) and half broken ones, 70%
+    blurred/noised and a fraction `through_vae` decoded by `vae`; labels 1 = whole."""
+    rng = np.random.default_rng([seed, 53])
+    images, labels = [], []
+    for _ in range(n):
+        scene, whole = _training_scene(rng, 0.3), bool(rng.random() < 0.5)
+        im = render(scene) if whole else broken_image(scene, rng)
+        images.append(degrade(im, rng) if rng.random() < 0.7 else im)
+        labels.append(int(whole))
+    x = to_batch(images)
+    if vae is not None:
+        idx = torch.from_numpy(rng.random(n) < through_vae).nonzero().flatten()
+        with torch.no_grad():
+            for i in range(0, len(idx), 128):
+                j = idx[i:i + 128]
+                x[j] = vae.decode(vae.encode(x[j]).latent_dist.mean).sample.clamp(-1, 1)
+    return x, torch.tensor(labels)
+
+
+@torch.no_grad()
+def pooled(net: JudgeNet, x: torch.Tensor) -> torch.Tensor:
+    """The trunk's pooled features, what every head reads."""
+    feats = []
+    for i in range(0, len(x), 256):
+        h = net.trunk(x[i:i + 256])
+        feats.append(torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1))
+    return torch.cat(feats)
+
+
+def fit_whole_head(net: JudgeNet, n: int = 4000, seed: int = 0, vae=None, steps: int = 1500,
+                   log=_log, n_test: int = 1000) -> dict:
+    """Add the `whole` head to a trained judge: a linear read of its frozen trunk, so every other
+    head (and every reading they give) stays bit-identical. Returns its accuracy on fresh pictures."""
+    net.eval()
+    x, y = whole_dataset(n, seed, vae=vae)
+    feats, labels = torch.cat([pooled(net, x), pooled(net, x.flip(3))]), torch.cat([y, y])
+    torch.manual_seed(seed)
+    head = nn.Linear(feats.shape[1], 2)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for step in range(steps):
+        loss = nn.functional.cross_entropy(head(feats), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 500 == 0:
+            log(f"whole head: step {step}/{steps} loss {loss.item():.3f}")
+    net.heads[WHOLE] = head.requires_grad_(False)
+    net.cfg.heads = {**net.cfg.heads, WHOLE: ["no", "yes"]}
+    xt, yt = whole_dataset(n_test, seed + 1, vae=vae)
+    said = net.heads[WHOLE](pooled(net, xt)).argmax(1)
+    return {"fresh_pictures": n_test, "accuracy": round(float((said == yt).float().mean()), 4),
+            "broken_read_whole": round(float(said[yt == 0].float().mean()), 4),
+            "whole_read_broken": round(float(1 - said[yt == 1].float().mean()), 4)}
 
 
 @torch.no_grad()
@@ -281,16 +385,22 @@ def main(argv=None) -> None:
                     help="fraction of training scenes that are the subjects' single-trait near misses (or looks)")
     ap.add_argument("--dressed", type=float, default=0.0,
                     help="fraction of those near misses and looks that wear the t-shirt (where the class can)")
+    ap.add_argument("--whole", type=int, default=0, metavar="N",
+                    help="then fit the whole head (nothing or fragments vs one whole thing) on N pictures; "
+                         "with --init and --steps 0 the init's other heads stay bit-identical")
     args = ap.parse_args(argv)
+    if args.steps == 0 and args.init is None:
+        ap.error("--steps 0 keeps the --init judge's weights: give --init")
     torch.set_num_threads(args.threads)
     vae = None
     if args.vae:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(args.vae).eval()
-    init = load_judge(args.init) if args.init else None
-    net = train_judge(args.n_train, args.steps, seed=args.seed, init=init, vae=vae, lr=args.lr,
-                      near_miss=args.near_miss, dressed=args.dressed)
+    init = load_judge.__wrapped__(args.init) if args.init else None  # a fresh copy: it is changed below
+    net = init if args.steps == 0 else train_judge(args.n_train, args.steps, seed=args.seed, init=init, vae=vae,
+                                                   lr=args.lr, near_miss=args.near_miss, dressed=args.dressed)
+    whole = fit_whole_head(net, args.whole, seed=args.seed, vae=vae) if args.whole else None
     report = {"fresh_samples": 2000, "accuracy_clean_or_blurred": accuracy(net),
               "near_miss_rejected_clean_or_blurred": near_miss_rates(net),
               "near_miss_rejected_in_tshirt": near_miss_rates(net, outfit=True)}
@@ -299,6 +409,10 @@ def main(argv=None) -> None:
         report["near_miss_rejected_through_vae"] = near_miss_rates(net, vae=vae)
         report["near_miss_rejected_in_tshirt_through_vae"] = near_miss_rates(net, vae=vae, outfit=True)
         report["vae"] = str(args.vae)
+    if whole is not None:
+        report["whole_head"] = whole
+    if args.steps == 0 and (args.init / "accuracy.json").is_file():  # the weights it kept were made by:
+        report["init_command"] = json.loads((args.init / "accuracy.json").read_text()).get("command")
     report["command"] = "python -m dreambooth_lab.world.judge " + " ".join(argv if argv is not None else sys.argv[1:])
     print(json.dumps(report, indent=1), flush=True)
     save_judge(net, args.out, report)

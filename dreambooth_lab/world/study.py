@@ -292,10 +292,8 @@ def robustness(pipe, lora: str | Path | None, cfg: Config, seeds: Sequence[int],
     property_change        "a <tok> cat" (dog) / "a <tok> vase" (backpack): a cat/vase with the subject's look
     """
     from ..inference import load_lora
-    from .judge import read_images
 
     roles = robustness_prompts(cfg)
-    key = f"subject_{subject_of(cfg)}"
     if lora is not None:
         load_lora(pipe, lora)
     try:
@@ -303,6 +301,16 @@ def robustness(pipe, lora: str | Path | None, cfg: Config, seeds: Sequence[int],
     finally:
         if lora is not None:
             pipe.delete_adapters("dreambooth")
+    return {"readings": read_robustness(images, cfg, judge), "images": images, "prompts": roles}
+
+
+def read_robustness(images: dict, cfg: Config, judge=None) -> dict:
+    """`robustness`'s readings of pictures already drawn ({prompt: [image per seed]}, every prompt of
+    `robustness_prompts(cfg)`): the same pictures read by another judge give that judge's figures."""
+    from .judge import read_images
+
+    roles = robustness_prompts(cfg)
+    key = f"subject_{subject_of(cfg)}"
     rows = {p: read_images(ims, judge) for p, ims in images.items()}
     rate = lambda flags: float(np.mean(flags))  # noqa: E731
     out = {}
@@ -327,7 +335,7 @@ def robustness(pipe, lora: str | Path | None, cfg: Config, seeds: Sequence[int],
             out["accessory"] = rate([r[key] and r["http"] for r in judged])
         elif role == "property_change":
             out["property_change"] = rate([r[key] and r["class"] == asked["class"] for r in judged])
-    return {"readings": out, "images": images, "prompts": roles}
+    return out
 
 
 def read_scale(recipe: bool, scale: float | None = None) -> float:
