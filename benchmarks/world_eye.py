@@ -132,6 +132,32 @@ def collect_base(args) -> None:
     save_pictures(args.out, name, rows, ims, args.sheet)
 
 
+def import_kept(args) -> None:
+    """One prompt's pictures from runs kept by `world_calibrate.py --keep-pictures`, for labelling
+    (e.g. "a vase" after each dog run of a held-out set)."""
+    from PIL import Image
+
+    cls = args.prompt.split()[-1]
+    stems = sorted(p.stem for p in args.kept.glob(f"{args.subject}-*.json"))
+    if not stems:
+        raise SystemExit(f"error: no kept {args.subject} runs in {args.kept} (world_calibrate.py --keep-pictures)")
+    for stem in stems:
+        ident = json.loads((args.kept / f"{stem}.json").read_text())
+        if args.prompt not in ident["prompts"]:
+            raise SystemExit(f"error: {args.kept / (stem + '.json')} has no prompt {args.prompt!r}; "
+                             f"it has {ident['prompts']}")
+        row, name = ident["row"], f"{stem}-{slug(args.prompt)}"
+        already(args.out, name)
+        arr = np.load(args.kept / f"{stem}.npz")[f"p{ident['prompts'].index(args.prompt)}"]
+        seeds = list(range(*args.sample_seeds))
+        if len(seeds) != len(arr):
+            raise SystemExit(f"error: {stem} kept {len(arr)} pictures per prompt; give their --sample-seeds")
+        rows = [{"run": name, "subject": row["subject"], "draw": row["draw"], "train_seed": row["train_seed"],
+                 "token": row["token"], "role": f"other:{cls}", "prompt": args.prompt, "seed": seed,
+                 "scale": row["scale"]} for seed in seeds]
+        save_pictures(args.out, name, rows, [Image.fromarray(a) for a in arr], None)
+
+
 def collect(args) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -329,6 +355,11 @@ def main(argv=None) -> None:
     c.add_argument("--sample-seeds", type=int, nargs=2, default=[400, 406], metavar=("FIRST", "STOP"))
     c.add_argument("--sheet", type=Path, default=None, help="write the numbered labelling sheet here (PNG)")
     c.add_argument("--threads", type=int, default=1)
+    k = sub.add_parser("import", help="one prompt's pictures of runs kept by world_calibrate.py --keep-pictures")
+    k.add_argument("kept", type=Path, help="the --keep-pictures folder")
+    k.add_argument("--subject", default="dog")
+    k.add_argument("--prompt", required=True, help='e.g. "a vase"')
+    k.add_argument("--sample-seeds", type=int, nargs=2, required=True, metavar=("FIRST", "STOP"))
     r = sub.add_parser("reference", help="the subject and its near misses through the VAE, to label by")
     r.add_argument("--subject", default="dog")
     r.add_argument("--draw", type=int, default=12, help="whose photos' poses the sheet borrows")
@@ -338,11 +369,11 @@ def main(argv=None) -> None:
     s.add_argument("--judge", type=Path, action="append", default=None,
                    help="a judge folder (repeatable; default the committed judge)")
     s.add_argument("--json", type=Path, default=None, help="write the report here as well")
-    for p in (c, s):
+    for p in (c, s, k):
         p.add_argument("--out", type=Path, default=EYE, help="pictures, manifest and labels (default benchmarks/world_eye)")
     args = ap.parse_args(argv)
-    if args.cmd in ("collect", "reference"):
-        (collect if args.cmd == "collect" else reference)(args)
+    if args.cmd in ("collect", "reference", "import"):
+        {"collect": collect, "reference": reference, "import": import_kept}[args.cmd](args)
         return
     report = score(args)
     text = json.dumps(report, indent=1, sort_keys=True)
