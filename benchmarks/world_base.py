@@ -36,10 +36,10 @@ def load(name: str):
                                      dtype="float32"), device="cpu")
 
 
-def measure(pipe, prompts, seeds, judge=None) -> dict[str, dict]:
+def measure(pipe, prompts, seeds, judge=None, guidance: float | None = None) -> dict[str, dict]:
     from dreambooth_lab.world.study import read_prompt, sample_prompts
 
-    images = sample_prompts(pipe, prompts, seeds)
+    images = sample_prompts(pipe, prompts, seeds, **({"guidance": guidance} if guidance is not None else {}))
     return {p: read_prompt(p, ims, judge).as_dict() for p, ims in images.items()}
 
 
@@ -67,6 +67,7 @@ def main(argv=None) -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--looks", action="store_true", help="also the subjects' looks described in words, with attributes")
     ap.add_argument("--judge", type=Path, default=None, help="read with this judge folder (default: the committed one)")
+    ap.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the world's, 6.4)")
     args = ap.parse_args(argv)
     import torch
 
@@ -83,7 +84,7 @@ def main(argv=None) -> None:
             from dreambooth_lab.world.judge import load_judge
 
             judge = load_judge(args.judge)
-        results[name] = measure(load(name), prompts + [p for _, p in looks], seeds, judge)
+        results[name] = measure(load(name), prompts + [p for _, p in looks], seeds, judge, args.guidance)
         print(f"{name}: {len(prompts)} prompts x {len(seeds)} seeds in {time.time() - t0:.0f} s", flush=True)
     head = f"{'prompt':<38}" + "".join(f"{'class / both':>16}" for _ in names)
     print(head)
