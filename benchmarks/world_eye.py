@@ -219,28 +219,23 @@ def reference(args) -> None:
     from PIL import Image, ImageDraw
 
     from dreambooth_lab.world.draw import render
+    from dreambooth_lab.world.judge import round_trip, to_batch, to_images
     from dreambooth_lab.world.scene import SUBJECTS, subject_scene
     from dreambooth_lab.world.study import load_world_pipeline
 
     torch.set_num_threads(args.threads)
-    vae = load_world_pipeline().vae
-
-    @torch.no_grad()
-    def through(im):
-        x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float() / 127.5 - 1
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample[0]
-        return Image.fromarray(((y.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy())
-
     rows = near_miss_looks(args.subject)
+    scenes = [replace(subject_scene(SUBJECTS[args.subject], j, args.draw), **change) for change in rows.values()
+              for j in range(6)]
+    scenes = [replace(sc, context="forest") if k % 6 < 3 else sc for k, sc in enumerate(scenes)]
+    decoded = to_images(round_trip(to_batch([render(sc) for sc in scenes]), load_world_pipeline().vae))
     label_w, T = 200, TILE
     sheet = Image.new("RGB", (label_w + 6 * T, T * len(rows)), "white")
     d = ImageDraw.Draw(sheet)
-    for i, (name, change) in enumerate(rows.items()):
+    for i, name in enumerate(rows):
         d.text((4, i * T + T // 2), name, fill=(0, 0, 0))
         for j in range(6):
-            sc = replace(subject_scene(SUBJECTS[args.subject], j, args.draw), **change)
-            sc = replace(sc, context="forest") if j < 3 else sc
-            sheet.paste(through(render(sc)).resize((T, T), Image.NEAREST), (label_w + j * T, i * T))
+            sheet.paste(decoded[i * 6 + j].resize((T, T), Image.NEAREST), (label_w + j * T, i * T))
     args.sheet.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(args.sheet)
     print(f"reference sheet: {args.sheet}")
@@ -290,11 +285,36 @@ def class_agreement(pairs: list[tuple]) -> dict:
             "agree": round(float(np.mean([e == j for e, j in known])), 3) if known else None}
 
 
+def role_reading(role: str) -> str:
+    """What a picture of this role is read for: the subject (binding, drift), the subject AND the asked
+    attribute (test prompts), the class (another class's prompt), the class and the asked attribute
+    (the base model's prompts)."""
+    return {"test": "both", "other": "class", "base": "class and asked"}.get(role.split(":")[0], "subject")
+
+
+def role_value(d: dict, picture: dict) -> bool | None:
+    """What one picture shows for its role's reading, from eye labels or a judge's (the same terms);
+    None: the eye cannot tell."""
+    from dreambooth_lab.world.captions import parse_prompt
+
+    reading = role_reading(picture["role"])
+    if reading == "class":
+        return None if d["class"] is None else d["class"] == picture["role"].split(":", 1)[1]
+    if reading == "class and asked":
+        asked = parse_prompt(picture["prompt"])
+        asks = any(asked[k] for k in ("context", "outfit", "style", "driving"))
+        if d["class"] is None or (asks and d["class"] == asked["class"] and d["asked"] is None):
+            return None
+        return d["class"] == asked["class"] and (not asks or bool(d["asked"]))
+    if reading == "both":
+        return None if d["subject"] is None or d["asked"] is None else bool(d["subject"] and d["asked"])
+    return d["subject"]
+
+
 def score(args) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from PIL import Image
 
-    from dreambooth_lab.world.captions import parse_prompt
     from dreambooth_lab.world.judge import JUDGE_DIR, load_judge, read_images
 
     pictures = read_jsonl(args.out / "pictures.jsonl")
@@ -304,36 +324,20 @@ def score(args) -> dict:
         raise SystemExit(f"error: {len(unlabelled)} pictures have no line in {args.out / 'labels.jsonl'}, "
                          f"first {unlabelled[0]}; label them (or score after labelling)")
     images = [Image.open(args.out / p["file"]).convert("RGB") for p in pictures]
+    eye = [labels[p["file"]] for p in pictures]
     report = {"pictures": len(pictures), "judges": {}}
     for folder in args.judge or [JUDGE_DIR]:
         said = [judge_says(r, p) for r, p in zip(read_images(images, load_judge(folder)), pictures)]
-        eye = [labels[p["file"]] for p in pictures]
         per = {"subject": agreement([(e["subject"], s["subject"]) for e, s in zip(eye, said)]),
                "asked": agreement([(e["asked"], s["asked"]) for e, s in zip(eye, said) if s["asked"] is not None]),
                "class": class_agreement([(e["class"], s["class"]) for e, s in zip(eye, said)])}
         roles = {}
         for role in dict.fromkeys(p["role"] for p in pictures):
-            idx = [i for i, p in enumerate(pictures) if p["role"] == role]
-            reading = {"test": "both", "other": "class", "base": "class and asked"}.get(role.split(":")[0], "subject")
-
-            def value(d, p):
-                if reading == "class":
-                    return None if d["class"] is None else d["class"] == p["role"].split(":", 1)[1]
-                if reading == "class and asked":  # the base target: the class, and what the prompt asks
-                    asked = parse_prompt(p["prompt"])
-                    asks = any(asked[k] for k in ("context", "outfit", "style", "driving"))
-                    if d["class"] is None or (asks and d["class"] == asked["class"] and d["asked"] is None):
-                        return None  # the eye cannot tell
-                    return d["class"] == asked["class"] and (not asks or bool(d["asked"]))
-                if reading == "both":
-                    return None if d["subject"] is None or d["asked"] is None else bool(d["subject"] and d["asked"])
-                return d["subject"]
-
-            known = [i for i in idx if value(eye[i], pictures[i]) is not None]
-            roles[role] = {"reading": reading, "n": len(idx), "unclear_by_eye": len(idx) - len(known),
-                           "eye": round(float(np.mean([value(eye[i], pictures[i]) for i in known])), 3) if known else None,
-                           "judge": round(float(np.mean([bool(value(said[i], pictures[i])) for i in known])), 3)
-                           if known else None}
+            pairs = [(role_value(eye[i], p), role_value(said[i], p)) for i, p in enumerate(pictures) if p["role"] == role]
+            known = [(e, bool(j)) for e, j in pairs if e is not None]
+            roles[role] = {"reading": role_reading(role), "n": len(pairs), "unclear_by_eye": len(pairs) - len(known),
+                           "eye": round(float(np.mean([e for e, _ in known])), 3) if known else None,
+                           "judge": round(float(np.mean([j for _, j in known])), 3) if known else None}
         parted = [{"file": pictures[i]["file"], "eye": {k: eye[i][k] for k in ("class", "subject", "asked")},
                    "judge": said[i]} for i in range(len(pictures))
                   if (eye[i]["subject"] is not None and eye[i]["subject"] != said[i]["subject"])

@@ -83,15 +83,34 @@ class JudgeNet(nn.Module):
         self.trunk = nn.Sequential(*layers)
         self.heads = nn.ModuleDict({k: nn.Linear(c_in * 2, len(v)) for k, v in cfg.heads.items()})
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk's pooled features, what every head reads."""
         h = self.trunk(x)
-        h = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)  # average + max pooling
+        return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)  # average + max pooling
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.features(x)
         return {k: head(h) for k, head in self.heads.items()}
 
 
 def to_batch(images) -> torch.Tensor:
     arr = np.stack([np.asarray(im.convert("RGB").resize((64, 64), Image.BILINEAR)) for im in images])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def to_images(x: torch.Tensor) -> list[Image.Image]:
+    """`to_batch`'s inverse: a batch in [-1, 1] as RGB pictures."""
+    return [Image.fromarray(((t.permute(1, 2, 0).clamp(-1, 1).numpy() + 1) * 127.5).round().astype("uint8"))
+            for t in x.float().cpu()]
+
+
+@torch.no_grad()
+def round_trip(x: torch.Tensor, vae, batch: int = 128) -> torch.Tensor:
+    """A batch (`to_batch`'s range) encoded and decoded by `vae`, what every generated picture goes
+    through; `batch` rows at a time, returned as float32 on the CPU."""
+    out = [vae.decode(vae.encode(x[i:i + batch].to(vae.device, vae.dtype)).latent_dist.mean).sample.clamp(-1, 1)
+           for i in range(0, len(x), batch)]
+    return torch.cat(out).float().cpu() if out else x
 
 
 def degrade(img: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -139,12 +158,8 @@ def make_dataset(n: int, seed: int, degraded: float = 0.7, vae=None, through_vae
         labels.append(scene_labels(s))
     x = to_batch(images)
     if vae is not None and through_vae > 0:
-        pick = torch.from_numpy(rng.random(n) < through_vae)
-        idx = pick.nonzero().flatten()
-        with torch.no_grad():
-            for i in range(0, len(idx), 128):
-                j = idx[i:i + 128]
-                x[j] = vae.decode(vae.encode(x[j]).latent_dist.mean).sample.clamp(-1, 1)
+        idx = torch.from_numpy(rng.random(n) < through_vae).nonzero().flatten()
+        x[idx] = round_trip(x[idx], vae)
     y = {k: torch.tensor([lab[k] for lab in labels]) for k in HEADS}
     return x, y
 
@@ -283,21 +298,14 @@ def whole_dataset(n: int, seed: int, vae=None, through_vae: float = 0.6) -> tupl
     x = to_batch(images)
     if vae is not None:
         idx = torch.from_numpy(rng.random(n) < through_vae).nonzero().flatten()
-        with torch.no_grad():
-            for i in range(0, len(idx), 128):
-                j = idx[i:i + 128]
-                x[j] = vae.decode(vae.encode(x[j]).latent_dist.mean).sample.clamp(-1, 1)
+        x[idx] = round_trip(x[idx], vae)
     return x, torch.tensor(labels)
 
 
 @torch.no_grad()
 def pooled(net: JudgeNet, x: torch.Tensor) -> torch.Tensor:
-    """The trunk's pooled features, what every head reads."""
-    feats = []
-    for i in range(0, len(x), 256):
-        h = net.trunk(x[i:i + 256])
-        feats.append(torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1))
-    return torch.cat(feats)
+    """`net.features` of a large batch, 256 rows at a time."""
+    return torch.cat([net.features(x[i:i + 256]) for i in range(0, len(x), 256)])
 
 
 def fit_whole_head(net: JudgeNet, n: int = 4000, seed: int = 0, vae=None, steps: int = 1500,
@@ -365,7 +373,7 @@ def near_miss_rates(judge: JudgeNet | None = None, n: int = 100, seed: int = 777
             images = [degrade(render(sc), rng) if rng.random() < degraded else render(sc) for sc in scenes]
             x = to_batch(images)
             if vae is not None:
-                x = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+                x = round_trip(x, vae, batch=len(x))
             said = judge(x)[f"subject_{name}"].argmax(1) == 1
             out[f"{name}/{trait}"] = float(said.float().mean() if trait == "look" else (~said).float().mean())
     return out

@@ -429,15 +429,9 @@ def vae_ceiling(pipe, subject: str, photos: int, judge=None, draw: int = 0, vae=
     """The judge's subject-trait rate on the subject's own photos (photo draw `draw`) after a round
     trip through the pipeline's VAE (or `vae`): the most any generation (all of which the VAE
     decodes) can score, however well DreamBooth works."""
-    import torch
-    from PIL import Image
-
-    from .judge import read_images, to_batch
+    from .judge import read_images, round_trip, to_batch, to_images
     from .subjects import subject_photos
 
-    vae = vae if vae is not None else pipe.vae
-    x = to_batch(subject_photos(subject, photos, draw)).to(vae.device, vae.dtype)
-    with torch.no_grad():
-        r = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1).float().cpu()
-    decoded = [Image.fromarray(((t.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype("uint8")) for t in r]
+    x = to_batch(subject_photos(subject, photos, draw))
+    decoded = to_images(round_trip(x, vae if vae is not None else pipe.vae, batch=len(x)))
     return float(np.mean([row[f"subject_{subject}"] for row in read_images(decoded, judge)]))
