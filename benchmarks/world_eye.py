@@ -12,8 +12,9 @@ artefacts). Two judges of equal accuracy on rendered scenes read the same genera
         test, drift and other-class prompts, and saves each picture (64x64 PNG) under
         benchmarks/world_eye/pictures/ with a line in pictures.jsonl. The sheet numbers every picture
         and prints no judge reading, so the labels are given blind.
-    python benchmarks/world_eye.py collect --base --sample-seeds 400 412
-        the base model's own pictures of every class prompt (the base target, by eye).
+    python benchmarks/world_eye.py collect --base --sample-seeds 400 412 [--tag v10]
+        the base model's own pictures of every class prompt (the base target, by eye); with --tag,
+        another build's (DREAMBOOTH_LAB_TOYWORLD=<its folder>), named base-<tag>-s<seed>.
     python benchmarks/world_eye.py reference --subject dog --sheet /tmp/ref.png
         the subject and its single-trait near misses after the VAE: what the eye compares with.
     labels.jsonl (by hand): one line per picture, {"file", "class", "subject", "asked"}; subject and
@@ -120,7 +121,7 @@ def collect_base(args) -> None:
     from dreambooth_lab.world.study import load_world_pipeline, sample_prompts
 
     seeds = list(range(*args.sample_seeds))
-    name = f"base-s{seeds[0]}"
+    name = f"base-{args.tag + '-' if args.tag else ''}s{seeds[0]}"
     already(args.out, name)
     images = sample_prompts(load_world_pipeline(), base_prompts(), seeds)
     rows, ims = [], []
@@ -353,6 +354,8 @@ def main(argv=None) -> None:
     c = sub.add_parser("collect", help="train one recipe run and save its pictures for labelling")
     c.add_argument("--subject", default="dog")
     c.add_argument("--base", action="store_true", help="the base model's class prompts instead of a tuned run")
+    c.add_argument("--tag", default=None, help="with --base: names another base model's pictures (base-<tag>-s<seed>; "
+                   "the model is $DREAMBOOTH_LAB_TOYWORLD, e.g. a build's final folder)")
     c.add_argument("--draw", type=int, default=None)
     c.add_argument("--train-seed", type=int, default=None)
     c.add_argument("--token", default=None)

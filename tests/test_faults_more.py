@@ -361,6 +361,7 @@ def test_an_int8_lora_is_named_for_its_dtype(tmp_path, trained_run, tiny_pipe):
     (["--unet-minutes", "0"], "--unet-minutes 0.0: use a positive number"),
     (["--p-look", "2"], "--p-look 2.0: use a probability from 0 to 1"),
     (["--p-compose", "-0.1"], "--p-compose -0.1: use a probability from 0 to 1"),
+    (["--min-contrast", "-5"], "--min-contrast -5.0: use 0 (any colour) or a positive RGB distance"),
     (["--unet-widths", "32,40"], "--unet-widths 32,40: give 2 to 4 channel counts, each a multiple of 16"),
     (["--unet-widths", "64"], "--unet-widths 64: give 2 to 4 channel counts, each a multiple of 16"),
     (["--unet-layers", "0"], "--unet-layers 0: use 1 to 4 ResNet layers per block"),
@@ -392,3 +393,6 @@ def test_world_build_refuses_latents_drawn_with_another_scene_mix(tmp_path, caps
     assert exc.value.code == 2 and "\n" not in err, err
     assert str(latents / "MIX.json") in err and "--p-look" in err
     assert sorted(p.name for p in latents.iterdir()) == ["MIX.json"]
+    with pytest.raises(SystemExit):  # the contrast rule is part of the mix (build v10's latents)
+        main(["--out", str(tmp_path / "build"), "--p-look", "0.85", "--p-compose", "0.3", "--min-contrast", "60"])
+    assert "min_contrast" in capsys.readouterr().err

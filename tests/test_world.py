@@ -52,6 +52,30 @@ def test_base_world_never_shows_the_subjects_or_the_rare_tokens():
     assert {s.cls for s in scenes} == {"dog", "cat", "toy", "backpack", "vase"}
 
 
+def test_min_contrast_recolours_only_the_things_that_blend_into_their_ground():
+    """Build v10's rule: a body colour too close to what the thing stands against is drawn again
+    from the class's colours that stand out; every other scene is exactly the default one."""
+    from dreambooth_lab.world.scene import BASE_COLOURS, CONTEXTS, contrast, standing_out
+
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    plain = [sample_base_scene(a) for _ in range(1500)]
+    kept = [sample_base_scene(b, min_contrast=60) for _ in range(1500)]
+    changed = [(x, y) for x, y in zip(plain, kept) if x != y]
+    assert 0.05 < len(changed) / len(plain) < 0.35
+    for x, y in changed:  # only the body colour moves, and away from the ground (a new colour that
+        # happens to make a subject's look turns its marking into a patch, as any base scene's does)
+        assert (x.cls, x.context, x.detail_seed) == (y.cls, y.context, y.detail_seed)
+        assert y.marking in (x.marking, "patch")
+        assert contrast(x.body, x.context) < 60 + 14 * 3 ** 0.5 < contrast(y.body, y.context) + 28 * 3 ** 0.5
+    toys_on_plain = [s for s in plain if s.cls == "toy" and s.context == "plain"]
+    assert any(contrast(s.body, "plain") < 40 for s in toys_on_plain)  # the default world blends some in
+    assert min(contrast(s.body, s.context) for s in kept) > 60 - 14 * 3 ** 0.5  # nominal >= 60, jitter <= 14
+    for cls, colours in BASE_COLOURS.items():  # a class keeps colours in every context
+        for ctx in CONTEXTS:
+            assert len(standing_out(colours, ctx, 60)) >= 4, (cls, ctx)
+    assert standing_out(((220, 214, 210),), "plain", 60) == ((220, 214, 210),)  # never empty
+
+
 def test_captions_name_colours_and_markings_sometimes_in_several_wordings():
     """Build v4's grammar: colour and marking are controllable from text, the opening varies (so a
     fine-tune on "a photo of sks dog" is read in "a photo of a sks dog" too), and no caption ever

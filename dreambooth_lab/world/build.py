@@ -247,7 +247,7 @@ def scene_mix_problem(folder: Path, mix: dict) -> str | None:
         return None
     if have != mix:
         return (f"{where}: this build's latents were drawn with {have}, not {mix}; use the same --p-look/"
-                f"--p-compose as before, or a new --out folder")
+                f"--p-compose/--min-contrast as before, or a new --out folder")
     return None
 
 
@@ -270,8 +270,8 @@ def build_latents(out: Path, seed: int, scenes: int, chunk: int = 4000, mix: dic
         if path.is_file():
             continue
         rng = np.random.default_rng([seed, 2, c])
-        batch = [sample_base_scene(rng, p_outfit=mix["p_outfit"], p_style=mix["p_style"], p_driving=mix["p_driving"])
-                 for _ in range(chunk)]
+        batch = [sample_base_scene(rng, p_outfit=mix["p_outfit"], p_style=mix["p_style"], p_driving=mix["p_driving"],
+                                   min_contrast=mix.get("min_contrast", 0.0)) for _ in range(chunk)]
         caps = [caption(s, rng, p_colour=mix["p_look"], p_marking=mix["p_look"]) for s in batch]
         ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         means, stds = [], []
@@ -532,6 +532,8 @@ def arg_problem(args) -> str | None:
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
             return f"--{name.replace('_', '-')} {value}: use a positive number"
+    if getattr(args, "min_contrast", 0) is not None and not (math.isfinite(args.min_contrast) and args.min_contrast >= 0):
+        return f"--min-contrast {args.min_contrast}: use 0 (any colour) or a positive RGB distance such as 60"
     for name in ("p_look", "p_compose"):
         value = getattr(args, name, None)
         if value is not None and not (math.isfinite(value) and 0 <= value <= 1):
@@ -574,6 +576,9 @@ def main(argv=None) -> None:
                     help="how often a caption names the body colour, and the marking (builds v1-v4: 0.5)")
     ap.add_argument("--p-compose", type=float, default=None, metavar="P",
                     help="how often a base scene shows a t-shirt, a van Gogh style, a car (each; default 0.18/0.15/0.15)")
+    ap.add_argument("--min-contrast", type=float, default=0.0, metavar="D",
+                    help="keep each base scene's body colour at least D (RGB distance) from what it stands against "
+                         "(scene.SURROUNDINGS; build v10: 60; builds v1-v8: 0, any colour anywhere)")
     ap.add_argument("--unet-widths", type=widths_arg, default=UNET_WIDTHS, metavar="C1,C2[,..]",
                     help="the UNet's channels per level (builds v1-v6: 32,64; ~1 M parameters)")
     ap.add_argument("--unet-layers", type=int, default=UNET_LAYERS, help="ResNet layers per UNet block (builds v1-v6: 1)")
@@ -599,6 +604,8 @@ def main(argv=None) -> None:
     mix = dict(SCENE_MIX_DEFAULT, p_look=args.p_look)
     if args.p_compose is not None:
         mix.update(p_outfit=args.p_compose, p_style=args.p_compose, p_driving=args.p_compose)
+    if args.min_contrast:  # absent from the mix of builds without it, so their folders still match
+        mix["min_contrast"] = args.min_contrast
     problem = scene_mix_problem(out / "latents", mix)
     if problem:  # before anything loads
         print(f"error: {problem}", file=sys.stderr)

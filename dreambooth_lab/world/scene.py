@@ -99,12 +99,43 @@ def _parts(rng: np.random.Generator, cls: str) -> dict:
     return dict(ears=ears, tail=str(rng.choice(["up", "down"])))
 
 
+# The colours a thing stands against in each context (draw._background): the ground under its feet
+# and the band behind its body. Build v10 keeps a base scene's body colour at least `min_contrast`
+# (RGB distance) from all of them, as a photographer frames a subject against its ground: up to
+# build v8 a white toy on the plain grey-white ground or a yellow vase on sand was drawn about as
+# often as any other, and the base model learned that a toy or a vase is sometimes barely there.
+SURROUNDINGS = {
+    "plain": ((220, 214, 210),),
+    "room": ((150, 95, 55), (225, 205, 165)),
+    "forest": ((70, 120, 45), (150, 200, 150), (20, 90, 35)),
+    "beach": ((240, 215, 150), (20, 90, 180)),
+    "snow": ((250, 250, 252), (200, 215, 235)),
+    "city": ((60, 60, 65), (95, 95, 103), (175, 190, 205)),
+}
+
+
+def contrast(rgb, context: str) -> float:
+    """The RGB distance from `rgb` to the nearest colour the thing stands against in `context`."""
+    return min(float(np.linalg.norm(np.subtract(rgb, c, dtype=float))) for c in SURROUNDINGS[context])
+
+
+def standing_out(colours, context: str, min_contrast: float) -> tuple:
+    """The colours of `colours` at least `min_contrast` from `context`'s surroundings (all of them
+    if none is: a class never disappears from a context)."""
+    keep = tuple(c for c in colours if contrast(c, context) >= min_contrast)
+    return keep or tuple(colours)
+
+
 def sample_base_scene(rng: np.random.Generator, p_context: float = 0.8, p_outfit: float = 0.18,
-                      p_style: float = 0.15, p_driving: float = 0.15, p_http: float = 0.1) -> Scene:
-    """A scene of the base world (what the base model is trained on)."""
+                      p_style: float = 0.15, p_driving: float = 0.15, p_http: float = 0.1,
+                      min_contrast: float = 0.0) -> Scene:
+    """A scene of the base world (what the base model is trained on). With `min_contrast` > 0 a body
+    colour too close to the context's surroundings is drawn again from those that stand out, from the
+    scene's own seed: every other scene is the same as without it."""
     cls = str(rng.choice(CLASSES))
     colours = BASE_COLOURS[cls]
-    body = _jitter(rng, colours[int(rng.integers(len(colours)))])
+    colour = int(rng.integers(len(colours)))
+    body = _jitter(rng, colours[colour])
     marking = str(rng.choice(MARKINGS))
     marking_colour = _jitter(rng, MARKING_COLOURS[int(rng.integers(len(MARKING_COLOURS)))], 10)
     animate = cls in ANIMATE
@@ -117,6 +148,10 @@ def sample_base_scene(rng: np.random.Generator, p_context: float = 0.8, p_outfit
         http=bool(animate and rng.random() < p_http),
         car_colour=CAR_COLOURS[int(rng.integers(len(CAR_COLOURS)))],
     )
+    if min_contrast > 0 and contrast(colours[colour], scene.context) < min_contrast:
+        keep = standing_out(colours, scene.context, min_contrast)
+        own = np.random.default_rng([scene.detail_seed, 60])  # not `rng`: the next scenes stay as they were
+        scene = replace(scene, body=_jitter(own, keep[int(own.integers(len(keep)))]))
     if any(has_subject_look(scene, sub) for sub in SUBJECTS.values()):
         scene = replace(scene, marking="patch")  # the subjects' combinations stay theirs
     return scene
