@@ -201,6 +201,30 @@ def test_a_build_can_take_the_committed_4x_vae_stage(tmp_path):
         vae_from(tmp_path / "other", tmp_path / "nowhere")
 
 
+def test_the_committed_v10_stage_is_a_drop_in_toyworld_with_its_own_cache_key(monkeypatch):
+    """weights/stages/v10 (build v10, measured, not shipped): the same components and configs as the
+    shipped toyworld, so shipping it is a swap of weights; $DREAMBOOTH_LAB_TOYWORLD loads it through
+    the real loading code, and class images never mix the two builds."""
+    from dreambooth_lab.builtin.toyworld import ENV, toyworld_key
+    from dreambooth_lab.config import ModelConfig
+    from dreambooth_lab.models import load_pipeline
+    from dreambooth_lab.world.paths import WEIGHTS
+
+    stage, shipped = WEIGHTS / "stages" / "v10", WEIGHTS / "toyworld"
+    record = json.loads((stage / "STAGE.json").read_text())
+    assert "--min-contrast 60" in record["command"] and record["measured"]
+    records = ("BUILD.json", "STAGE.json")  # how each was made, beside the model
+    configs = sorted(p.relative_to(shipped).as_posix() for p in shipped.rglob("*.json") if p.name not in records)
+    assert configs == sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*.json") if p.name not in records)
+    for name in configs:
+        assert json.loads((stage / name).read_text()) == json.loads((shipped / name).read_text()), name
+    shipped_key = toyworld_key()
+    monkeypatch.setenv(ENV, str(stage))
+    assert toyworld_key() != shipped_key
+    pipe = load_pipeline(ModelConfig(name="toyworld", dtype="float32"), device="cpu")
+    assert Path(pipe.unet.config._name_or_path).parent == stage
+
+
 def test_a_build_can_make_a_wider_deeper_unet_and_will_not_resume_it_as_another_shape(tmp_path, capsys):
     """`build --unet-widths 48,96 --unet-layers 2`: the whole UNet phase on a few scenes, saved in the
     diffusers layout with that shape; going on in the same folder with another shape is refused in one
