@@ -76,6 +76,25 @@ def test_min_contrast_recolours_only_the_things_that_blend_into_their_ground():
     assert standing_out(((220, 214, 210),), "plain", 60) == ((220, 214, 210),)  # never empty
 
 
+def test_the_surroundings_of_the_contrast_rule_are_the_colours_the_backgrounds_are_drawn_in():
+    """scene.SURROUNDINGS repeats draw._background's large areas (scene cannot import draw): each
+    colour it names covers a good part of every rendered background of its context."""
+    from dataclasses import replace
+
+    from dreambooth_lab.world.scene import CONTEXTS, SURROUNDINGS
+
+    assert sorted(SURROUNDINGS) == sorted(CONTEXTS)
+    base = sample_base_scene(np.random.default_rng(0))
+    for ctx in CONTEXTS:
+        for seed in range(4):
+            scene = replace(base, context=ctx, style=False, driving=False, outfit=False, detail_seed=seed)
+            px = np.asarray(render(scene, thing=False)).reshape(-1, 3).astype(float)
+            near = 45 if ctx == "plain" else 25  # the plain ground is any grey from 200 to 240, tinted
+            for colour in SURROUNDINGS[ctx]:
+                share = (np.linalg.norm(px - np.array(colour, dtype=float), axis=1) < near).mean()
+                assert share > 0.1, (ctx, seed, colour, share)
+
+
 def test_captions_name_colours_and_markings_sometimes_in_several_wordings():
     """Build v4's grammar: colour and marking are controllable from text, the opening varies (so a
     fine-tune on "a photo of sks dog" is read in "a photo of a sks dog" too), and no caption ever

@@ -532,8 +532,9 @@ def arg_problem(args) -> str | None:
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
             return f"--{name.replace('_', '-')} {value}: use a positive number"
-    if getattr(args, "min_contrast", 0) is not None and not (math.isfinite(args.min_contrast) and args.min_contrast >= 0):
-        return f"--min-contrast {args.min_contrast}: use 0 (any colour) or a positive RGB distance such as 60"
+    contrast = getattr(args, "min_contrast", 0.0)
+    if not (math.isfinite(contrast) and contrast >= 0):
+        return f"--min-contrast {contrast}: use 0 (any colour) or a positive RGB distance such as 60"
     for name in ("p_look", "p_compose"):
         value = getattr(args, name, None)
         if value is not None and not (math.isfinite(value) and 0 <= value <= 1):

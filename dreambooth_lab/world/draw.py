@@ -23,6 +23,7 @@ def _shade(rgb, f: float) -> tuple[int, int, int]:
 # ---- backgrounds -------------------------------------------------------------------------------
 
 def _background(d: ImageDraw.ImageDraw, S: int, context: str, rng: np.random.Generator) -> None:
+    # scene.SURROUNDINGS names the large areas' colours for the contrast rule (tested to match)
     def rect(x0, y0, x1, y1, fill):
         d.rectangle([x0 * S, y0 * S, x1 * S, y1 * S], fill=fill)
 
