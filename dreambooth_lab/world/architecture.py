@@ -56,7 +56,7 @@ def make_text_encoder(seed: int = 2):
 
 # The UNet's channels per level and ResNet layers per block (builds v1-v6: (32, 64) and 1, ~1 M
 # parameters); `build --unet-widths/--unet-layers` makes a bigger one (a new build, from scratch
-# or from --init where tensor shapes still match): the shipped build v8 is `--unet-widths 64,128`
+# or from --init where tensor shapes still match): the shipped build v10 (like v8) is `--unet-widths 64,128`
 # (4.2 M parameters; its BUILD.json has the command).
 UNET_WIDTHS = (32, 64)
 UNET_LAYERS = 1
