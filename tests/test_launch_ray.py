@@ -111,6 +111,16 @@ def test_a_worker_killed_mid_run_is_retried_and_resumes(tmp_path, local_ray):
 
 
 def test_ctrl_c_cancels_the_tasks_and_the_same_call_resumes(tmp_path, local_ray):
+    # Ctrl-C as a terminal delivers it: Python's own SIGINT handler (a library used by an earlier test
+    # in this worker may have left its own, which interrupt_main would call instead)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_then_resume(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c_then_resume(tmp_path):
     sweep = one_run_spec(tmp_path, steps=STEPS, checkpoint_every=EVERY)
     watcher = when_checkpointed(sweep, lambda run_dir: _thread.interrupt_main())
     with pytest.raises(launch_ray.SweepInterrupted) as err:
