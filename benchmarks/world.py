@@ -343,11 +343,12 @@ def token_study_markdown(ts: dict, machine: str = "") -> list[str]:
 
 # ---- robustness: conditions the recipe was not calibrated on -------------------------------------
 
-# The recipe was calibrated on photo draws 1, 2 and 7, training seeds 1-5 and 30-34, sampling seeds
-# 100-111 and the identifiers sks, eha, qur and omf (benchmarks/world_calibrate.py; the timestep
-# floor on build v10: draws 1, 2, 7 x seeds 3-5). What is reported here never took part: other
-# draws of the same subjects, other training and sampling seeds, and identifiers from
-# `tokens suggest` (single CLIP tokens) that nobody tried while tuning.
+# What the recipe was calibrated on (benchmarks/world_calibrate.py; the timestep floor on build v10:
+# draws 1, 2, 7 x seeds 3-5). What is reported here never took part: other draws of the same
+# subjects, other training and sampling seeds, and identifiers from `tokens suggest` (single CLIP
+# tokens) that nobody tried while tuning.
+CALIBRATED_ON = ("draws 1, 2 and 7, training seeds 1–5 and 30–34, sampling seeds 100–111 and the identifiers "
+                 "sks, eha, qur and omf")
 HELD_OUT = {"draws": (3, 4, 5), "train_seeds": (11, 12, 13), "tokens": ("wku", "sqn", "pbc"),
             "sample_seeds": (200, 212), "subjects": ("dog", "backpack")}
 
@@ -548,8 +549,7 @@ def robustness_markdown(rob: dict) -> list[str]:
                 f"training seeds {', '.join(map(str, h['train_seeds']))}, each run with one of the identifiers "
                 f"{', '.join(h['tokens'])} (single CLIP tokens from `tokens suggest`, each once per draw); sampling "
                 f"seeds {h['sample_seeds']}. Figures: mean ± sd [min–max] over the runs (a run's rate over its "
-                "sampling seeds is the unit). The calibration used draws 1, 2 and 7, training seeds 1–5 and "
-                "30–34, sampling seeds 100–111 and the identifiers sks, eha, qur and omf.", "",
+                f"sampling seeds is the unit). The calibration used {CALIBRATED_ON}.", "",
            "| measure | target | " + " | ".join(subs) + " |", "|---|---|" + "---|" * len(subs)]
 
     def row(label, target, vals):
