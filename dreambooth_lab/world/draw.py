@@ -125,6 +125,8 @@ def _marking(pen: _Pen, sc: Scene, cx: float, cy: float, rx: float, ry: float) -
         r = 0.085
         for fx, fy in ((-0.55, 0.25), (0.0, 0.45), (0.55, 0.2), (-0.25, -0.35), (0.3, -0.35)):
             pen.ellipse(cx + fx * rx, cy + fy * ry, r, r, sc.marking_colour)
+    elif sc.marking == "merged":  # a near miss, never in the base world: the marking's colour as one patch
+        pen.ellipse(cx, cy + 0.05 * ry, 0.62 * rx, 0.5 * ry, sc.marking_colour)
     elif sc.marking == "stripes":
         w = 0.07
         for fx in (-0.6, -0.2, 0.2, 0.6):
