@@ -7,6 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .files import follow_umask
+
 
 def cache_root() -> Path:
     """User cache folder (``DREAMBOOTH_LAB_CACHE`` or ``~/.cache/dreambooth_lab``)."""
@@ -27,6 +29,7 @@ def build_once(folder: Path, build, marker: str = "config.json") -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
     try:
         build(tmp / "out")
+        follow_umask(tmp / "out")
         try:
             os.replace(tmp / "out", folder)
         except OSError:

@@ -232,6 +232,7 @@ def export_fused(run_dir: str | Path, scale_unet: float | None = None, scale_tex
                  PREFIX + "fused_scale_text_encoder": ste,
                  **({PREFIX + "fused_scale_text_encoder_2": ste2} if "text_encoder_2" in adapters else {})},
                 indent=2, sort_keys=True))
+            files.follow_umask(tmp / "pipe")
             (tmp / "pipe").rename(target)
         finally:  # a full disk (or anything else) leaves no half-written pipeline behind
             shutil.rmtree(tmp, ignore_errors=True)

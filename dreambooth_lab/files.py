@@ -127,6 +127,18 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], size: int | No
 _UMASK_LOCK = threading.Lock()
 
 
+def follow_umask(folder: str | Path) -> Path:
+    """Give every file under `folder` the permissions an ordinary write would (0644 under umask
+    022): libraries that save for us (diffusers' and transformers' save_pretrained, through
+    safetensors) leave their weight files private (0600), unreadable to e.g. ComfyUI running as
+    another user."""
+    mode = 0o666 & ~current_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+    return Path(folder)
+
+
 def current_umask() -> int:
     """The process umask. Read from /proc on Linux (no side effect); elsewhere by setting and
     restoring it, which is the only getter there is (a lock keeps our own threads out of the gap)."""

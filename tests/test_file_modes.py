@@ -51,3 +51,16 @@ def test_overwriting_keeps_umask_permissions(tmp_path, umask):
     os.chmod(path, 0o600)
     files.write_text(path, "2")
     assert _mode(path) == 0o666 & ~umask and path.read_text() == "2"
+
+
+def test_follow_umask_opens_what_a_library_left_private(tmp_path, umask):
+    """safetensors (under diffusers' save_pretrained) writes weight files 0600; follow_umask gives every
+    file under a folder what an ordinary write would, and leaves the folders' own modes alone."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "unet").mkdir()
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "unet" / "w.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    os.chmod(tmp_path / "config.json", 0o600)
+    files.follow_umask(tmp_path)
+    assert _mode(tmp_path / "unet" / "w.safetensors") == _mode(tmp_path / "config.json") == 0o666 & ~umask

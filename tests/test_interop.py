@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import warnings
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, tiny_config
-from dreambooth_lab import export, inference, sample
+from dreambooth_lab import export, files, inference, sample
 from dreambooth_lab.config import ModelConfig, to_yaml
 from dreambooth_lab.models import load_pipeline
 from dreambooth_lab.runs import read_metrics
@@ -91,6 +92,10 @@ def test_fused_export_matches_the_lora_at_that_scale(trained_run, tmp_path):
                                    progress=False)[0]).astype(int)
     assert np.abs(a - b).max() <= 2
     assert json.loads((out / "dreambooth_lab.json").read_text())["dreambooth_lab.fused_scale_unet"] == 0.7
+    # readable by another user like any ordinary write (safetensors alone leaves weight files 0600)
+    want = 0o666 & ~files.current_umask()
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert "unet/diffusion_pytorch_model.safetensors" in modes and set(modes.values()) == {want}, modes
 
 
 def test_two_processes_shard_data_sync_gradients_and_match_one_process(tmp_path):
