@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from dreambooth_lab.files import current_umask
 from dreambooth_lab.world.captions import RARE_TOKENS, caption, parse_prompt
 from dreambooth_lab.world.draw import render
 from dreambooth_lab.world.scene import (CLASSES, SUBJECTS, has_subject_look, sample_base_scene, sample_open_scene,
@@ -290,9 +293,22 @@ def test_export_checks_its_source_before_touching_the_target(tmp_path):
     src.mkdir()
     (src / "model_index.json").write_text('{"new": 1}')
     (src / "build_step.json").write_text('{"step": 3}')
+    (src / "unet").mkdir()
+    save_file({"w": torch.zeros(2)}, str(src / "unet" / "w.safetensors"))  # safetensors writes it 0600
     export(src, target)
     assert (target / "model_index.json").read_text() == '{"new": 1}' and (target / "BUILD.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty-build", "snap", "toyworld"]
+    want = 0o666 & ~current_umask()  # readable by others, like any ordinary write
+    assert {stat.S_IMODE(p.stat().st_mode) for p in target.rglob("*") if p.is_file()} == {want}
+
+
+def test_a_saved_judge_is_readable_by_others(tmp_path):
+    from dreambooth_lab.world.judge import JudgeConfig, JudgeNet, save_judge
+
+    save_judge(JudgeNet(JudgeConfig(channels=(4, 4, 4, 4))), tmp_path / "j", {"accuracy": 1.0})
+    want = 0o666 & ~current_umask()
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "j").iterdir()} == \
+        dict.fromkeys(["accuracy.json", "config.json", "model.safetensors"], want)
 
 
 # ---- the judge -----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import torch
 
 from ..builtin.clip_vocab import write_clip_tokenizer
 from ..cache import cache_root
+from ..files import follow_umask
 from .architecture import (RESOLUTION, UNET_LAYERS, UNET_WIDTHS, VAE_FACTORS, make_scheduler, make_text_encoder,
                            make_unet, make_vae, unet_shape_problem, vae_shape)
 from .captions import caption
@@ -503,6 +504,7 @@ def export(src: Path, dest: Path, fp16: bool = True) -> None:
             f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if (src / "build_step.json").is_file():
         (tmp / "BUILD.json").write_text((src / "build_step.json").read_text())
+    follow_umask(tmp)  # safetensors writes 0600
     old = dest.with_name(dest.name + ".export-old")  # the previous export, swapped out only now
     shutil.rmtree(old, ignore_errors=True)
     if dest.exists():

@@ -43,6 +43,7 @@ import torch
 from PIL import Image, ImageFilter
 from torch import nn
 
+from ..files import follow_umask
 from .draw import render
 from .scene import (ANIMATE, CLASSES, CONTEXTS, NEAR_MISS_TRAITS, SUBJECTS, Scene, has_subject_look, look_scene,
                     near_miss_scene, sample_open_scene)
@@ -214,6 +215,7 @@ def save_judge(net: JudgeNet, folder: Path, report: dict | None = None) -> None:
     (folder / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
     if report is not None:
         (folder / "accuracy.json").write_text(json.dumps(report, indent=1) + "\n")
+    follow_umask(folder)  # safetensors writes 0600
 
 
 @lru_cache(maxsize=2)
