@@ -17,8 +17,8 @@ judged. This measures, on the same scenes:
 
     python benchmarks/world_pattern.py [--judge FOLDER] [--json F] [--png F]
 
-Writes a picture: the drawings, their round trips through each VAE, and the base model's pictures
-of the two phrasings at the same seeds.
+Writes a picture (world.sheets.seed_grid, a labelled row each): the drawings, their round trips
+through each VAE, and the base model's pictures of the two phrasings at the same seeds.
 """
 
 from __future__ import annotations
@@ -69,22 +69,9 @@ def subject_rate(images, subject: str, judge) -> float:
     return float(np.mean([r[f"subject_{subject}"] for r in read_images(images, judge)]))
 
 
-def save_sheet(strips, path: Path, note: str) -> None:
-    """One labelled row per strip of 64 px pictures."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(strips), 1, figsize=(9, 1.25 * len(strips)))
-    for ax, (label, images) in zip(axes, strips):
-        ax.imshow(np.concatenate([np.asarray(im.convert("RGB")) for im in images], 1), interpolation="nearest")
-        ax.set_title(label, fontsize=8, loc="left")
-        ax.axis("off")
-    fig.suptitle(f"Can the world draw its subjects' pattern? ({note})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
+def side_by_side(pictures: dict[str, list], n: int = 3) -> list:
+    """The first n scenes, each as its own pattern, the other and merged, in a row."""
+    return [im for i in range(n) for im in (pictures["own"][i], pictures["other"][i], pictures["merged"][i])]
 
 
 def main(argv=None) -> None:
@@ -101,36 +88,34 @@ def main(argv=None) -> None:
     import torch
     from diffusers import AutoencoderKL
     from dreambooth_lab.world.judge import load_judge, round_trip, to_batch, to_images
+    from dreambooth_lab.world.sheets import seed_grid
     from dreambooth_lab.world.study import load_world_pipeline, sample_prompts
 
     torch.set_num_threads(args.threads)
     judge = load_judge(args.judge) if args.judge else load_judge()
     out = {"n": args.n, "judge": str(args.judge or "committed"), "vae": {}, "words": {}}
-    strips = []
+    vaes = {name: AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval() for name, folder in VAES.items()}
+    rows = {}  # the picture: label -> pictures
     for subject in ("dog", "backpack"):
         drawn = drawings(subject, args.n, seed=17)
-        triple = "own pattern / other / merged, x3"
-        strips.append((f"{subject}: drawn ({triple})",
-                       [im for i in range(3) for im in (drawn["own"][i], drawn["other"][i], drawn["merged"][i])]))
+        rows[f"{subject}: drawn (own pattern / other / merged, x3)"] = side_by_side(drawn)
         row = {"drawn": {k: subject_rate(v, subject, judge) for k, v in drawn.items()}}
-        for name, folder in VAES.items():
-            vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval()
+        for name, vae in vaes.items():
             after = {k: to_images(round_trip(to_batch(v), vae)) for k, v in drawn.items()}
             row[name] = {"subject_rate": {k: subject_rate(v, subject, judge) for k, v in after.items()},
                          "kept_vs_other": kept(drawn["own"], drawn["other"], after["own"], after["other"]),
                          "kept_vs_merged": kept(drawn["own"], drawn["merged"], after["own"], after["merged"])}
-            strips.append((f"{subject}: through the {name} VAE",
-                           [im for i in range(3) for im in (after["own"][i], after["other"][i], after["merged"][i])]))
+            rows[f"{subject}: through the {name} VAE"] = side_by_side(after)
         out["vae"][subject] = row
     pipe = load_world_pipeline()
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     for subject, prompts in WORDS.items():
         images = sample_prompts(pipe, list(prompts), seeds)
         out["words"][subject] = {p: subject_rate(images[p], subject, judge) for p in prompts}
-        strips.extend([(f'base model: "{p}", seeds {seeds[0]}-{seeds[0] + 8}', images[p][:9]) for p in prompts])
+        rows.update({f'base model: "{p}", seeds {seeds[0]}-{seeds[0] + 8}': images[p][:9] for p in prompts})
     out["sampling_seeds"] = seeds
     args.json.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
-    save_sheet(strips, args.png, f"judge: {out['judge']}")
+    seed_grid(rows, args.png, per_row=9)
     print(json.dumps(out, indent=1, sort_keys=True))
 
 

@@ -116,7 +116,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], size: int | No
         os.close(fd)
         try:
             write(Path(tmp))
-            os.chmod(tmp, 0o666 & ~current_umask())
+            os.chmod(tmp, ordinary_file_mode())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -127,12 +127,17 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], size: int | No
 _UMASK_LOCK = threading.Lock()
 
 
+def ordinary_file_mode() -> int:
+    """The mode an ordinary write gives a new file under the process umask (0644 under 022)."""
+    return 0o666 & ~current_umask()
+
+
 def follow_umask(folder: str | Path) -> Path:
     """Give every file under `folder` the permissions an ordinary write would (0644 under umask
     022): libraries that save for us (diffusers' and transformers' save_pretrained, through
     safetensors) leave their weight files private (0600), unreadable to e.g. ComfyUI running as
     another user."""
-    mode = 0o666 & ~current_umask()
+    mode = ordinary_file_mode()
     for path in Path(folder).rglob("*"):
         if path.is_file() and not path.is_symlink():
             os.chmod(path, mode)
