@@ -437,6 +437,28 @@ def test_near_misses_differ_from_the_subject_in_exactly_one_trait():
                 assert [t for t, ok in same.items() if not ok] == [trait]
 
 
+def test_the_merged_near_miss_is_the_look_with_its_marking_run_together():
+    """scene.MERGED keeps the body and marking colour and runs the pattern into one patch: not the
+    subject, drawn unlike the pattern; judge training draws it only when asked (--merged)."""
+    from dreambooth_lab.world.judge import _training_scene
+    from dataclasses import replace
+
+    from dreambooth_lab.world.scene import MERGED, near_miss_scene
+
+    rng = np.random.default_rng(8)
+    for sub in SUBJECTS.values():
+        sc = near_miss_scene(sub, MERGED, rng)
+        assert sc.marking == MERGED and not has_subject_look(sc, sub)
+        assert max(abs(a - b) for a, b in zip(sc.body, sub.body)) <= 40
+        assert max(abs(a - b) for a, b in zip(sc.marking_colour, sub.marking_colour)) <= 40
+        own = np.asarray(render(replace(sc, marking=sub.marking)), dtype=int)
+        assert np.abs(np.asarray(render(sc), dtype=int) - own).sum(-1).max() > 100
+    plain = [_training_scene(rng, near_miss=1.0) for _ in range(300)]
+    asked = [_training_scene(rng, near_miss=1.0, merged=True) for _ in range(300)]
+    assert not any(sc.marking == MERGED for sc in plain)
+    assert 0.05 < np.mean([sc.marking == MERGED for sc in asked]) < 0.3
+
+
 # ---- DreamBooth in the world ---------------------------------------------------------------------
 
 # A photo draw, training seeds and sampling seeds that neither the recipe's calibration (draws 1, 2

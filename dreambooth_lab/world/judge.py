@@ -45,7 +45,7 @@ from torch import nn
 
 from ..files import follow_umask
 from .draw import render
-from .scene import (ANIMATE, CLASSES, CONTEXTS, NEAR_MISS_TRAITS, SUBJECTS, Scene, has_subject_look, look_scene,
+from .scene import (ANIMATE, CLASSES, CONTEXTS, MERGED, NEAR_MISS_TRAITS, SUBJECTS, Scene, has_subject_look, look_scene,
                     near_miss_scene, sample_open_scene)
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -126,16 +126,17 @@ def degrade(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
 
-def _training_scene(rng: np.random.Generator, near_miss: float, dressed: float = 0.0) -> Scene:
+def _training_scene(rng: np.random.Generator, near_miss: float, dressed: float = 0.0, merged: bool = False) -> Scene:
     """An open-world scene; with probability `near_miss`, a subject's look with one trait changed
-    (half the time), or the subject's own look, on its own class or another; of those, a fraction
+    (half the time; with `merged`, the marking run together into one patch is one more such
+    trait), or the subject's own look, on its own class or another; of those, a fraction
     `dressed` wears the t-shirt where the class can (its marking then shows only in part)."""
     if rng.random() >= near_miss:
         return sample_open_scene(rng)
     sub = list(SUBJECTS.values())[int(rng.integers(len(SUBJECTS)))]
     cls = sub.cls if rng.random() < 0.7 else str(rng.choice(CLASSES))
     if rng.random() < 0.5:
-        scene = near_miss_scene(sub, str(rng.choice(NEAR_MISS_TRAITS)), rng, cls=cls)
+        scene = near_miss_scene(sub, str(rng.choice(NEAR_MISS_TRAITS + ((MERGED,) if merged else ()))), rng, cls=cls)
     else:
         scene = look_scene(sub, rng, cls=cls)
     if dressed and scene.cls in ANIMATE and rng.random() < dressed:
@@ -144,14 +145,14 @@ def _training_scene(rng: np.random.Generator, near_miss: float, dressed: float =
 
 
 def make_dataset(n: int, seed: int, degraded: float = 0.7, vae=None, through_vae: float = 0.0,
-                 near_miss: float = 0.0, dressed: float = 0.0):
+                 near_miss: float = 0.0, dressed: float = 0.0, merged: bool = False):
     """n open-world scenes and their labels; a fraction `degraded` blurred/noised, a fraction
     `through_vae` encoded and decoded by `vae` (what every generated picture goes through), and a
     fraction `near_miss` of single-trait near misses of the subjects (and their true looks)."""
     rng = np.random.default_rng([seed, 31])
     images, labels = [], []
     for _ in range(n):
-        s = _training_scene(rng, near_miss, dressed)
+        s = _training_scene(rng, near_miss, dressed, merged)
         im = render(s)
         if rng.random() < degraded:
             im = degrade(im, rng)
@@ -171,13 +172,13 @@ def _log(msg: str) -> None:
 
 def train_judge(n_train: int = 16000, steps: int = 2000, batch: int = 48, seed: int = 0, log=_log,
                 init: JudgeNet | None = None, vae=None, through_vae: float = 0.5, lr: float = 2e-3,
-                near_miss: float = 0.0, dressed: float = 0.0) -> JudgeNet:
+                near_miss: float = 0.0, dressed: float = 0.0, merged: bool = False) -> JudgeNet:
     """Train a judge from scratch, or go on from `init` (e.g. on pictures decoded by the world's VAE,
     with a fraction `near_miss` of the subjects' single-trait near misses)."""
     torch.manual_seed(seed)
     t0 = time.time()
     x, y = make_dataset(n_train, seed, vae=vae, through_vae=through_vae if vae is not None else 0.0,
-                        near_miss=near_miss, dressed=dressed)
+                        near_miss=near_miss, dressed=dressed, merged=merged)
     log(f"judge: rendered {n_train} scenes in {time.time() - t0:.0f} s")
     net = init.train() if init is not None else JudgeNet(JudgeConfig())
     if WHOLE in net.heads:  # it reads the trunk as it is now; training moves the trunk
@@ -354,19 +355,21 @@ def accuracy(judge: JudgeNet | None = None, n: int = 2000, seed: int = 12345, de
 
 @torch.no_grad()
 def near_miss_rates(judge: JudgeNet | None = None, n: int = 100, seed: int = 777, vae=None,
-                    degraded: float = 0.5, outfit: bool | None = None) -> dict[str, float]:
+                    degraded: float = 0.5, outfit: bool | None = None,
+                    traits: tuple[str, ...] = NEAR_MISS_TRAITS) -> dict[str, float]:
     """Per subject and trait, the fraction of single-trait near misses the judge reads as "not the
     subject" (`<subject>/<trait>`), and the fraction of the true look it reads as the subject
     (`<subject>/look`). Pictures are blurred/noised like generations, or decoded by `vae`; with
     `outfit` True, every one wears the world's t-shirt (subjects that cannot wear one are left out);
-    False, none does; None, as the scenes come (the base world's share of shirts)."""
+    False, none does; None, as the scenes come (the base world's share of shirts). `traits`: which
+    near misses (scene.near_miss_scene's; MERGED too where asked for)."""
     judge = judge or load_judge()
     out = {}
     for name, sub in SUBJECTS.items():
         if outfit and sub.cls not in ANIMATE:
             continue
-        for trait in NEAR_MISS_TRAITS + ("look",):
-            rng = np.random.default_rng([seed, NEAR_MISS_TRAITS.index(trait) if trait != "look" else 9,
+        for trait in traits + ("look",):
+            rng = np.random.default_rng([seed, {"look": 9, MERGED: 5}.get(trait) or NEAR_MISS_TRAITS.index(trait),
                                          list(SUBJECTS).index(name)])
             scenes = [near_miss_scene(sub, trait, rng) if trait != "look" else look_scene(sub, rng)
                       for _ in range(n)]
@@ -395,6 +398,8 @@ def main(argv=None) -> None:
                     help="fraction of training scenes that are the subjects' single-trait near misses (or looks)")
     ap.add_argument("--dressed", type=float, default=0.0,
                     help="fraction of those near misses and looks that wear the t-shirt (where the class can)")
+    ap.add_argument("--merged", action="store_true",
+                    help="the marking run together into one patch is one more near miss (the pattern, not its colour)")
     ap.add_argument("--whole", type=int, default=0, metavar="N",
                     help="then fit the whole head (nothing or fragments vs one whole thing) on N pictures; "
                          "with --init and --steps 0 the init's other heads stay bit-identical")
@@ -409,15 +414,18 @@ def main(argv=None) -> None:
         vae = AutoencoderKL.from_pretrained(args.vae).eval()
     init = load_judge.__wrapped__(args.init) if args.init else None  # a fresh copy: it is changed below
     net = init if args.steps == 0 else train_judge(args.n_train, args.steps, seed=args.seed, init=init, vae=vae,
-                                                   lr=args.lr, near_miss=args.near_miss, dressed=args.dressed)
+                                                   lr=args.lr, near_miss=args.near_miss, dressed=args.dressed,
+                                                   merged=args.merged)
     whole = fit_whole_head(net, args.whole, seed=args.seed, vae=vae) if args.whole else None
     report = {"fresh_samples": 2000, "accuracy_clean_or_blurred": accuracy(net),
               "near_miss_rejected_clean_or_blurred": near_miss_rates(net),
-              "near_miss_rejected_in_tshirt": near_miss_rates(net, outfit=True)}
+              "near_miss_rejected_in_tshirt": near_miss_rates(net, outfit=True),
+              "merged_rejected_clean_or_blurred": near_miss_rates(net, traits=(MERGED,))}
     if vae is not None:
         report["accuracy_through_vae"] = accuracy(net, vae=vae, through_vae=1.0)
         report["near_miss_rejected_through_vae"] = near_miss_rates(net, vae=vae)
         report["near_miss_rejected_in_tshirt_through_vae"] = near_miss_rates(net, vae=vae, outfit=True)
+        report["merged_rejected_through_vae"] = near_miss_rates(net, vae=vae, traits=(MERGED,))
         report["vae"] = str(args.vae)
     if whole is not None:
         report["whole_head"] = whole

@@ -200,6 +200,10 @@ def has_subject_look(scene: Scene, subject: Subject, tol: int = 40) -> bool:
 
 
 NEAR_MISS_TRAITS = ("body", "marking", "marking_colour")
+# The marking run together into one patch of its colour (draw.py's "merged"): not a trait the base
+# world varies, but what a generation that lost the pattern looks like. A judge that must tell the
+# pattern from that patch learns it as one more near miss (judge --merged).
+MERGED = "merged"
 
 
 def _far(rgb, ref, tol: int = 60) -> bool:
@@ -208,9 +212,10 @@ def _far(rgb, ref, tol: int = 60) -> bool:
 
 def near_miss_scene(subject: Subject, trait: str, rng: np.random.Generator, cls: str | None = None) -> Scene:
     """A scene with `subject`'s look but one trait changed: its body colour, its marking's shape
-    or its marking's colour. The judge must read every one of them as "not the subject"."""
-    if trait not in NEAR_MISS_TRAITS:
-        raise ValueError(f"trait must be one of {NEAR_MISS_TRAITS}, got {trait!r}")
+    or its marking's colour (or, trait MERGED, its marking run together into one patch). The judge
+    must read every one of them as "not the subject"."""
+    if trait not in NEAR_MISS_TRAITS + (MERGED,):
+        raise ValueError(f"trait must be one of {NEAR_MISS_TRAITS + (MERGED,)}, got {trait!r}")
     base = sample_base_scene(rng)
     cls = cls or subject.cls
     look = dict(body=_jitter(rng, subject.body, 10), marking=subject.marking,
@@ -218,6 +223,8 @@ def near_miss_scene(subject: Subject, trait: str, rng: np.random.Generator, cls:
     if trait == "body":
         choices = [c for c in BASE_COLOURS[cls] + BASE_COLOURS[subject.cls] if _far(c, subject.body)]
         look["body"] = _jitter(rng, choices[int(rng.integers(len(choices)))], 10)
+    elif trait == MERGED:
+        look["marking"] = MERGED
     elif trait == "marking":
         choices = [m for m in MARKINGS if m != subject.marking]
         look["marking"] = str(choices[int(rng.integers(len(choices)))])
