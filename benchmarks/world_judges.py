@@ -22,8 +22,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.world_pattern import VAES as ROUND_TRIPS  # noqa: E402 (the shipped 8x and the 4x stage)
+
 WEIGHTS = ROOT / "dreambooth_lab/world/weights"
-VAES = {"none": None, "8x (shipped)": WEIGHTS / "toyworld/vae", "4x (stage vae4x)": WEIGHTS / "stages/vae4x"}
+VAES = {"none": None, **ROUND_TRIPS}
 JUDGES = {"committed": WEIGHTS / "judge", "judge-4x (stage)": WEIGHTS / "stages/judge-4x"}
 
 

@@ -45,13 +45,13 @@ def drawings(subject: str, n: int, seed: int) -> dict[str, list]:
     """n scenes of `subject`'s look (its own class, bare: no shirt, car or style), each drawn with its
     own pattern, the other pattern and the merged patch."""
     from dreambooth_lab.world.draw import render
-    from dreambooth_lab.world.scene import SUBJECTS, look_scene
+    from dreambooth_lab.world.scene import MERGED, SUBJECTS, look_scene
 
     sub = SUBJECTS[subject]
     rng = np.random.default_rng([seed, 8])
     scenes = [replace(look_scene(sub, rng), outfit=False, driving=False, style=False) for _ in range(n)]
     return {kind: [render(replace(sc, marking=marking)) for sc in scenes]
-            for kind, marking in (("own", sub.marking), ("other", OTHER[sub.marking]), ("merged", "merged"))}
+            for kind, marking in (("own", sub.marking), ("other", OTHER[sub.marking]), ("merged", MERGED))}
 
 
 def kept(before_a, before_b, after_a, after_b) -> float:

@@ -440,9 +440,9 @@ def test_near_misses_differ_from_the_subject_in_exactly_one_trait():
 def test_the_merged_near_miss_is_the_look_with_its_marking_run_together():
     """scene.MERGED keeps the body and marking colour and runs the pattern into one patch: not the
     subject, drawn unlike the pattern; judge training draws it only when asked (--merged)."""
-    from dreambooth_lab.world.judge import _training_scene
     from dataclasses import replace
 
+    from dreambooth_lab.world.judge import _training_scene
     from dreambooth_lab.world.scene import MERGED, near_miss_scene
 
     rng = np.random.default_rng(8)

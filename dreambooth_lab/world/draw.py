@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .scene import Scene
+from .scene import MERGED, Scene
 
 RED = (210, 30, 30)
 LIME = (120, 230, 0)
@@ -125,7 +125,7 @@ def _marking(pen: _Pen, sc: Scene, cx: float, cy: float, rx: float, ry: float) -
         r = 0.085
         for fx, fy in ((-0.55, 0.25), (0.0, 0.45), (0.55, 0.2), (-0.25, -0.35), (0.3, -0.35)):
             pen.ellipse(cx + fx * rx, cy + fy * ry, r, r, sc.marking_colour)
-    elif sc.marking == "merged":  # a near miss, never in the base world: the marking's colour as one patch
+    elif sc.marking == MERGED:  # a near miss, never in the base world: the marking's colour as one patch
         pen.ellipse(cx, cy + 0.05 * ry, 0.62 * rx, 0.5 * ry, sc.marking_colour)
     elif sc.marking == "stripes":
         w = 0.07

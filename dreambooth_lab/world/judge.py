@@ -353,6 +353,10 @@ def accuracy(judge: JudgeNet | None = None, n: int = 2000, seed: int = 12345, de
     return acc
 
 
+# Each near-miss trait's own random stream in near_miss_rates (so adding a trait changes no other's scenes).
+_STREAM = {**{t: i for i, t in enumerate(NEAR_MISS_TRAITS)}, MERGED: 5, "look": 9}
+
+
 @torch.no_grad()
 def near_miss_rates(judge: JudgeNet | None = None, n: int = 100, seed: int = 777, vae=None,
                     degraded: float = 0.5, outfit: bool | None = None,
@@ -369,8 +373,7 @@ def near_miss_rates(judge: JudgeNet | None = None, n: int = 100, seed: int = 777
         if outfit and sub.cls not in ANIMATE:
             continue
         for trait in traits + ("look",):
-            rng = np.random.default_rng([seed, {"look": 9, MERGED: 5}.get(trait) or NEAR_MISS_TRAITS.index(trait),
-                                         list(SUBJECTS).index(name)])
+            rng = np.random.default_rng([seed, _STREAM[trait], list(SUBJECTS).index(name)])
             scenes = [near_miss_scene(sub, trait, rng) if trait != "look" else look_scene(sub, rng)
                       for _ in range(n)]
             if outfit is not None:
