@@ -384,6 +384,24 @@ def test_render_without_the_thing_is_its_background_alone():
     assert 0.03 < changed.mean() < 0.5  # the dog is there in one, and only the dog differs
 
 
+def test_the_t_shirt_covers_the_chest_and_leaves_most_of_the_marking_showing():
+    """The world's t-shirt sits over the chest: a dressed dog or cat shows most of its dots (a shirt
+    over the whole body hid them, so nobody could tell a dressed subject from a dressed violet dog)."""
+    from dataclasses import replace
+
+    from dreambooth_lab.world.draw import RED
+
+    for cls in ("dog", "cat"):
+        for i in range(4):
+            sc = replace(subject_scene(SUBJECTS["dog"], i, 5), cls=cls)
+            plain, dressed = (np.asarray(render(replace(sc, outfit=o)), dtype=int) for o in (False, True))
+            marking = (np.abs(plain - np.array(sc.marking_colour)).sum(-1) < 30)
+            still = marking & (np.abs(dressed - plain).sum(-1) == 0)
+            shirt = np.abs(dressed - np.array(RED)).sum(-1) < 30
+            assert shirt.sum() > 0.25 * marking.sum(), (cls, i)  # a shirt is there, of some size
+            assert still.sum() >= 0.6 * marking.sum(), (cls, i, still.sum(), marking.sum())
+
+
 def test_broken_image_keeps_only_fragments_of_the_thing():
     from dreambooth_lab.world.judge import broken_image
 

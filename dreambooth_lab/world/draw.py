@@ -160,8 +160,9 @@ def _dog_or_cat(pen: _Pen, sc: Scene) -> None:
     pen.ellipse(0, by, bl, bh, body)
     _marking(pen, sc, 0, by, bl, bh)
     if sc.outfit:
-        pen.rect(0.08, by + 0.02, bl * 0.62, bh * 0.95, RED, radius=0.06)
-        pen.rect(bl * 0.55, by - 0.06, 0.09, 0.1, RED)
+        # over the chest, so that the marking still shows behind it (four of the five dots)
+        pen.rect(bl * 0.74, by + 0.02, bl * 0.29, bh * 0.95, RED, radius=0.05)
+        pen.rect(bl * 0.8, by - 0.08, 0.07, 0.09, RED)
     hr = 0.15 if cat else 0.17
     hx, hy = bl + 0.02, by + bh + 0.06
     if sc.ears == "pointy":
