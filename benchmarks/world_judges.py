@@ -27,7 +27,7 @@ from benchmarks.world_pattern import VAES as ROUND_TRIPS  # noqa: E402 (the ship
 
 WEIGHTS = ROOT / "dreambooth_lab/world/weights"
 VAES = {"none": None, **ROUND_TRIPS}
-JUDGES = {"committed": WEIGHTS / "judge", "judge-4x (stage)": WEIGHTS / "stages/judge-4x"}
+JUDGES = {"committed": WEIGHTS / "judge", "judge-v12 (stage)": WEIGHTS / "stages/judge-v12"}
 
 
 def judge_arg(text: str) -> tuple[str, Path]:
@@ -40,7 +40,7 @@ def judge_arg(text: str) -> tuple[str, Path]:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--judge", type=judge_arg, action="append", default=None,
-                    help="NAME=FOLDER (repeat); default: the committed judge and the judge-4x stage")
+                    help="NAME=FOLDER (repeat); default: the committed judge and the judge-v12 stage")
     ap.add_argument("--n", type=int, default=100, help="scenes per subject and trait")
     ap.add_argument("--seed", type=int, default=4242)
     ap.add_argument("--threads", type=int, default=1)
