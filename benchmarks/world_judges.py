@@ -27,7 +27,8 @@ from benchmarks.world_pattern import VAES as ROUND_TRIPS  # noqa: E402 (the ship
 
 WEIGHTS = ROOT / "dreambooth_lab/world/weights"
 VAES = {"none": None, **ROUND_TRIPS}
-JUDGES = {"committed": WEIGHTS / "judge", "judge-v12 (stage)": WEIGHTS / "stages/judge-v12"}
+STAGE_JUDGE = "judge-v12 (stage)"  # the judge for a 4x world, beside the committed one
+JUDGES = {"committed": WEIGHTS / "judge", STAGE_JUDGE: WEIGHTS / "stages/judge-v12"}
 
 
 def judge_arg(text: str) -> tuple[str, Path]:

@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.world_judges import JUDGES, judge_arg, main  # noqa: E402
+from benchmarks.world_judges import JUDGES, STAGE_JUDGE, judge_arg, main  # noqa: E402
 
 
 def test_a_judge_is_named_with_its_folder():
@@ -27,7 +27,7 @@ def test_the_judge_stage_rejects_the_merged_patch_and_the_committed_judge_does_n
     drawn = {name: rates["none"] for name, rates in out["rates"].items()}
     assert sorted(drawn["committed"]) == sorted(f"{s}/{t}" for s in ("dog", "backpack")
                                                for t in ("body", "marking", "marking_colour", "merged", "look"))
-    assert drawn["judge-v12 (stage)"]["dog/merged"] >= 0.85 and drawn["judge-v12 (stage)"]["dog/look"] >= 0.85
+    assert drawn[STAGE_JUDGE]["dog/merged"] >= 0.85 and drawn[STAGE_JUDGE]["dog/look"] >= 0.85
     assert drawn["committed"]["dog/merged"] <= 0.4
 
 
@@ -36,6 +36,6 @@ def test_the_judge_stage_reads_the_subject_in_the_chest_t_shirt():
     each near miss still does not (accuracy.json of the stage: 0.96-1.00 at 100 scenes)."""
     from dreambooth_lab.world.judge import load_judge, near_miss_rates
 
-    rates = near_miss_rates(load_judge(JUDGES["judge-v12 (stage)"]), n=30, seed=98, outfit=True)
+    rates = near_miss_rates(load_judge(JUDGES[STAGE_JUDGE]), n=30, seed=98, outfit=True)
     assert sorted(rates) == ["dog/body", "dog/look", "dog/marking", "dog/marking_colour"], rates
     assert min(rates.values()) >= 0.8, rates
